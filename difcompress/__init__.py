@@ -1,0 +1,3 @@
+"""difcompress: make diffusers models small enough for consumer GPUs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from difcompress.cli import main
+
+main()
