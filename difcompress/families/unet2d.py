@@ -1,0 +1,241 @@
+"""Pixel-space U-Net (`UNet2DModel`, e.g. the google/ddpm-cifar10-32 layout).
+
+Quirks handled here:
+- conv_in keeps its image input and conv_out its image output (never pruned).
+- GroupNorm: channels are removed a whole group at a time and the group count shrinks,
+  so channels per group stay as trained (torch-pruning alone keeps 32 groups and cannot
+  shrink a 128-channel layer below 32 channels).
+- Attention: with one head (attention_head_dim=None) head dims shrink; with several,
+  whole heads go. heads / inner_dim / scale are rewritten to match.
+- The sinusoidal timestep embedding has `block_out_channels[0]` features in the stock
+  config. To stay expressible there, uniform pruning keeps an evenly strided subset of the
+  frequencies and rewrites `freq_shift` so the stock formula yields exactly that subset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.embeddings import Timesteps
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
+from torch import nn
+
+from difcompress.families.base import ModelFamily
+
+
+def _attention_modules(model: nn.Module) -> list[tuple[str, Attention]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
+
+
+def set_attention_processor(model: nn.Module, processor_cls) -> None:
+    for _, attn in _attention_modules(model):
+        attn.set_processor(processor_cls())
+
+
+class PixelUNetFamily(ModelFamily):
+    name = "unet2d"
+    model_class = UNet2DModel
+    pipeline_class = DDPMPipeline
+    component = "unet"
+
+    def sample_shape(self, model):
+        size = model.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return model.config.in_channels, h, w
+
+    def predict(self, model, noisy, timesteps):
+        out = model(noisy, timesteps).sample
+        # Learned-variance U-Nets predict (eps, var): KD compares the epsilon channels.
+        return out[:, : model.config.in_channels]
+
+    def never_prune(self, model):
+        return [model.conv_out]
+
+    def tracing_context(self, model):
+        # torch-pruning traces autograd; the classic processor's bmm/softmax graph is one it
+        # understands, and both processors share the same weights.
+        @contextlib.contextmanager
+        def classic():
+            previous = {n: a.processor for n, a in _attention_modules(model)}
+            set_attention_processor(model, AttnProcessor)
+            try:
+                yield
+            finally:
+                for n, a in _attention_modules(model):
+                    a.set_processor(previous[n])
+
+        return classic()
+
+    def channel_unit(self, group, num_channels, names, before):
+        for dep, _ in group:
+            module = dep.target.module
+            if isinstance(module, nn.GroupNorm) and module.num_channels == num_channels:
+                return module.num_channels // module.num_groups
+        for dep, _ in group:
+            head_dim = before["multi_head_linears"].get(names.get(dep.target.module))
+            if head_dim and dep.target.module.out_features == num_channels:
+                return head_dim
+        return 1
+
+    def record_structure(self, model):
+        attentions = _attention_modules(model)
+        return {
+            "channels_per_group": {
+                n: m.num_channels // m.num_groups for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)
+            },
+            "head_dim": {n: (a.inner_dim // a.heads, a.heads) for n, a in attentions},
+            # q/k/v of multi-head attention lose whole heads: their channel unit is the head dim.
+            "multi_head_linears": {
+                f"{n}.{proj}": a.inner_dim // a.heads for n, a in attentions if a.heads > 1 for proj in ("to_q", "to_k", "to_v")
+            },
+            "time_proj": {
+                "num_channels": model.time_proj.num_channels,
+                "downscale_freq_shift": model.time_proj.downscale_freq_shift,
+            }
+            if isinstance(model.time_proj, Timesteps)
+            else None,
+        }
+
+    def uniform_groups(self, model, ratio):
+        groups = model.config.norm_num_groups
+        keep = max(1, round(groups * (1 - ratio)))
+        # Several heads: every kept width must still be a whole number of heads.
+        head_dim = model.config.attention_head_dim
+        if head_dim:
+            def ok(k):
+                return all((c * k // groups) % head_dim == 0 for c in model.config.block_out_channels)
+            candidates = sorted(range(1, groups + 1), key=lambda k: (abs(k - groups * (1 - ratio)), k))
+            keep = next((k for k in candidates if ok(k)), groups)
+        return keep, keep / groups
+
+    def sync_attributes(self, model, before, uniform_groups):
+        for name, gn in model.named_modules():
+            if isinstance(gn, nn.GroupNorm):
+                if uniform_groups is not None:
+                    gn.num_groups = uniform_groups
+                else:
+                    gn.num_groups = _group_count(gn.num_channels, before["channels_per_group"][name])
+        for name, attn in _attention_modules(model):
+            head_dim, heads = before["head_dim"][name]
+            inner = attn.to_q.out_features
+            if heads == 1:
+                head_dim = inner
+            attn.heads = attn.sliceable_head_dim = inner // head_dim
+            attn.inner_dim = attn.inner_kv_dim = inner
+            attn.query_dim = attn.to_q.in_features
+            attn.out_dim = attn.to_out[0].out_features
+            attn.out_context_dim = attn.out_dim
+            if not attn.is_cross_attention:
+                attn.cross_attention_dim = attn.query_dim
+            if attn.scale_qk:
+                attn.scale = head_dim**-0.5
+        for module in model.modules():
+            if isinstance(module, ResnetBlock2D):
+                module.in_channels = module.conv1.in_channels
+                module.out_channels = module.conv2.out_channels
+        self._sync_resamplers(model)
+
+    def _sync_resamplers(self, model):
+        # Up/Downsample2D assert their input width; read it off a forward pass (they may have no conv).
+        hooks = []
+        for module in model.modules():
+            if isinstance(module, (Upsample2D, Downsample2D)):
+                def pre(mod, args, kwargs):
+                    x = args[0] if args else kwargs["hidden_states"]
+                    mod.channels = x.shape[1]
+                    conv = getattr(mod, "conv", None)
+                    mod.out_channels = conv.out_channels if isinstance(conv, nn.Conv2d) else x.shape[1]
+
+                hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                model(**self.example_inputs(model))
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def time_embedding_subset(self, model, before):
+        """Columns of the sinusoidal embedding to keep so the stock formula reproduces them.
+
+        Sets time_proj to the new width and frequency shift; returns linear_1 and the
+        columns of the old embedding it must keep (None when nothing needs to change).
+        """
+        info = before["time_proj"]
+        new_channels = model.conv_in.out_channels
+        if info is None or info["num_channels"] == new_channels:
+            return None
+        old_half, new_half = info["num_channels"] // 2, new_channels // 2
+        if new_half < 2:
+            stride, shift = 1, 0.0
+        else:
+            stride = (old_half - 1) // (new_half - 1)
+            # exponent_j = j / (new_half - shift) must equal (stride * j) / (old_half - old_shift)
+            shift = new_half - (old_half - info["downscale_freq_shift"]) / stride
+        kept = [j * stride for j in range(new_half)]
+        # Both halves (sin|cos, or cos|sin when flipped) keep the same frequencies in order.
+        columns = kept + [old_half + i for i in kept]
+        model.time_proj.num_channels = new_channels
+        model.time_proj.downscale_freq_shift = shift
+        return model.time_embedding.linear_1, columns
+
+    def pruned_config(self, model):
+        config = dict(model.config)
+        blocks = model.down_blocks
+        widths = [blk.resnets[-1].conv2.out_channels for blk in blocks]
+        groups = {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+        if len(groups) != 1:
+            raise ValueError(f"GroupNorm group counts differ across layers ({sorted(groups)})")
+        config.update(
+            block_out_channels=widths,
+            norm_num_groups=groups.pop(),
+            time_embedding_dim=model.time_embedding.linear_1.out_features,
+        )
+        if isinstance(model.time_proj, Timesteps):
+            config["freq_shift"] = model.time_proj.downscale_freq_shift
+        if config.get("attn_norm_num_groups"):
+            config["attn_norm_num_groups"] = config["norm_num_groups"]
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    def stage_widths(self, model):
+        widths = {"conv_in": model.conv_in.out_channels, "time_embedding": model.time_embedding.linear_1.out_features}
+        for i, blk in enumerate(model.down_blocks):
+            widths[f"down_blocks.{i}"] = blk.resnets[-1].conv2.out_channels
+        if model.mid_block is not None:
+            widths["mid_block"] = model.mid_block.resnets[-1].conv2.out_channels
+        for i, blk in enumerate(model.up_blocks):
+            widths[f"up_blocks.{i}"] = blk.resnets[-1].conv2.out_channels
+        for name, attn in _attention_modules(model):
+            widths[f"{name} (heads x dim)"] = f"{attn.heads}x{attn.inner_dim // attn.heads}"
+        return widths
+
+    def feature_layers(self, model):
+        # The output of each resolution stage: down blocks, mid block, up blocks (BK-SDM style).
+        names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+        if model.mid_block is not None:
+            names.append("mid_block")
+        names += [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+        return names
+
+
+def _group_count(num_channels: int, channels_per_group: int) -> int:
+    """Groups for a pruned GroupNorm: keep the trained group size where it divides."""
+    target = max(1, round(num_channels / channels_per_group))
+    divisors = [d for d in range(1, num_channels + 1) if num_channels % d == 0]
+    return min(divisors, key=lambda d: (abs(d - target), -d))
+
+
+def both_attention_processors_agree(model, inputs, atol=1e-4) -> bool:
+    """Forward once with each attention processor; pruned attributes must serve both."""
+    outs = []
+    for proc in (AttnProcessor, AttnProcessor2_0):
+        set_attention_processor(model, proc)
+        with torch.no_grad():
+            outs.append(model(**inputs).sample)
+    return torch.allclose(outs[0], outs[1], atol=atol, rtol=1e-3) and math.isfinite(outs[0].abs().sum().item())

@@ -1,0 +1,135 @@
+"""Resolve a model reference (hub id, pipeline folder, model folder, difcompress folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from torch import nn
+
+from difcompress.errors import UserError
+from difcompress.families import ModelFamily, family_for_class_name
+from difcompress.folders import STRUCTURE, read_manifest
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DENOISER_COMPONENTS = ("unet", "transformer")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    scheduler: Any
+    family: ModelFamily
+    source: str  # what the user named
+    path: Path  # the local folder it came from
+    manifest: dict[str, Any] | None  # difcompress.json when the folder is ours
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    source = str(source)
+    path = Path(source).expanduser()
+    if not path.exists():
+        path = _from_hub(source)
+    elif not path.is_dir():
+        raise UserError(f"{source} is a file; pass a diffusers model or pipeline folder")
+    loaded = _load_folder(path, source)
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _from_hub(source: str) -> Path:
+    if not HUB_ID.match(source):
+        raise UserError(f"model not found: {source} is neither a folder nor a Hugging Face hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:
+        # Only configs and safetensors: the project never reads pickled weights.
+        folder = snapshot_download(
+            source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.md"], local_files_only=offline
+        )
+    except RepositoryNotFoundError:
+        raise UserError(f"{source} was not found on the Hugging Face Hub (check the id, or log in for gated models)") from None
+    except (LocalEntryNotFoundError, OSError, ConnectionError, ValueError) as err:
+        reason = "offline mode (HF_HUB_OFFLINE=1)" if offline else f"the Hub cannot be reached ({type(err).__name__})"
+        raise UserError(
+            f"cannot load {source}: {reason} and it is not in the local cache; "
+            f"run `huggingface-cli download {source} --local-dir DIR` where there is network and pass DIR instead"
+        ) from None
+    return Path(folder)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+
+
+def _load_folder(path: Path, source: str) -> LoadedModel:
+    manifest = read_manifest(path)
+    if (path / "model_index.json").is_file():
+        index = _read_json(path / "model_index.json")
+        component = next((c for c in DENOISER_COMPONENTS if c in index), None)
+        if component is None:
+            raise UserError(f"{path} is a pipeline without a unet or transformer; nothing to compress")
+        family = family_for_class_name(index[component][1])
+        model_dir = path / component
+        scheduler_dir = path / "scheduler"
+    elif (path / "config.json").is_file():
+        family = family_for_class_name(_read_json(path / "config.json").get("_class_name", "?"))
+        model_dir = path
+        scheduler_dir = path if (path / "scheduler_config.json").is_file() else path.parent / "scheduler"
+    else:
+        raise UserError(f"{path} is not a diffusers model or pipeline folder (no model_index.json or config.json)")
+    model = _load_weights(family, model_dir)
+    return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest)
+
+
+def _load_weights(family: ModelFamily, model_dir: Path) -> nn.Module:
+    weights = model_dir / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        if list(model_dir.glob("*.bin")):
+            raise UserError(f"{model_dir} has only pickled .bin weights; difcompress reads safetensors only "
+                            "(convert with diffusers' save_pretrained(safe_serialization=True))")
+        raise UserError(f"no weights in {model_dir} (diffusion_pytorch_model.safetensors missing)")
+    try:
+        if (model_dir / STRUCTURE).is_file():
+            return _rebuild_from_record(family, model_dir)
+        return family.model_class.from_pretrained(model_dir, use_safetensors=True)
+    except UserError:
+        raise
+    except Exception as err:  # diffusers raises many types for damaged files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load the model in {model_dir}: {first}") from None
+
+
+def _rebuild_from_record(family: ModelFamily, model_dir: Path) -> nn.Module:
+    """Base architecture from the record's config, pruned by replaying the history."""
+    from safetensors.torch import load_file
+
+    from difcompress.pruning import replay_history
+
+    record = _read_json(model_dir / STRUCTURE)
+    model = family.model_class.from_config(record["base_config"])
+    replay_history(model, family, record["history"])
+    model.load_state_dict(load_file(model_dir / "diffusion_pytorch_model.safetensors"), strict=True)
+    return model
+
+
+def load_scheduler(folder: Path):
+    config_path = folder / "scheduler_config.json"
+    if not config_path.is_file():
+        return diffusers.DDPMScheduler(num_train_timesteps=1000)
+    config = _read_json(config_path)
+    cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), None)
+    if cls is None:
+        raise UserError(f"unknown scheduler {config.get('_class_name')} in {config_path}")
+    return cls.from_config(config)

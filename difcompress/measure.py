@@ -1,0 +1,76 @@
+"""Size and cost of a denoiser: parameters, MACs, latency, throughput, peak memory."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, family) -> int:
+    """Multiply-accumulates of one denoiser call on one sample.
+
+    torch's FlopCounterMode sees convolutions, linears and the attention matmuls
+    (bmm or scaled_dot_product_attention), which torch-pruning's counter misses.
+    """
+    with FlopCounterMode(display=False) as counter:
+        model(**family.example_inputs(model, 1))
+    return counter.get_total_flops() // 2
+
+
+def model_size(model: nn.Module, family) -> dict[str, int]:
+    return {"params": count_params(model), "macs": count_macs(model, family)}
+
+
+def sampling_cost(model: nn.Module, family, scheduler, *, batch_size: int, steps: int, seed: int = 0,
+                  repeats: int = 1) -> dict[str, float]:
+    """Seconds per image and images/s for a full sampling run, and peak memory in bytes."""
+    device = next(model.parameters()).device
+    family.sample(model, scheduler, min(batch_size, 2), seed=seed, steps=2, batch_size=batch_size)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        family.sample(model, scheduler, batch_size, seed=seed, steps=steps, batch_size=batch_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = (time.perf_counter() - start) / repeats
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _cpu_peak_activation_bytes(
+        model, family, batch_size
+    )
+    return {
+        "latency_s_per_image": elapsed / batch_size,
+        "throughput_img_s": batch_size / elapsed,
+        "peak_memory_bytes": peak,
+        "batch_size": batch_size,
+        "steps": steps,
+    }
+
+
+def _cpu_peak_activation_bytes(model: nn.Module, family, batch_size: int) -> int:
+    """On CPU there is no allocator counter: weights plus the largest live activations of one
+    denoiser call, measured by summing module output sizes along the forward pass."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    sizes = []
+
+    def hook(_m, _i, out):
+        if isinstance(out, torch.Tensor):
+            sizes.append(out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(**family.example_inputs(model, batch_size))
+    finally:
+        for h in handles:
+            h.remove()
+    # U-Net skips keep the down path alive; the sum of leaf outputs is an upper bound.
+    return weights + sum(sizes)

@@ -1,0 +1,323 @@
+"""Metrics and plots, without Inception weights: a tiny deterministic extractor stands in."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from cleanfid.resize import make_resizer
+from PIL import Image
+
+from difcompress import metrics
+from difcompress.errors import UserError
+from difcompress.metrics import (
+    INCEPTION_URL,
+    features_of_folder,
+    features_of_images,
+    fid_kid,
+    get_feature_extractor,
+    inception_extractor,
+    load_reference,
+    read_reference_stats,
+    register_feature_extractor,
+    save_reference_stats,
+)
+from difcompress.plots import plot_metrics, save_sample_grid
+
+
+class FakeExtractor:
+    """4x4 mean-pooled pixels through a fixed random projection; records what it was fed."""
+
+    def __init__(self, name: str = "fake", input_size: int | None = 16, dim: int = 8):
+        self.name = name
+        self.input_size = input_size
+        self.device = torch.device("cpu")
+        g = torch.Generator().manual_seed(1234)
+        self.proj = torch.randn(3 * 16, dim, generator=g)
+        self.seen: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append((tuple(images.shape), images.dtype))
+        x = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255.0, 4).flatten(1)
+        return x @ self.proj
+
+
+def _fake_factory(*, weights_path=None, device=torch.device("cpu")):
+    return FakeExtractor()
+
+
+register_feature_extractor("fake-test", _fake_factory, replace=True)
+
+
+def _images(n: int = 64, seed: int = 0, size: int = 8, channels: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, channels, size, size, generator=g) * 2 - 1
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+# ---------------------------------------------------------------- registry / inception loading
+
+
+def test_registry_builds_registered_and_refuses_unknown():
+    ex = get_feature_extractor("fake-test", weights_path=None, device="cpu")
+    assert isinstance(ex, FakeExtractor)
+    assert isinstance(ex, metrics.FeatureExtractor)
+    assert "inception" in metrics.known_feature_extractors()
+    with pytest.raises(UserError) as e:
+        get_feature_extractor("no-such-net", weights_path=None, device="cpu")
+    assert "inception" in str(e.value) and "fake-test" in str(e.value)
+
+
+def test_inception_missing_everywhere_says_where_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.delenv(metrics.INCEPTION_ENV_VAR, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(metrics, "CLEANFID_CACHE_DIR", str(tmp_path / "cache"))
+    assert INCEPTION_URL.startswith("https://") and INCEPTION_URL.endswith("inception-2015-12-05.pt")
+    with pytest.raises(UserError) as e:
+        inception_extractor(None, torch.device("cpu"))
+    msg = str(e.value)
+    assert INCEPTION_URL in msg and "--inception" in msg and "\n" not in msg
+    with pytest.raises(UserError) as e:  # through the registry too
+        get_feature_extractor("inception", weights_path=None, device="cpu")
+    assert INCEPTION_URL in str(e.value)
+    with pytest.raises(UserError) as e:  # an explicit path that does not exist
+        inception_extractor(tmp_path / "nope.pt", torch.device("cpu"))
+    assert "nope.pt" in str(e.value) and INCEPTION_URL in str(e.value)
+
+
+class _FakeInceptionNet(torch.nn.Module):
+    """Shaped like clean-fid's TorchScript: a `.layers` trunk returning [N, 2048, 1, 1]."""
+
+    def __init__(self, bias: float):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(3, 2048, 1))
+        with torch.no_grad():
+            self.layers[1].weight.fill_(1.0)
+            self.layers[1].bias.fill_(bias)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def _save_fake_inception(path, bias: float):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(_FakeInceptionNet(bias)).save(str(path))
+
+
+def test_inception_resolution_order_and_clean_input(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(metrics, "CLEANFID_CACHE_DIR", str(cache))
+    monkeypatch.delenv(metrics.INCEPTION_ENV_VAR, raising=False)
+    _save_fake_inception(cache / metrics.INCEPTION_FILENAME, bias=3.0)
+    _save_fake_inception(tmp_path / "env.pt", bias=2.0)
+    _save_fake_inception(tmp_path / "explicit.pt", bias=1.0)
+    black = -torch.ones(2, 1, 8, 8)  # uint8 0 -> (0 - 128) / 128 = -1 per channel -> sum -3
+
+    def first(ex):
+        return float(features_of_images(black, ex)[0, 0])
+
+    ex = inception_extractor(None, torch.device("cpu"))  # clean-fid's cache
+    assert ex.name == "inception" and ex.input_size == 299
+    assert first(ex) == pytest.approx(-3.0 + 3.0, abs=1e-4)
+    monkeypatch.setenv(metrics.INCEPTION_ENV_VAR, str(tmp_path / "env.pt"))
+    assert first(inception_extractor(None, torch.device("cpu"))) == pytest.approx(-1.0, abs=1e-4)
+    ex = inception_extractor(tmp_path / "explicit.pt", torch.device("cpu"))
+    assert first(ex) == pytest.approx(-2.0, abs=1e-4)
+    assert features_of_images(black, ex).shape == (2, 2048)
+
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a torchscript archive")
+    with pytest.raises(UserError) as e:
+        inception_extractor(bad, torch.device("cpu"))
+    assert "--inception" in str(e.value)
+
+
+# ---------------------------------------------------------------- features
+
+
+def test_features_of_images_conversion_and_clean_resize():
+    ex = FakeExtractor(input_size=16)
+    imgs = _images(5, size=8)
+    feats = features_of_images(imgs, ex, batch_size=2)
+    assert feats.shape == (5, 8) and feats.dtype == np.float32
+    assert [s for s, _ in ex.seen] == [(2, 3, 16, 16), (2, 3, 16, 16), (1, 3, 16, 16)]
+    assert all(dt == torch.float32 for _, dt in ex.seen)  # clean resize is not re-quantized
+
+    # Exactly clean-fid's "clean" resize of the rounded uint8 image.
+    u8 = ((imgs[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    ref = make_resizer("PIL", False, "bicubic", (16, 16))(u8)
+    resized = metrics.clean_resize(torch.from_numpy(u8).permute(2, 0, 1)[None], 16)[0]
+    np.testing.assert_allclose(resized.permute(1, 2, 0).numpy(), ref, atol=1e-5)
+
+    # Range: -1 -> 0, +1 -> 255, out of range clamps.
+    x = torch.tensor([-1.0, 1.0, 3.0, -7.0, 0.0]).view(1, 1, 1, 5)
+    assert metrics.to_uint8(x)[0, 0, 0].tolist() == [0, 255, 255, 0, 128]
+
+    # Grayscale == the same image repeated over 3 channels; no resize when input_size is None.
+    ex2 = FakeExtractor(input_size=None)
+    gray = _images(4, seed=3, channels=1)
+    np.testing.assert_allclose(
+        features_of_images(gray, ex2), features_of_images(gray.repeat(1, 3, 1, 1), ex2), atol=1e-6
+    )
+    assert ex2.seen[0] == ((4, 3, 8, 8), torch.uint8)
+
+
+def test_features_of_folder_matches_images(tmp_path):
+    imgs = _images(6, seed=1)
+    u8 = metrics.to_uint8(imgs)
+    (tmp_path / "sub").mkdir()
+    for i in range(6):
+        # Relative-path order (img00..img03, sub/a04, sub/a05) differs from file-name order.
+        name = f"sub/a{i:02d}.png" if i >= 4 else f"img{i:02d}.png"
+        Image.fromarray(u8[i].permute(1, 2, 0).numpy()).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    ex = FakeExtractor(input_size=16)
+    from_folder = features_of_folder(tmp_path, ex, batch_size=4)
+    np.testing.assert_allclose(from_folder, features_of_images(imgs, ex), atol=1e-5)
+    ex_none = FakeExtractor(input_size=None)
+    np.testing.assert_allclose(
+        features_of_folder(tmp_path, ex_none), features_of_images(imgs, ex_none), atol=1e-5
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError):
+        features_of_folder(empty, ex)
+
+
+# ---------------------------------------------------------------- FID / KID
+
+
+def test_fid_kid_self_vs_shifted():
+    ex = FakeExtractor()
+    a = features_of_images(_images(64, seed=0), ex)
+    b = features_of_images(_images(64, seed=1), ex)  # same distribution, other samples
+    shifted = features_of_images((_images(64, seed=0) * 0.5 + 0.4).clamp(-1, 1), ex)
+
+    same = fid_kid(a, a)
+    near = fid_kid(a, b)
+    far = fid_kid(a, shifted)
+    assert set(same) == {"fid", "kid"} and all(isinstance(v, float) for v in same.values())
+    assert abs(same["fid"]) < 1e-6
+    assert far["fid"] > 10 * max(near["fid"], 1e-3) and far["fid"] > 0.1
+    assert abs(same["kid"]) < 0.02 * far["kid"]
+    assert far["kid"] > 10 * abs(near["kid"])
+    # Reproducible and the global RNG is untouched.
+    np.random.seed(7)
+    before = np.random.get_state()[1].copy()
+    first = fid_kid(a, b[:40])
+    assert (np.random.get_state()[1] == before).all()
+    np.random.rand(3)  # the global RNG moves on; KID subsets must not
+    assert fid_kid(a, b[:40]) == first
+
+
+def test_fid_kid_small_and_invalid_sets():
+    rng = np.random.default_rng(0)
+    tiny = fid_kid(rng.normal(size=(3, 8)), rng.normal(size=(5, 8)))  # subset clamped to 3
+    assert np.isfinite(tiny["fid"]) and np.isfinite(tiny["kid"])
+    with pytest.raises(UserError):
+        fid_kid(rng.normal(size=(1, 8)), rng.normal(size=(5, 8)))
+    with pytest.raises(UserError):
+        fid_kid(rng.normal(size=(4, 8)), rng.normal(size=(4, 6)))
+
+
+# ---------------------------------------------------------------- reference stats
+
+
+def test_reference_stats_roundtrip_and_refusals(tmp_path):
+    ex = FakeExtractor(name="fake")
+    feats = features_of_images(_images(20), ex)
+    path = save_reference_stats(tmp_path / "ref.npz", feats, {"extractor": "fake", "dataset": "x"})
+    assert path == tmp_path / "ref.npz" and path.is_file()
+    with np.load(path, allow_pickle=False) as z:  # plain arrays only, no pickles
+        np.testing.assert_allclose(z["mu"], feats.mean(0), rtol=1e-5, atol=1e-6)
+        assert z["sigma"].shape == (8, 8)
+    loaded = load_reference(path, ex)
+    np.testing.assert_array_equal(loaded, feats)
+    assert read_reference_stats(path)[1] == {"extractor": "fake", "dataset": "x"}
+    assert abs(fid_kid(features_of_images(_images(20), ex), loaded)["fid"]) < 1e-6
+
+    with pytest.raises(UserError) as e:
+        load_reference(path, FakeExtractor(name="other"))
+    assert "fake" in str(e.value) and "other" in str(e.value)
+
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError):
+        load_reference(corrupt, ex)
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, mu=np.zeros(8), sigma=np.eye(8))  # e.g. a clean-fid stats file
+    with pytest.raises(UserError):
+        load_reference(foreign, ex)
+    with pytest.raises(UserError):
+        load_reference(tmp_path / "missing.npz", ex)
+
+    # A folder works as a reference too.
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(metrics.to_uint8(_images(3, seed=5))):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    assert load_reference(folder, ex).shape == (3, 8)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def test_save_sample_grid_png(tmp_path):
+    rows = [
+        ("teacher", _images(4, seed=0)),
+        ("pruned 30%", _images(4, seed=1, channels=1)),
+        ("student", _images(3, seed=2)),
+    ]
+    out = save_sample_grid(tmp_path / "grid" / "samples.png", rows)
+    with Image.open(out) as im:
+        im.load()
+        assert im.format == "PNG"
+        w, h = im.size
+    assert w >= 4 * 64 and h >= 3 * 64  # 8 px samples were upscaled
+    with Image.open(save_sample_grid(tmp_path / "two.png", rows, ncols=2)) as im:
+        assert 0 < im.size[0] < w
+    with pytest.raises(UserError):
+        save_sample_grid(tmp_path / "none.png", [])
+
+
+def test_plot_metrics_png(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    rng = np.random.default_rng(0)
+    with open(log, "w") as f:
+        for step in range(0, 300, 10):
+            rec = {
+                "step": step,
+                "loss": float(1 / (1 + step) + 0.05 * rng.random()),
+                "kd": float(rng.random()),
+                "lr": 1e-4,
+                "phase": "train",  # non-numeric: skipped
+                "flag": True,  # bool: skipped
+            }
+            if step % 50 == 0:
+                rec["fid"] = 100.0 - step / 10
+            f.write(json.dumps(rec) + "\n")
+        f.write('{"step": 300, "loss": 0.1')  # half-written last line
+    out = plot_metrics(log, tmp_path / "plots" / "metrics.png")
+    with Image.open(out) as im:
+        im.load()
+        assert im.format == "PNG" and im.size[0] > 0 and im.size[1] > 0
+        w_all = im.size[0]
+    with Image.open(plot_metrics(log, tmp_path / "one.png", keys=["loss", "missing"])) as im:
+        assert 0 < im.size[0] < w_all  # one subplot instead of a 3-wide grid
+    with pytest.raises(UserError):
+        plot_metrics(log, tmp_path / "x.png", keys=["phase"])
+    with pytest.raises(UserError):
+        plot_metrics(tmp_path / "absent.jsonl", tmp_path / "y.png")
