@@ -57,6 +57,53 @@ def prune_command(
     print_json(report) if json_output else print_prune_report(report)
 
 
+@app.command("distill")
+def distill_command(
+    student: Annotated[str, typer.Option(help="Pruned student (difcompress folder or any diffusers model).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (checkpoints, logs, final student).")],
+    data: Annotated[str, typer.Option(help="Image folder, saved dataset, 'digits', or 'teacher' (data-free).")] = "teacher",
+    teacher: Annotated[Optional[str], typer.Option(help="Defaults to the model the student was pruned from.")] = None,
+    loss: Annotated[str, typer.Option(help="task, mse, feature, dist, lift or place.")] = "place",
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 2e-4,
+    w_task: float = 1.0,
+    w_kd: float = 1.0,
+    w_feat: Annotated[Optional[float], typer.Option(help="Feature KD weight (default 1 for --loss feature, else 0).")] = None,
+    group_size: Annotated[int, typer.Option(help="PLACE group size G.")] = 16,
+    coarse_norm: Annotated[str, typer.Option(help="l2 or l1 for the coarse term.")] = "l2",
+    ema_decay: float = 0.9999,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0 disables).")] = 1.0,
+    seed: int = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0 disables).")] = 500,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUTPUT from its last checkpoint.")] = False,
+    antithetic: Annotated[bool, typer.Option(help="Antithetic timestep pairs (t, T-1-t).")] = False,
+    feature_layer: Annotated[Optional[list[str]], typer.Option(help="Module name for feature KD (repeatable).")] = None,
+    teacher_samples: Annotated[int, typer.Option(help="Images the teacher generates for --data teacher.")] = 512,
+    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16.")] = "no",
+    device: Device = "auto",
+    json_output: JsonFlag = False,
+):
+    """Distill the student from its teacher with LIFT, PLACE or a baseline objective."""
+    from difcompress.distill import distill
+
+    summary = distill(
+        student, output, teacher=teacher, loss=loss, data=data, steps=steps, batch_size=batch_size, lr=lr,
+        w_task=w_task, w_kd=w_kd, w_feat=w_feat, group_size=group_size, coarse_norm=coarse_norm,
+        ema_decay=ema_decay, grad_clip=grad_clip or None, seed=seed, checkpoint_every=checkpoint_every,
+        resume=resume, antithetic=antithetic, feature_layers=feature_layer, teacher_samples=teacher_samples,
+        device=device, mixed_precision=mixed_precision, show_progress=not json_output,
+    )
+    if json_output:
+        print_json(summary)
+    else:
+        from difcompress.report import console
+
+        final = summary["final"]
+        console.print(f"distilled {summary['steps']} steps; final loss {final.get('loss', float('nan')):.4f}; "
+                      f"student, metrics.jsonl and curves.png in {summary['output']}")
+
+
 class _nothing:
     def __enter__(self):
         return self

@@ -442,18 +442,26 @@ def load_reference(
 # ----------------------------------------------------------------------------------------------
 
 
+def _frechet(mu1, sig1, mu2, sig2) -> float:
+    with warnings.catch_warnings():
+        # clean-fid calls scipy's sqrtm(..., disp=False), deprecated in recent SciPy.
+        warnings.filterwarnings("ignore", message=r".*`disp` argument is deprecated", category=DeprecationWarning)
+        return float(frechet_distance(mu1, sig1, mu2, sig2))
+
+
 def _fid(gen: np.ndarray, ref: np.ndarray) -> float:
+    # == cleanfid.fid.fid_from_feats(gen, ref), with a fallback for rank-deficient covariances.
     mu1, sig1 = np.mean(gen, axis=0), np.cov(gen, rowvar=False)
     mu2, sig2 = np.mean(ref, axis=0), np.cov(ref, rowvar=False)
     try:
-        return float(frechet_distance(mu1, sig1, mu2, sig2))
+        return _frechet(mu1, sig1, mu2, sig2)
     except ValueError:
         # clean-fid refuses a sqrtm with a large imaginary part, which rank-deficient covariances
         # (few samples, N < D) can produce; regularize the diagonal as it does for singular ones.
         eps = 1e-6 * max(1.0, float(np.trace(sig1) + np.trace(sig2)) / len(mu1))
         off = np.eye(len(mu1)) * eps
         try:
-            return float(frechet_distance(mu1, sig1 + off, mu2, sig2 + off))
+            return _frechet(mu1, sig1 + off, mu2, sig2 + off)
         except ValueError:
             raise UserError(
                 f"FID is numerically unstable with {len(gen)} vs {len(ref)} samples of "
@@ -492,7 +500,7 @@ def fid_kid(
     if not (np.isfinite(gen).all() and np.isfinite(ref).all()):
         raise UserError("Features contain NaN/inf: the model produced invalid images.")
 
-    fid = 0.0
+    fid = _fid(gen, ref)
 
     m = min(len(gen), len(ref), int(kid_subset_size))
     m = max(m, 2)

@@ -84,7 +84,7 @@ def save_sample_grid(
     cell_h = max(a.shape[1] for _, a in arrays)
     cell_w = max(a.shape[2] for _, a in arrays)
     if min(cell_h, cell_w) < _MIN_DISPLAY_PX:
-        k = math.ceil(_MIN_DISPLAY_PX / min(cell_h, cell_w))
+        k = 1
         cell_h, cell_w = cell_h * k, cell_w * k
 
     strip_w = ncols * cell_w + (ncols + 1) * _PAD_PX
@@ -122,16 +122,19 @@ def _is_number(v: object) -> bool:
 
 
 def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over the last ``window`` finite values (NaNs ignored, kept as NaN)."""
-    out = np.full_like(y, np.nan, dtype=np.float64)
+    """Centered mean over ``window`` neighbouring finite values (shrinks at the ends; NaNs are
+    ignored and stay NaN), so the smoothed curve does not lag behind the raw one."""
+    out = np.full(y.shape, np.nan, dtype=np.float64)
     finite = np.isfinite(y)
-    vals = y[finite]
+    vals = y[finite].astype(np.float64)
     if vals.size == 0:
         return out
     c = np.concatenate([[0.0], np.cumsum(vals)])
-    idx = np.arange(1, vals.size + 1)
-    lo = np.maximum(0, idx - window)
-    out[finite] = (c[idx] - c[lo]) / (idx - lo)
+    idx = np.arange(vals.size)
+    lo = np.maximum(0, idx - window // 2)
+    hi = np.minimum(vals.size, idx + (window - window // 2))
+    # A mean lies within [min, max]; clipping removes cumsum round-off (flat curves stay flat).
+    out[finite] = np.clip((c[hi] - c[lo]) / (hi - lo), vals.min(), vals.max())
     return out
 
 
@@ -204,6 +207,7 @@ def plot_metrics(
         ax.set_title(k, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)  # no "1e-13+1e-1" on flat curves
         positive = y[np.isfinite(y)]
         if k.lower() == "lr" and positive.size and (positive > 0).all() and positive.max() / positive.min() > 50:
             ax.set_yscale("log")
