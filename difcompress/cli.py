@@ -104,6 +104,40 @@ def distill_command(
                       f"student, metrics.jsonl and curves.png in {summary['output']}")
 
 
+@app.command("eval")
+def eval_command(
+    models: Annotated[list[str], typer.Argument(help="Models to compare (folders or hub ids).")],
+    fid: Annotated[bool, typer.Option("--fid", help="Sample and compute FID and KID.")] = False,
+    num_samples: int = 1000,
+    sampler: Annotated[str, typer.Option(help="ddim or ddpm.")] = "ddim",
+    sampler_steps: int = 100,
+    ref: Annotated[Optional[str], typer.Option(help="Reference images folder or stats .npz.")] = None,
+    inception: Annotated[Optional[str], typer.Option(help="Local clean-fid Inception weights file.")] = None,
+    feature_extractor: Annotated[Optional[str], typer.Option(help="Feature extractor for FID (default inception).")] = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    latency_batch_size: int = 16,
+    grid_size: Annotated[int, typer.Option(help="Samples per model in the grid.")] = 8,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where eval.json and samples.png go.")] = None,
+    device: Device = "auto",
+    json_output: JsonFlag = False,
+):
+    """Compare models side by side: params, MACs, latency, memory, FID/KID, a sample grid."""
+    from rich.progress import Progress
+
+    from difcompress.evaluate import evaluate
+    from difcompress.report import print_eval_report
+
+    with Progress(console=err_console, disable=json_output) as progress:
+        result = evaluate(
+            models, fid=fid, num_samples=num_samples, sampler=sampler, sampler_steps=sampler_steps, ref=ref,
+            inception=inception, feature_extractor=feature_extractor, seed=seed, batch_size=batch_size,
+            latency_batch_size=latency_batch_size, grid_size=grid_size, output=output, device=device,
+            progress=progress,
+        )
+    print_json(result) if json_output else print_eval_report(result)
+
+
 class _nothing:
     def __enter__(self):
         return self

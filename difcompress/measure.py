@@ -29,27 +29,33 @@ def model_size(model: nn.Module, family) -> dict[str, int]:
     return {"params": count_params(model), "macs": count_macs(model, family)}
 
 
-def sampling_cost(model: nn.Module, family, scheduler, *, batch_size: int, steps: int, seed: int = 0,
-                  repeats: int = 1) -> dict[str, float]:
-    """Seconds per image and images/s for a full sampling run, and peak memory in bytes."""
+def sampling_cost(model: nn.Module, family, *, batch_size: int, steps: int, calls: int = 3) -> dict[str, float]:
+    """Sampling latency per image and throughput at `batch_size`, from timed denoiser calls.
+
+    A sampler's cost is `steps` denoiser calls (the scheduler update is negligible), so we
+    time `calls` calls after a warm-up and scale to `steps`. Peak memory is the CUDA
+    allocator's peak on GPU; on CPU, weights plus every activation of one call (an upper bound).
+    """
     device = next(model.parameters()).device
-    family.sample(model, scheduler, min(batch_size, 2), seed=seed, steps=2, batch_size=batch_size)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        family.sample(model, scheduler, batch_size, seed=seed, steps=steps, batch_size=batch_size)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = (time.perf_counter() - start) / repeats
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _cpu_peak_activation_bytes(
-        model, family, batch_size
-    )
+    inputs = family.example_inputs(model, batch_size)
+    with torch.no_grad():
+        model(**inputs)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            model(**inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    per_call = (time.perf_counter() - start) / calls
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else _cpu_peak_activation_bytes(model, family, batch_size))
     return {
-        "latency_s_per_image": elapsed / batch_size,
-        "throughput_img_s": batch_size / elapsed,
-        "peak_memory_bytes": peak,
+        "latency_s_per_image": per_call * steps / batch_size,
+        "throughput_img_s": batch_size / (per_call * steps),
+        "peak_memory_bytes": int(peak),
+        "peak_memory_kind": "cuda allocator" if device.type == "cuda" else "cpu estimate",
         "batch_size": batch_size,
         "steps": steps,
     }

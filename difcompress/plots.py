@@ -84,7 +84,7 @@ def save_sample_grid(
     cell_h = max(a.shape[1] for _, a in arrays)
     cell_w = max(a.shape[2] for _, a in arrays)
     if min(cell_h, cell_w) < _MIN_DISPLAY_PX:
-        k = 1
+        k = math.ceil(_MIN_DISPLAY_PX / min(cell_h, cell_w))
         cell_h, cell_w = cell_h * k, cell_w * k
 
     strip_w = ncols * cell_w + (ncols + 1) * _PAD_PX

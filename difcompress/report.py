@@ -43,3 +43,29 @@ def print_prune_report(report: dict[str, Any]) -> None:
     for warning in report["warnings"]:
         err_console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"saved to {report['output']}")
+
+
+def print_eval_report(result: dict[str, Any]) -> None:
+    rows = result["models"]
+    table = Table(title=f"difcompress eval ({result['sampler']}, {result['sampler_steps']} steps, {result['device']})")
+    table.add_column("metric")
+    for row in rows:
+        table.add_column(row["model"], justify="right")
+    first = rows[0]
+    lines = [
+        ("params", lambda r: human(r["params"])),
+        ("MACs / call", lambda r: human(r["macs"])),
+        ("latency / image", lambda r: f"{r['latency_s_per_image'] * 1000:.1f} ms"),
+        (f"throughput (batch {first['batch_size']})", lambda r: f"{r['throughput_img_s']:.2f} img/s"),
+        (f"peak memory ({first['peak_memory_kind']})", lambda r: human(r["peak_memory_bytes"], "B")),
+    ]
+    if "fid" in first:
+        lines += [("FID", lambda r: f"{r['fid']:.2f}"), ("KID", lambda r: f"{r['kid']:.4f}")]
+    for label, fmt in lines:
+        table.add_row(label, *[fmt(r) for r in rows])
+    console.print(table)
+    if result["protocol"]:
+        p = result["protocol"]
+        console.print(f"FID/KID: {p['feature_extractor']} features, {p['num_samples']} samples, {p['sampler']} "
+                      f"{p['steps']} steps, seed {p['seed']}, reference {p['reference']}")
+    console.print(f"sample grid: {result['grid']}")

@@ -1,0 +1,93 @@
+"""`difcompress eval`: compare models side by side (size, speed, memory, FID/KID, samples)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from difcompress.errors import UserError
+from difcompress.folders import read_manifest, write_json
+from difcompress.loading import load_model
+from difcompress.measure import model_size, sampling_cost
+from difcompress.runtime import resolve_device, seed_everything
+
+EVAL_FILE = "eval.json"
+
+
+def default_output(models: list[str]) -> Path:
+    """Next to the first model when it is a difcompress folder (export reads it there)."""
+    first = Path(models[0])
+    return first / "eval" if first.is_dir() and read_manifest(first) else Path("difcompress-eval")
+
+
+def evaluate(
+    models: list[str],
+    *,
+    fid: bool = False,
+    num_samples: int = 1000,
+    sampler: str = "ddim",
+    sampler_steps: int = 100,
+    ref: str | None = None,
+    inception: str | None = None,
+    feature_extractor: str | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    latency_batch_size: int = 16,
+    grid_size: int = 8,
+    output: Path | None = None,
+    device: str = "auto",
+    progress=None,
+) -> dict[str, Any]:
+    if not models:
+        raise UserError("name at least one model to evaluate", exit_code=2)
+    if fid and num_samples < 2:
+        raise UserError("--num-samples must be at least 2 for FID", exit_code=2)
+    dev = resolve_device(device)
+    output = Path(output) if output else default_output(models)
+    loaded = [load_model(m, dev) for m in models]
+
+    extractor = reference = None
+    protocol = None
+    if fid:
+        from difcompress.metrics import get_feature_extractor, load_reference
+
+        name = feature_extractor or "inception"
+        if ref is None:
+            raise UserError("--fid needs --ref DIR|STATS.npz (real images or saved reference statistics)", exit_code=2)
+        extractor = get_feature_extractor(name, weights_path=inception, device=dev)
+        reference = load_reference(ref, extractor)
+        protocol = {"mode": "clean", "num_samples": num_samples, "sampler": sampler, "steps": sampler_steps,
+                    "seed": seed, "reference": str(ref), "feature_extractor": name}
+
+    rows, grid = [], []
+    for spec, item in zip(models, loaded):
+        seed_everything(seed)
+        row: dict[str, Any] = {"model": spec, "family": item.family.name}
+        row.update(model_size(item.model, item.family))
+        row.update(sampling_cost(item.model, item.family, batch_size=latency_batch_size, steps=sampler_steps))
+        if fid:
+            from difcompress.metrics import features_of_images, fid_kid
+
+            task = progress.add_task(f"sampling {Path(spec).name}", total=num_samples) if progress else None
+            images = item.family.sample(
+                item.model, item.scheduler, num_samples, seed=seed, steps=sampler_steps, sampler=sampler,
+                batch_size=batch_size, on_batch=(lambda n: progress.advance(task, n)) if progress else None,
+            )
+            scores = fid_kid(features_of_images(images, extractor, batch_size=batch_size), reference, seed=seed)
+            row.update(scores)
+            row["protocol"] = protocol
+            grid.append((Path(spec).name or spec, images[:grid_size]))
+        else:
+            grid.append((Path(spec).name or spec, item.family.sample(
+                item.model, item.scheduler, grid_size, seed=seed, steps=sampler_steps, sampler=sampler)))
+        rows.append(row)
+
+    from difcompress.plots import save_sample_grid
+
+    output.mkdir(parents=True, exist_ok=True)
+    grid_path = save_sample_grid(output / "samples.png", grid)
+    result = {"models": rows, "protocol": protocol, "grid": str(grid_path), "device": str(dev),
+              "sampler": sampler, "sampler_steps": sampler_steps}
+    write_json(output / EVAL_FILE, result)
+    result["output"] = str(output)
+    return result
