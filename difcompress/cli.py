@@ -138,6 +138,28 @@ def eval_command(
     print_json(result) if json_output else print_eval_report(result)
 
 
+@app.command("export")
+def export_command(
+    model: Annotated[str, typer.Argument(help="A difcompress folder (or any diffusers model).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Pipeline folder to write.")],
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
+    json_output: JsonFlag = False,
+):
+    """Write a safetensors diffusers pipeline folder with a model card."""
+    from difcompress.export import export
+    from difcompress.report import console, human
+
+    info = export(model, output, dtype=dtype)
+    if json_output:
+        print_json(info)
+        return
+    console.print(f"exported {human(info['params'])} params ({info['dtype']}) to {info['output']}: "
+                  f"{human(info['size_on_disk_bytes'], 'B')} on disk")
+    if not info["stock_diffusers_loadable"]:
+        err_console.print("[yellow]warning:[/] globally pruned widths: stock diffusers cannot load this folder; "
+                          "difcompress can (see its README.md)")
+
+
 class _nothing:
     def __enter__(self):
         return self

@@ -1,0 +1,107 @@
+"""`difcompress export`: a clean diffusers pipeline folder with a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difcompress.errors import UserError
+from difcompress.evaluate import EVAL_FILE
+from difcompress.folders import atomic_folder, check_output_folder, folder_size_bytes, save_model_folder
+from difcompress.loading import load_model
+from difcompress.measure import _cpu_peak_activation_bytes, model_size
+from difcompress.report import human
+from difcompress.runtime import versions
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export(model: str, output: Path, *, dtype: str = "fp32") -> dict[str, Any]:
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}", exit_code=2)
+    output = check_output_folder(output)
+    loaded = load_model(model, "cpu")
+    family, net = loaded.family, loaded.model
+    manifest = loaded.manifest or {}
+    size = model_size(net, family)
+    element = torch.finfo(DTYPES[dtype]).bits // 8
+    # Activations scale with the dtype the same way the weights do.
+    memory = {b: _cpu_peak_activation_bytes(net, family, b) * element // 4 for b in (1, 16)}
+    structure = None
+    record = loaded.path / family.component / "difcompress_structure.json"
+    if record.is_file():
+        structure = json.loads(record.read_text())
+    info = {
+        "source": model,
+        "teacher": manifest.get("teacher"),
+        "family": family.name,
+        "pruning": manifest.get("report") or manifest.get("pruning"),
+        "distill": (manifest.get("distill") or {}).get("settings"),
+        "distill_steps": (manifest.get("distill") or {}).get("steps"),
+        "params": size["params"],
+        "macs": size["macs"],
+        "dtype": dtype,
+        "sampling_memory_bytes": memory,
+        "eval": _eval_numbers(loaded.path),
+        "stock_diffusers_loadable": structure is None,
+    }
+    with atomic_folder(output) as tmp:
+        save_model_folder(
+            tmp, net.to(DTYPES[dtype]), loaded.scheduler, family,
+            {"stage": "export", "family": family.name, "teacher": manifest.get("teacher"), "versions": versions(),
+             "export": info},
+            structure, top_level_model=False,
+        )
+        (tmp / "README.md").write_text(model_card(info, family))
+    info["output"] = str(output)
+    info["size_on_disk_bytes"] = folder_size_bytes(output)
+    return info
+
+
+def _eval_numbers(folder: Path) -> dict[str, Any] | None:
+    path = folder / "eval" / EVAL_FILE
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return next((r for r in result["models"] if Path(r["model"]).resolve() == folder.resolve()), result["models"][0])
+
+
+def model_card(info: dict[str, Any], family) -> str:
+    pruning = info["pruning"] or {}
+    distill = info["distill"] or {}
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "tags: [difcompress, pruned, distilled]",
+        "---",
+        f"# Compressed {family.model_class.__name__}",
+        "",
+        f"Made with difcompress from **{info['teacher'] or info['source']}**.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model (teacher) | {info['teacher'] or 'unknown'} |",
+        f"| pruning | ratio {pruning.get('ratio', 'n/a')}, {pruning.get('importance', 'n/a')} importance, {pruning.get('mode', 'n/a')} |",
+        f"| distillation objective | {distill.get('loss', 'none')} |",
+        f"| distillation steps | {info['distill_steps'] or 0} |",
+        f"| params | {human(info['params'])} |",
+        f"| MACs per denoiser call | {human(info['macs'])} |",
+        f"| weights dtype | {info['dtype']} |",
+        f"| memory to sample, batch 1 | {human(info['sampling_memory_bytes'][1], 'B')} (weights + activations, upper bound) |",
+        f"| memory to sample, batch 16 | {human(info['sampling_memory_bytes'][16], 'B')} |",
+    ]
+    if info["eval"] and "fid" in info["eval"]:
+        p = info["eval"]["protocol"]
+        lines.append(f"| FID / KID | {info['eval']['fid']:.2f} / {info['eval']['kid']:.4f} "
+                     f"({p['feature_extractor']}, {p['num_samples']} samples, {p['sampler']} {p['steps']} steps) |")
+    lines += ["", "## Use", ""]
+    if info["stock_diffusers_loadable"]:
+        lines += ["```python", f"from diffusers import {family.pipeline_class.__name__}",
+                  f"pipe = {family.pipeline_class.__name__}.from_pretrained('PATH')", "images = pipe(batch_size=4).images", "```"]
+    else:
+        lines += ["Pruned with `--global`: per-layer widths are not expressible in the stock config.",
+                  "Load with `difcompress.loading.load_model('PATH')`, which replays the recorded pruning."]
+    return "\n".join(lines) + "\n"
