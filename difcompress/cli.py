@@ -160,6 +160,30 @@ def export_command(
                           "difcompress can (see its README.md)")
 
 
+@app.command("run")
+def run_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved stages; run nothing.")] = False,
+    json_output: JsonFlag = False,
+):
+    """Run the stages a recipe lists; completed stages are skipped, so a re-run resumes."""
+    from rich.markup import escape
+
+    from difcompress.report import console
+    from difcompress.run import run_recipe
+
+    def announce(entry):
+        if not json_output:
+            console.print(f"[bold]{entry['stage']}[/] -> {escape(entry['output'])} ({entry['status']})")
+            if dry_run:
+                for key, value in entry["settings"].items():
+                    console.print(f"    {key}: {value}")
+
+    results = run_recipe(recipe, dry_run=dry_run, on_stage=announce)
+    if json_output:
+        print_json(results)
+
+
 class _nothing:
     def __enter__(self):
         return self
