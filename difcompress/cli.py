@@ -184,6 +184,29 @@ def run_command(
         print_json(results)
 
 
+@app.command("demo")
+def demo_command(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for every stage's output.")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A 1-2 minute smoke version.")] = False,
+    ratio: float = 0.9,
+    seed: int = 0,
+    device: Device = "auto",
+    json_output: JsonFlag = False,
+):
+    """Offline demo on real digits: train a small teacher, prune 90%, distill with PLACE, compare, export."""
+    from difcompress.demo import demo
+    from difcompress.report import console, print_eval_report
+
+    result = demo(output, quick=quick, ratio=ratio, seed=seed, device=device,
+                  announce=(lambda msg: None) if json_output else (lambda msg: console.print(f"[bold]demo[/] {msg}")))
+    if json_output:
+        print_json(result)
+        return
+    print_eval_report(result["eval"])
+    console.print(f"student exported to {Path(result['output']) / 'export'}; loss curves in "
+                  f"{Path(result['output']) / 'student' / 'curves.png'}")
+
+
 class _nothing:
     def __enter__(self):
         return self

@@ -50,7 +50,7 @@ def export(model: str, output: Path, *, dtype: str = "fp32") -> dict[str, Any]:
     }
     with atomic_folder(output) as tmp:
         save_model_folder(
-            tmp, net.to(DTYPES[dtype]), loaded.scheduler, family,
+            tmp, net if dtype == "fp32" else net.to(DTYPES[dtype]), loaded.scheduler, family,
             {"stage": "export", "family": family.name, "teacher": manifest.get("teacher"), "versions": versions(),
              "export": info},
             structure, top_level_model=False,

@@ -178,13 +178,7 @@ def _run_stage(name: str, args: dict[str, Any], out: Path) -> dict[str, Any]:
 
         return prune(args.pop("model"), args.pop("ratio"), out, **args)
     if name == "distill":
-        from difcompress.distill import distill
-
-        interrupted = out.is_dir() and (read_manifest(out) or {}).get("status") == "running"
-        resume = interrupted and latest_checkpoint(out) is not None
-        if interrupted and not resume:
-            shutil.rmtree(out)  # stopped before its first checkpoint: nothing to keep
-        return distill(args.pop("student"), out, resume=resume, **args)
+        return distill_resumable(args.pop("student"), out, **args)
     if name == "eval":
         from difcompress.evaluate import evaluate
 
@@ -192,3 +186,14 @@ def _run_stage(name: str, args: dict[str, Any], out: Path) -> dict[str, Any]:
     from difcompress.export import export
 
     return export(args.pop("model"), out, **args)
+
+
+def distill_resumable(student: str, out: Path, **args) -> dict[str, Any]:
+    """Distill into `out`, continuing an interrupted run from its last checkpoint."""
+    from difcompress.distill import distill
+
+    interrupted = out.is_dir() and (read_manifest(out) or {}).get("status") == "running"
+    resume = interrupted and latest_checkpoint(out) is not None
+    if interrupted and not resume:
+        shutil.rmtree(out)  # stopped before its first checkpoint: nothing to keep
+    return distill(student, out, resume=resume, **args)
