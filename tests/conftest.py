@@ -1,0 +1,157 @@
+"""Shared fixtures: tiny diffusers models saved to disk, and helpers to run the CLI.
+
+The tiny U-Nets have the block structure of google/ddpm-cifar10-32 (down: DownBlock2D,
+AttnDownBlock2D, DownBlock2D, DownBlock2D; up: UpBlock2D, UpBlock2D, AttnUpBlock2D,
+UpBlock2D; one-head attention; sinusoidal time embedding with freq_shift=1) but are
+narrow (32/64/64/64 channels, 8 GroupNorm groups, 16x16 samples, 100 train timesteps),
+so every prune or distill call takes about a second on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_NUM_TRAIN_TIMESTEPS = 100
+TINY_BLOCK_OUT = (32, 64, 64, 64)
+TINY_GROUPS = 8
+TINY_SIZE = 16
+TINY_CHANNELS = 3
+
+
+def tiny_unet_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        sample_size=TINY_SIZE,
+        in_channels=TINY_CHANNELS,
+        out_channels=TINY_CHANNELS,
+        layers_per_block=1,
+        block_out_channels=TINY_BLOCK_OUT,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+        norm_eps=1e-6,
+        norm_num_groups=TINY_GROUPS,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def build_tiny_unet(seed: int = 0, **overrides):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    model = UNet2DModel(**tiny_unet_kwargs(**overrides))
+    # Default init leaves every GroupNorm at weight 1 / bias 0; jitter them so magnitude
+    # ranking depends on real, channel-specific values everywhere.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.add_(0.1 * torch.randn_like(module.weight))
+                module.bias.add_(0.1 * torch.randn_like(module.bias))
+    return model.eval()
+
+
+def save_pipeline(model, path: Path, num_train_timesteps: int = TINY_NUM_TRAIN_TIMESTEPS) -> Path:
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=num_train_timesteps)).save_pretrained(
+        path, safe_serialization=True
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A DDPMPipeline folder (model_index.json, unet/, scheduler/) with the tiny one-head U-Net."""
+    path = tmp_path_factory.mktemp("models") / "tiny-ddpm"
+    return save_pipeline(build_tiny_unet(seed=0), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_heads_model_dir(tmp_path_factory) -> Path:
+    """The same layout with multi-head attention (head dim 8: 8 heads at 64 channels)."""
+    path = tmp_path_factory.mktemp("models") / "tiny-ddpm-heads"
+    return save_pipeline(build_tiny_unet(seed=1, attention_head_dim=8), path)
+
+
+@pytest.fixture(scope="session")
+def pruned_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model uniformly pruned at 0.5 (magnitude): a student for distillation."""
+    from difcompress.prune import prune
+
+    out = tmp_path_factory.mktemp("pruned") / "tiny-pruned-050"
+    prune(str(tiny_model_dir), 0.5, out, importance="magnitude", device="cpu")
+    return out
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `difcompress ARGS...` in-process: returns (exit_code, stdout, stderr)."""
+    from difcompress.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        capsys.readouterr()  # drop whatever was printed before
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            if exc.code is None:
+                code = 0
+            elif isinstance(exc.code, int):
+                code = exc.code
+            else:  # sys.exit("message")
+                code = 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def run_subprocess():
+    """Run `python -c CODE` in a fresh interpreter (offline); returns the CompletedProcess.
+
+    For checks that must hold without difcompress: the code should assert at its end that
+    difcompress was never imported.
+    """
+
+    def run(code: str, *, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        full_env = dict(os.environ)
+        full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONWARNINGS": "ignore"})
+        if env:
+            full_env.update(env)
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout
+        )
+
+    return run
+
+
+NO_DIFCOMPRESS_CHECK = """
+import sys as _sys
+assert not any(m == "difcompress" or m.startswith("difcompress.") for m in _sys.modules), "difcompress was imported"
+"""
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def assert_one_line_error(code: int, stderr: str, expected_code: int | None = None) -> str:
+    """A user mistake: non-zero exit, no traceback, exactly one 'error:' line on stderr."""
+    assert code != 0, stderr
+    if expected_code is not None:
+        assert code == expected_code, (code, stderr)
+    assert "Traceback" not in stderr, stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error:"), stderr
+    return lines[0]
