@@ -340,10 +340,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from difcompress.report import err_console
+
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
-        disable=not enabled,
+        console=err_console, disable=not enabled,
     )
 
 

@@ -9,6 +9,7 @@ so every prune or distill call takes about a second on two CPU cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,6 +23,18 @@ TINY_BLOCK_OUT = (32, 64, 64, 64)
 TINY_GROUPS = 8
 TINY_SIZE = 16
 TINY_CHANNELS = 3
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run fastest on one intra-op thread, and stay fast on a busy 2-core box
+    (two spinning OpenMP threads per process slow everything down by an order of magnitude)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def tiny_unet_kwargs(**overrides) -> dict:
@@ -72,14 +85,16 @@ def save_pipeline(model, path: Path, num_train_timesteps: int = TINY_NUM_TRAIN_T
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A DDPMPipeline folder (model_index.json, unet/, scheduler/) with the tiny one-head U-Net."""
     path = tmp_path_factory.mktemp("models") / "tiny-ddpm"
-    return save_pipeline(build_tiny_unet(seed=0), path)
+    with one_thread():
+        return save_pipeline(build_tiny_unet(seed=0), path)
 
 
 @pytest.fixture(scope="session")
 def tiny_heads_model_dir(tmp_path_factory) -> Path:
     """The same layout with multi-head attention (head dim 8: 8 heads at 64 channels)."""
     path = tmp_path_factory.mktemp("models") / "tiny-ddpm-heads"
-    return save_pipeline(build_tiny_unet(seed=1, attention_head_dim=8), path)
+    with one_thread():
+        return save_pipeline(build_tiny_unet(seed=1, attention_head_dim=8), path)
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +103,16 @@ def pruned_dir(tmp_path_factory, tiny_model_dir) -> Path:
     from difcompress.prune import prune
 
     out = tmp_path_factory.mktemp("pruned") / "tiny-pruned-050"
-    prune(str(tiny_model_dir), 0.5, out, importance="magnitude", device="cpu")
+    with one_thread():
+        prune(str(tiny_model_dir), 0.5, out, importance="magnitude", device="cpu")
     return out
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Use as a module-scoped autouse fixture in modules that run tiny models."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture
@@ -125,7 +148,8 @@ def run_subprocess():
 
     def run(code: str, *, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
         full_env = dict(os.environ)
-        full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONWARNINGS": "ignore"})
+        full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONWARNINGS": "ignore",
+                         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         if env:
             full_env.update(env)
         return subprocess.run(
