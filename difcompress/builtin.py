@@ -1,16 +1,50 @@
-"""Built-in offline data: scikit-learn's handwritten digits (1,797 real 8x8 scans)."""
+"""The embedded default: real handwritten digits, a teacher trained on them, and a digits
+feature extractor for FID, all shipped in the package so everything runs offline.
+
+Data: scikit-learn's `load_digits` (1,797 real 8x8 scans inside the scikit-learn wheel),
+upsampled to 16x16 and scaled to [-1, 1]. `difcompress build-digits` trains the
+classifier and the teacher (seeded) and writes them to `difcompress/assets/digits/`.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from difcompress.data import TensorImageDataset
+from difcompress.errors import UserError
 
-BUILTIN_DATA = ("digits",)
+ASSETS = Path(__file__).parent / "assets" / "digits"
+TEACHER_NAME = "digits"
+DIGITS_SIZE = 16
+
+# The embedded teacher's architecture: the ddpm-cifar10-32 block pattern, narrowed for
+# 16x16 grayscale digits (1.1M params; 90% pruning leaves tens of thousands).
+DIGITS_TEACHER_CONFIG = dict(
+    sample_size=DIGITS_SIZE,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None,
+    norm_num_groups=16,
+    norm_eps=1e-6,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    downsample_padding=0,
+)
 
 
-def digits_images(size: int = 16, channels: int = 1) -> torch.Tensor:
+def digits_images(size: int = DIGITS_SIZE, channels: int = 1) -> torch.Tensor:
     """All 1,797 digits as (N, channels, size, size) in [-1, 1], bilinearly upsampled."""
     from sklearn.datasets import load_digits
 
@@ -18,8 +52,13 @@ def digits_images(size: int = 16, channels: int = 1) -> torch.Tensor:
     images = pixels.unsqueeze(1)
     if size != 8:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    images = (images.clamp(0, 1) * 2 - 1).repeat(1, channels, 1, 1)
-    return images
+    return (images.clamp(0, 1) * 2 - 1).repeat(1, channels, 1, 1)
+
+
+def digits_labels() -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    return torch.tensor(load_digits().target, dtype=torch.long)
 
 
 def builtin_data(name: str, size: int, channels: int) -> TensorImageDataset | None:
@@ -27,3 +66,144 @@ def builtin_data(name: str, size: int, channels: int) -> TensorImageDataset | No
     if name == "digits":
         return TensorImageDataset(digits_images(size, channels))
     return None
+
+
+def builtin_model_path(name: str) -> Path | None:
+    """Folder of a built-in model short name, or None when `name` is not one."""
+    if name != TEACHER_NAME:
+        return None
+    folder = ASSETS / "teacher"
+    if not (folder / "model_index.json").is_file():
+        raise UserError("the embedded digits teacher is missing from the package; rebuild it with "
+                        "`difcompress build-digits`")
+    return folder
+
+
+# ---- the digits classifier (feature extractor for digits-FID) -----------------------------
+
+class DigitsClassifier(nn.Module):
+    """A small CNN on 16x16 digits; its 128-d penultimate features serve FID."""
+
+    feature_dim = 128
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GroupNorm(8, 64), nn.SiLU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.GroupNorm(8, 128), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def train_digits_classifier(seed: int = 0, epochs: int = 40) -> tuple[DigitsClassifier, dict[str, Any]]:
+    """Train on a seeded 80% split; report accuracy on the held-out 20%."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    images, labels = digits_images(), digits_labels()
+    order = torch.randperm(len(images), generator=gen)
+    cut = int(0.8 * len(images))
+    train, test = order[:cut], order[cut:]
+    model = DigitsClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(train), generator=gen).split(64):
+            idx = train[batch]
+            # One-pixel random shifts: generated digits are not perfectly centred either.
+            x = torch.roll(images[idx], shifts=tuple(torch.randint(-1, 2, (2,), generator=gen).tolist()), dims=(2, 3))
+            loss = F.cross_entropy(model(x), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(images[test]).argmax(1) == labels[test]).float().mean().item()
+    return model, {"held_out_accuracy": accuracy, "train_images": cut, "held_out_images": len(test),
+                   "epochs": epochs, "seed": seed}
+
+
+class DigitsFeatureExtractor:
+    """FeatureExtractor protocol for difcompress.metrics: 0..255 images in, 128-d features out."""
+
+    name = "digits"
+    input_size = DIGITS_SIZE
+
+    def __init__(self, model: DigitsClassifier, device: torch.device):
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device).float().mean(1, keepdim=True) / 127.5 - 1  # grey, [-1, 1]
+        with torch.no_grad():
+            return self.model.features(x)
+
+
+def digits_extractor(weights_path=None, device="cpu") -> DigitsFeatureExtractor:
+    path = Path(weights_path) if weights_path else ASSETS / "classifier.safetensors"
+    if not path.is_file():
+        raise UserError(f"digits classifier weights not found at {path}; rebuild with `difcompress build-digits`")
+    model = DigitsClassifier()
+    model.load_state_dict(load_file(path))
+    return DigitsFeatureExtractor(model, torch.device(device))
+
+
+def register_digits_extractor() -> None:
+    from difcompress.metrics import known_feature_extractors, register_feature_extractor
+
+    if "digits" not in known_feature_extractors():
+        register_feature_extractor("digits", digits_extractor)
+
+
+def is_digits_model(loaded) -> bool:
+    """True for the embedded teacher and anything pruned or distilled from it."""
+    refs = [loaded.source, str(loaded.path), (loaded.manifest or {}).get("teacher") or ""]
+    return any(r == TEACHER_NAME or Path(r).resolve() == (ASSETS / "teacher").resolve() for r in refs if r)
+
+
+# ---- building the assets ------------------------------------------------------------------
+
+def create_untrained_teacher(folder: Path, seed: int, config: dict[str, Any] = DIGITS_TEACHER_CONFIG) -> None:
+    """A freshly initialised pipeline folder: the starting point the trainer trains."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from difcompress.folders import atomic_folder, write_json
+
+    torch.manual_seed(seed)
+    with atomic_folder(folder) as tmp:
+        DDPMPipeline(unet=UNet2DModel(**config), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
+            tmp, safe_serialization=True
+        )
+        write_json(tmp / "difcompress.json", {"stage": "init", "status": "complete", "config": config})
+
+
+def build_digits_assets(output: Path = ASSETS, *, teacher_steps: int = 8000, batch_size: int = 64,
+                        lr: float = 5e-4, seed: int = 0, device: str = "auto",
+                        work_dir: Path = Path("runs/build-digits")) -> dict[str, Any]:
+    """Train the digits classifier and the digits teacher; write them to `output`."""
+    from difcompress.run import distill_resumable
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    classifier, report = train_digits_classifier(seed)
+    save_file(classifier.state_dict(), output / "classifier.safetensors")
+    (output / "classifier.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    work_dir = Path(work_dir)
+    init = work_dir / "teacher-init"
+    if not init.is_dir():
+        create_untrained_teacher(init, seed, DIGITS_TEACHER_CONFIG)
+    summary = distill_resumable(
+        str(init), work_dir / "teacher", loss="task", data="digits", steps=teacher_steps, batch_size=batch_size,
+        lr=lr, ema_decay=0.999, seed=seed, checkpoint_every=500, device=device,
+    )
+    target = output / "teacher"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(work_dir / "teacher", target,
+                    ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "teacher_samples.safetensors"))
+    return {"classifier": report, "teacher_steps": teacher_steps, "final_loss": summary["final"].get("loss"),
+            "output": str(output)}

@@ -207,6 +207,27 @@ def demo_command(
                   f"{Path(result['output']) / 'student' / 'curves.png'}")
 
 
+@app.command("build-digits")
+def build_digits_command(
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Default: the package's assets folder.")] = None,
+    teacher_steps: int = 8000,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    seed: int = 0,
+    work_dir: Annotated[Path, typer.Option(help="Run folder for the teacher's training (resumable).")] = Path("runs/build-digits"),
+    device: Device = "auto",
+):
+    """Train the embedded digits teacher and digits classifier shipped with difcompress."""
+    from difcompress.builtin import ASSETS, build_digits_assets
+    from difcompress.report import console
+
+    report = build_digits_assets(output or ASSETS, teacher_steps=teacher_steps, batch_size=batch_size, lr=lr,
+                                 seed=seed, device=device, work_dir=work_dir)
+    console.print(f"classifier held-out accuracy {report['classifier']['held_out_accuracy']:.2%}; "
+                  f"teacher trained {report['teacher_steps']} steps (final loss {report['final_loss']:.4f}) "
+                  f"-> {report['output']}")
+
+
 class _nothing:
     def __enter__(self):
         return self

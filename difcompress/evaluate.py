@@ -49,13 +49,22 @@ def evaluate(
     extractor = reference = None
     protocol = None
     if fid:
-        from difcompress.metrics import get_feature_extractor, load_reference
+        from difcompress.metrics import features_of_images, get_feature_extractor, load_reference
 
-        name = feature_extractor or "inception"
+        from difcompress.builtin import digits_images, is_digits_model, register_digits_extractor
+
+        register_digits_extractor()
+        digits = is_digits_model(loaded[0])
+        name = feature_extractor or ("digits" if digits else "inception")
+        ref = ref or ("digits" if digits else None)
         if ref is None:
             raise UserError("--fid needs --ref DIR|STATS.npz (real images or saved reference statistics)", exit_code=2)
         extractor = get_feature_extractor(name, weights_path=inception, device=dev)
-        reference = load_reference(ref, extractor)
+        if ref == "digits":  # the real images the embedded teacher learned
+            c, h, _ = loaded[0].family.sample_shape(loaded[0].model)
+            reference = features_of_images(digits_images(h, c), extractor, batch_size=batch_size)
+        else:
+            reference = load_reference(ref, extractor)
         protocol = {"mode": "clean", "num_samples": num_samples, "sampler": sampler, "steps": sampler_steps,
                     "seed": seed, "reference": str(ref), "feature_extractor": name}
 
@@ -66,7 +75,7 @@ def evaluate(
         row.update(model_size(item.model, item.family))
         row.update(sampling_cost(item.model, item.family, batch_size=latency_batch_size, steps=sampler_steps))
         if fid:
-            from difcompress.metrics import features_of_images, fid_kid
+            from difcompress.metrics import fid_kid
 
             task = progress.add_task(f"sampling {Path(spec).name}", total=num_samples) if progress else None
             images = item.family.sample(

@@ -32,8 +32,10 @@ class LoadedModel:
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    from difcompress.builtin import builtin_model_path
+
     source = str(source)
-    path = Path(source).expanduser()
+    path = builtin_model_path(source) or Path(source).expanduser()
     if not path.exists():
         path = _from_hub(source)
     elif not path.is_dir():

@@ -10,7 +10,7 @@ import yaml
 from safetensors import safe_open
 
 from difcompress.cli import main
-from difcompress.demo import create_untrained_teacher
+from difcompress.builtin import create_untrained_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,108 @@
+"""The objectives benchmark on the embedded digits teacher.
+
+Prunes the teacher at each ratio, distills every student with every objective under the
+same steps, lr, batch and seed (several seeds at the highest ratio), and reports
+digits-FID (mean +- std over seeds) with the teacher's FID as the floor, params and MACs.
+Every run folder keeps its metrics.jsonl and curves.png; finished runs are skipped, so
+the benchmark resumes after an interruption.
+
+    .venv/bin/python benchmarks/objectives.py -o runs/objectives --steps 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from difcompress.builtin import TEACHER_NAME
+from difcompress.evaluate import evaluate
+from difcompress.prune import prune
+from difcompress.run import distill_resumable, stage_complete
+
+OBJECTIVES = ("task", "mse", "feature", "dist", "lift", "place")
+
+
+def fid_of(models, out, args, seed):
+    if (out / "eval.json").is_file():
+        return json.loads((out / "eval.json").read_text())["models"]
+    return evaluate(models, fid=True, num_samples=args.fid_samples, sampler_steps=args.sampler_steps,
+                    seed=seed, output=out, device=args.device, grid_size=8)["models"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--output", type=Path, default=Path("runs/objectives"))
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seeds-at-max", type=int, default=3, help="Seeds at the highest ratio.")
+    parser.add_argument("--fid-samples", type=int, default=1000)
+    parser.add_argument("--sampler-steps", type=int, default=50)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    root = args.output
+    started = time.time()
+
+    teacher_row = fid_of([TEACHER_NAME], root / "teacher-eval", args, 0)[0]
+    rows = []
+    for ratio in args.ratios:
+        pruned = root / f"pruned-{ratio}"
+        if not stage_complete("prune", pruned):
+            prune(TEACHER_NAME, ratio, pruned, seed=0, device=args.device)
+        seeds = range(args.seeds_at_max) if ratio == max(args.ratios) else range(1)
+        for loss in args.objectives:
+            fids, kids, size = [], [], None
+            for seed in seeds:
+                run = root / f"r{ratio}-{loss}-s{seed}"
+                if not stage_complete("distill", run):
+                    distill_resumable(str(pruned), run, teacher=TEACHER_NAME, loss=loss, data="digits",
+                                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=0.999,
+                                      seed=seed, checkpoint_every=500, device=args.device, show_progress=False)
+                row = fid_of([str(run)], run / "eval", args, seed)[0]
+                fids.append(row["fid"])
+                kids.append(row["kid"])
+                size = (row["params"], row["macs"])
+            rows.append({"ratio": ratio, "loss": loss, "seeds": len(fids), "fid": fids, "kid": kids,
+                         "fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
+                         "params": size[0], "macs": size[1]})
+            print(f"ratio {ratio} {loss:8s} FID {rows[-1]['fid_mean']:.2f} +- {rows[-1]['fid_std']:.2f}", flush=True)
+
+    result = {"teacher": {"fid": teacher_row["fid"], "params": teacher_row["params"], "macs": teacher_row["macs"]},
+              "rows": rows, "settings": vars(args) | {"output": str(root)},
+              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                         f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
+              "wall_seconds": time.time() - started}
+    (root / "results.json").write_text(json.dumps(result, indent=2))
+    print(markdown_table(result))
+
+
+def markdown_table(result) -> str:
+    rows = result["rows"]
+    ratios = sorted({r["ratio"] for r in rows})
+    losses = list(dict.fromkeys(r["loss"] for r in rows))
+    by_key = {(r["ratio"], r["loss"]): r for r in rows}
+    lines = [f"Teacher digits-FID (floor): {result['teacher']['fid']:.2f}, "
+             f"{result['teacher']['params'] / 1e6:.2f}M params, {result['teacher']['macs'] / 1e6:.1f}M MACs", "",
+             "| ratio | params / MACs | " + " | ".join(losses) + " |",
+             "|---|---|" + "---|" * len(losses)]
+    for ratio in ratios:
+        any_row = next(r for r in rows if r["ratio"] == ratio)
+        cells = []
+        for loss in losses:
+            r = by_key.get((ratio, loss))
+            cells.append("" if r is None else (f"{r['fid_mean']:.2f} ± {r['fid_std']:.2f}" if r["seeds"] > 1
+                                               else f"{r['fid_mean']:.2f}"))
+        lines.append(f"| {ratio} | {any_row['params'] / 1e3:.1f}K / {any_row['macs'] / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

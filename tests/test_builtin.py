@@ -1,0 +1,51 @@
+"""The embedded default: digits data, the shipped classifier and teacher, digits-FID."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from difcompress.builtin import ASSETS, digits_extractor, digits_images, digits_labels
+from difcompress.metrics import features_of_images, fid_kid
+
+
+def test_digits_are_real_scans_scaled_to_unit_range():
+    images = digits_images(16, 1)
+    assert images.shape == (1797, 1, 16, 16)
+    assert images.min() == -1 and images.max() == 1
+    assert digits_labels().bincount().tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+def test_shipped_classifier_is_accurate_on_held_out_digits():
+    report = json.loads((ASSETS / "classifier.json").read_text())
+    assert report["held_out_accuracy"] >= 0.95
+    assert report["held_out_images"] > 300
+
+
+def test_digits_fid_real_vs_real_is_near_zero_and_noise_is_far():
+    extractor = digits_extractor()
+    real = digits_images()
+    feats_a = features_of_images(real[::2], extractor)
+    feats_b = features_of_images(real[1::2], extractor)
+    noise = features_of_images(torch.rand(800, 1, 16, 16) * 2 - 1, extractor)
+    same = fid_kid(feats_a, feats_b)["fid"]
+    far = fid_kid(noise, feats_b)["fid"]
+    assert same < 0.05 * far
+    assert far > 10 * max(same, 1e-3)
+
+
+def test_teacher_and_extractor_load_offline_from_package_data(tmp_path):
+    code = (
+        "from difcompress.loading import load_model\n"
+        "from difcompress.builtin import digits_extractor\n"
+        "m = load_model('digits')\n"
+        "assert m.model.config.sample_size == 16 and m.family.name == 'unet2d'\n"
+        "digits_extractor()\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
