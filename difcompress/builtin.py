@@ -20,29 +20,11 @@ from torch import nn
 
 from difcompress.data import TensorImageDataset
 from difcompress.errors import UserError
+from difcompress.layouts import DIGITS_TEACHER_CONFIG
 
 ASSETS = Path(__file__).parent / "assets" / "digits"
 TEACHER_NAME = "digits"
-DIGITS_SIZE = 16
-
-# The embedded teacher's architecture: the ddpm-cifar10-32 block pattern, narrowed for
-# 16x16 grayscale digits (1.1M params; 90% pruning leaves tens of thousands).
-DIGITS_TEACHER_CONFIG = dict(
-    sample_size=DIGITS_SIZE,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=(32, 64, 64),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None,
-    norm_num_groups=16,
-    norm_eps=1e-6,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    downsample_padding=0,
-)
-
+DIGITS_SIZE = DIGITS_TEACHER_CONFIG["sample_size"]
 
 def digits_images(size: int = DIGITS_SIZE, channels: int = 1) -> torch.Tensor:
     """All 1,797 digits as (N, channels, size, size) in [-1, 1], bilinearly upsampled."""

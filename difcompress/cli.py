@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,7 +49,7 @@ def prune_command(
     from difcompress.prune import prune
     from difcompress.report import print_prune_report
 
-    with err_console.status("pruning...", spinner="dots") if not json_output else _nothing():
+    with err_console.status("pruning...", spinner="dots") if not json_output else nullcontext():
         report = prune(
             model, ratio, output, importance=importance, data=data, global_pruning=global_pruning, seed=seed,
             device=device, batch_size=batch_size, diff_threshold=diff_threshold,
@@ -193,7 +194,7 @@ def demo_command(
     device: Device = "auto",
     json_output: JsonFlag = False,
 ):
-    """Offline demo on real digits: train a small teacher, prune 90%, distill with PLACE, compare, export."""
+    """Offline demo on real digits: prune the embedded teacher 90%, distill with PLACE, compare, export."""
     from difcompress.demo import demo
     from difcompress.report import console, print_eval_report
 
@@ -226,14 +227,6 @@ def build_digits_command(
     console.print(f"classifier held-out accuracy {report['classifier']['held_out_accuracy']:.2%}; "
                   f"teacher trained {report['teacher_steps']} steps (final loss {report['final_loss']:.4f}) "
                   f"-> {report['output']}")
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv: list[str] | None = None) -> None:

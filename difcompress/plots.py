@@ -37,21 +37,13 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 
 
 def _to_hwc_uint8(images: torch.Tensor) -> np.ndarray:
-    """``[N, C, H, W]`` in [-1, 1] -> ``uint8 [N, H, W, 3]``."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
-        raise UserError(f"Sample images must be [N, C, H, W] tensors, got {shape}.")
-    x = images.detach().cpu()
-    if x.dtype != torch.uint8:
-        x = ((x.float().nan_to_num(0.0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    c = x.shape[1]
-    if c == 1:
-        x = x.expand(-1, 3, -1, -1)
-    elif c == 4:
-        x = x[:, :3]
-    elif c != 3:
-        raise UserError(f"Sample images must have 1, 3 or 4 channels, got {c}.")
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
+    """``[N, C, H, W]`` in [-1, 1] -> ``uint8 [N, H, W, 3]`` (the same conversion FID uses)."""
+    from difcompress.metrics import to_uint8
+
+    if not isinstance(images, torch.Tensor):
+        raise UserError(f"Sample images must be [N, C, H, W] tensors, got {type(images).__name__}.")
+    x = images if images.dtype == torch.uint8 else images.float().nan_to_num(0.0)
+    return to_uint8(x).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _upscale(img: np.ndarray, h: int, w: int) -> np.ndarray:
