@@ -333,7 +333,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume, drop log lines past the checkpoint so the log has no duplicates."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the crash
+            continue
+        if record.get("step", step + 1) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -365,11 +372,7 @@ def _write_student(output, model, scheduler, family, student_loaded: LoadedModel
         "versions": versions(),
         "distill": summary,
     }
-    structure = None
-    record = student_loaded.path / family.component / "difcompress_structure.json"
-    if record.is_file():
-        structure = json.loads(record.read_text())
-    save_model_folder(tmp, model.to("cpu"), scheduler, family, manifest, structure)
+    save_model_folder(tmp, model.to("cpu"), scheduler, family, manifest, student_loaded.structure)
     for item in tmp.iterdir():
         if item.name == MANIFEST:
             continue

@@ -30,10 +30,7 @@ def export(model: str, output: Path, *, dtype: str = "fp32") -> dict[str, Any]:
     element = torch.finfo(DTYPES[dtype]).bits // 8
     # Activations scale with the dtype the same way the weights do.
     memory = {b: _cpu_peak_activation_bytes(net, family, b) * element // 4 for b in (1, 16)}
-    structure = None
-    record = loaded.path / family.component / "difcompress_structure.json"
-    if record.is_file():
-        structure = json.loads(record.read_text())
+    structure = loaded.structure
     info = {
         "source": model,
         "teacher": manifest.get("teacher"),

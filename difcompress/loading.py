@@ -29,6 +29,7 @@ class LoadedModel:
     source: str  # what the user named
     path: Path  # the local folder it came from
     manifest: dict[str, Any] | None  # difcompress.json when the folder is ours
+    structure: dict[str, Any] | None = None  # the --global pruning record, when there is one
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -92,7 +93,8 @@ def _load_folder(path: Path, source: str) -> LoadedModel:
     else:
         raise UserError(f"{path} is not a diffusers model or pipeline folder (no model_index.json or config.json)")
     model = _load_weights(family, model_dir)
-    return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest)
+    structure = _read_json(model_dir / STRUCTURE) if (model_dir / STRUCTURE).is_file() else None
+    return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest, structure)
 
 
 def _load_weights(family: ModelFamily, model_dir: Path) -> nn.Module:
@@ -121,7 +123,7 @@ def _rebuild_from_record(family: ModelFamily, model_dir: Path) -> nn.Module:
 
     record = _read_json(model_dir / STRUCTURE)
     model = family.model_class.from_config(record["base_config"])
-    replay_history(model, family, record["history"])
+    replay_history(model, family, record["history"], record.get("groupnorm_groups"))
     model.load_state_dict(load_file(model_dir / "diffusion_pytorch_model.safetensors"), strict=True)
     return model
 

@@ -7,12 +7,19 @@ from typing import Any
 
 import torch
 
+from difcompress.builtin import builtin_data
 from difcompress.data import BatchStream, open_image_data
 from difcompress.errors import UserError
 from difcompress.folders import atomic_folder, check_output_folder, save_model_folder
 from difcompress.loading import load_model
 from difcompress.measure import model_size
-from difcompress.pruning import IMPORTANCE_CRITERIA, accumulate_gradients, make_importance, prune_channels
+from difcompress.pruning import (
+    IMPORTANCE_CRITERIA,
+    accumulate_gradients,
+    groupnorm_groups,
+    make_importance,
+    prune_channels,
+)
 from difcompress.runtime import resolve_device, seed_everything, versions
 
 GRADIENT_CRITERIA = ("taylor", "diff-pruning")
@@ -23,7 +30,8 @@ def importance_batch(loaded, data: str | None, batch_size: int, seed: int) -> to
     family, model = loaded.family, loaded.model
     c, h, _ = family.sample_shape(model)
     if data and data != "teacher":
-        return BatchStream(open_image_data(data, h, c), batch_size, seed=seed).next_batch()
+        dataset = builtin_data(data, h, c) or open_image_data(data, h, c)
+        return BatchStream(dataset, batch_size, seed=seed).next_batch()
     return family.sample(model, loaded.scheduler, batch_size, seed=seed, steps=50)
 
 
@@ -48,6 +56,8 @@ def prune(
     output = check_output_folder(output)
     seed_everything(seed)
     loaded = load_model(model, resolve_device(device))
+    if loaded.structure is not None and not global_pruning:
+        raise UserError(f"{model} was pruned with --global (its widths are not uniform); prune it again with --global")
     family, student = loaded.family, loaded.model
     teacher_size = model_size(student, family)
     widths_before = family.stage_widths(student)
@@ -65,7 +75,10 @@ def prune(
 
     structure = None
     if global_pruning:
-        structure = {"base_config": base_config, "history": outcome.history}
+        # Pruning a --global result again extends its record, so one replay rebuilds both.
+        earlier = loaded.structure or {"base_config": base_config, "history": []}
+        structure = {"base_config": earlier["base_config"], "history": earlier["history"] + outcome.history,
+                     "groupnorm_groups": groupnorm_groups(student)}
     else:
         _check_config_rebuild(student, family)
     student_size = model_size(student, family)

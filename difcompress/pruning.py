@@ -136,12 +136,21 @@ def _plan_global(plans: list[_GroupPlan], ratio: float) -> None:
             removed += plan.unit
 
 
-def replay_history(model: nn.Module, family: ModelFamily, history: list[list]) -> None:
+def replay_history(model: nn.Module, family: ModelFamily, history: list[list],
+                   groupnorm_groups: dict[str, int] | None = None) -> None:
     """Rebuild a pruned architecture on a fresh base model from the recorded history."""
     before = family.record_structure(model)
     graph = build_graph(model, family)
     graph.load_pruning_history(history)
     family.sync_attributes(model, before, None)
+    # Group counts chosen at pruning time win: repeated prunings may have chosen differently.
+    modules = dict(model.named_modules())
+    for name, groups in (groupnorm_groups or {}).items():
+        modules[name].num_groups = groups
+
+
+def groupnorm_groups(model: nn.Module) -> dict[str, int]:
+    return {n: m.num_groups for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
 
 
 def accumulate_gradients(

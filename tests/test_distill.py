@@ -56,7 +56,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def short_run(tmp_path_factory, pruned_dir):
     """6 steps of PLACE through the CLI entry point (in-process), with --json."""
     import io
-    import sys
     from contextlib import redirect_stderr, redirect_stdout
 
     from difcompress.cli import main
@@ -71,7 +70,6 @@ def short_run(tmp_path_factory, pruned_dir):
         except SystemExit as exc:
             code = exc.code or 0
     assert code == 0, err.getvalue()
-    assert sys.stdout is not out
     return run, json.loads(out.getvalue())
 
 
@@ -327,10 +325,12 @@ def test_output_folder_that_is_not_a_run_is_refused(pruned_dir, tmp_path, run_cl
     assert str(out) in assert_one_line_error(code, stderr)
     assert snapshot(out) == {"thesis.tex": b"keep me\n"}
     # A prune result is a difcompress folder, but not a distill run: refused and left alone.
-    before = snapshot(pruned_dir)
+    prune_result = tmp_path / "prune-result"
+    shutil.copytree(pruned_dir, prune_result)
+    before = snapshot(prune_result)
     with pytest.raises(UserError, match="not a difcompress distill run"):
-        distill(str(pruned_dir), pruned_dir, loss="place", steps=2, checkpoint_every=0, **FAST)
-    assert snapshot(pruned_dir) == before
+        distill(str(pruned_dir), prune_result, loss="place", steps=2, checkpoint_every=0, **FAST)
+    assert snapshot(prune_result) == before
 
 
 # ----------------------------------------------------------------------------- NaN / inf

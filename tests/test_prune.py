@@ -215,6 +215,31 @@ def test_uniform_prune_reports_params_and_macs(uniform_run, tiny_model_dir):
     assert report["macs_reduction"] == pytest.approx(1 - m_after / m_before)
 
 
+def test_uniform_prune_keeps_the_trained_timestep_frequencies(uniform_run, tiny_model_dir):
+    """Every kept input column of time_embedding.linear_1 is fed the same sinusoid as before pruning.
+
+    The stock config can only express a narrower embedding through (channels, freq_shift), so
+    the pruned model must compute exactly the frequencies whose weights it kept.
+    """
+    out, _ = uniform_run
+    original = load_model(tiny_model_dir, "cpu").model
+    pruned = load_model(out, "cpu").model  # rebuilt by stock diffusers from the rewritten config
+    t = torch.arange(0, 100, dtype=torch.float32)
+    with torch.no_grad():
+        old_emb, new_emb = original.time_proj(t), pruned.time_proj(t)
+    assert new_emb.shape[1] * 2 == old_emb.shape[1]
+    old_lin, new_lin = original.time_embedding.linear_1, pruned.time_embedding.linear_1
+    rows = kept_indices(old_lin.bias.detach(), new_lin.bias.detach())
+    columns = []
+    for j in range(new_emb.shape[1]):
+        err = (new_emb[:, j : j + 1] - old_emb).abs().max(0).values
+        c = int(err.argmin())
+        assert err[c] < 1e-4, f"pruned embedding column {j} matches no original frequency (best {err[c]:.2e})"
+        columns.append(c)
+        torch.testing.assert_close(new_lin.weight[:, j], old_lin.weight[rows, c], atol=0, rtol=0)
+    assert len(set(columns)) == len(columns)
+
+
 def test_uniform_prune_folder_layout(uniform_run, tiny_model_dir):
     out, report = uniform_run
     for rel in (
