@@ -124,18 +124,15 @@ def eval_command(
     json_output: JsonFlag = False,
 ):
     """Compare models side by side: params, MACs, latency, memory, FID/KID, a sample grid."""
-    from rich.progress import Progress
-
     from difcompress.evaluate import evaluate
     from difcompress.report import print_eval_report
 
-    with Progress(console=err_console, disable=json_output) as progress:
-        result = evaluate(
-            models, fid=fid, num_samples=num_samples, sampler=sampler, sampler_steps=sampler_steps, ref=ref,
-            inception=inception, feature_extractor=feature_extractor, seed=seed, batch_size=batch_size,
-            latency_batch_size=latency_batch_size, grid_size=grid_size, output=output, device=device,
-            progress=progress,
-        )
+    result = evaluate(
+        models, fid=fid, num_samples=num_samples, sampler=sampler, sampler_steps=sampler_steps, ref=ref,
+        inception=inception, feature_extractor=feature_extractor, seed=seed, batch_size=batch_size,
+        latency_batch_size=latency_batch_size, grid_size=grid_size, output=output, device=device,
+        show_progress=not json_output,
+    )
     print_json(result) if json_output else print_eval_report(result)
 
 
@@ -198,8 +195,8 @@ def demo_command(
     from difcompress.demo import demo
     from difcompress.report import console, print_eval_report
 
-    result = demo(output, quick=quick, ratio=ratio, seed=seed, device=device,
-                  announce=(lambda msg: None) if json_output else (lambda msg: console.print(f"[bold]demo[/] {msg}")))
+    result = demo(output, quick=quick, ratio=ratio, seed=seed, device=device, show_progress=not json_output,
+                  announce=(lambda msg: None) if json_output else (lambda msg: err_console.print(f"[bold]demo[/] {msg}")))
     if json_output:
         print_json(result)
         return

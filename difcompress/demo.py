@@ -19,7 +19,7 @@ QUICK = {"steps": 20, "batch_size": 16, "sampler_steps": 10, "fid_samples": 64, 
 
 
 def demo(output: Path = Path("runs/demo"), *, quick: bool = False, ratio: float = 0.9, seed: int = 0,
-         device: str = "auto", announce: Callable[[str], None] = print) -> dict[str, Any]:
+         device: str = "auto", announce: Callable[[str], None] = print, show_progress: bool = True) -> dict[str, Any]:
     from difcompress.evaluate import evaluate
     from difcompress.export import export
     from difcompress.prune import prune
@@ -35,14 +35,15 @@ def demo(output: Path = Path("runs/demo"), *, quick: bool = False, ratio: float 
         announce(f"{name} ...")
         return fn()
 
+    # Pruning takes seconds; the prune stage shows no bar.
     pruning = step("pruned", "prune", lambda: prune(TEACHER_NAME, ratio, paths["pruned"], seed=seed, device=device))
     step("student", "distill", lambda: distill_resumable(
         str(paths["pruned"]), paths["student"], teacher=TEACHER_NAME, loss="place", data="digits",
         steps=s["steps"], batch_size=s["batch_size"], lr=1e-3, ema_decay=0.999, seed=seed,
-        checkpoint_every=500, device=device))
+        checkpoint_every=500, device=device, show_progress=show_progress))
     announce("eval ...")
     result = evaluate([TEACHER_NAME, str(paths["student"])], fid=True, num_samples=s["fid_samples"],
                       sampler_steps=s["sampler_steps"], grid_size=s["grid"], seed=seed, output=paths["eval"],
-                      device=device)
+                      device=device, show_progress=show_progress)
     exported = step("export", "export", lambda: export(str(paths["student"]), paths["export"]))
     return {"eval": result, "pruning": pruning, "export": exported, "output": str(output)}

@@ -345,15 +345,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import TextColumn
 
-    from difcompress.report import err_console
+    from difcompress.report import progress_bar
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
-        console=err_console, disable=not enabled,
-    )
+    return progress_bar(enabled, TextColumn("{task.fields[stats]}"))
 
 
 def _write_student(output, model, scheduler, family, student_loaded: LoadedModel, settings, summary) -> None:

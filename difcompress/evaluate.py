@@ -36,7 +36,7 @@ def evaluate(
     grid_size: int = 8,
     output: Path | None = None,
     device: str = "auto",
-    progress=None,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     if not models:
         raise UserError("name at least one model to evaluate", exit_code=2)
@@ -68,29 +68,13 @@ def evaluate(
         protocol = {"mode": "clean", "num_samples": num_samples, "sampler": sampler, "steps": sampler_steps,
                     "seed": seed, "reference": str(ref), "feature_extractor": name}
 
-    rows, grid = [], []
-    for spec, item in zip(models, loaded):
-        seed_everything(seed)
-        row: dict[str, Any] = {"model": spec, "family": item.family.name}
-        row.update(model_size(item.model, item.family))
-        row.update(sampling_cost(item.model, item.family, batch_size=latency_batch_size, steps=sampler_steps))
-        if fid:
-            from difcompress.metrics import fid_kid
+    from difcompress.report import progress_bar
 
-            task = progress.add_task(f"sampling {Path(spec).name}", total=num_samples) if progress else None
-            images = item.family.sample(
-                item.model, item.scheduler, num_samples, seed=seed, steps=sampler_steps, sampler=sampler,
-                batch_size=batch_size, on_batch=(lambda n: progress.advance(task, n)) if progress else None,
-            )
-            scores = fid_kid(features_of_images(images, extractor, batch_size=batch_size), reference, seed=seed)
-            row.update(scores)
-            row["protocol"] = protocol
-            grid.append((Path(spec).name or spec, images[:grid_size]))
-        else:
-            grid.append((Path(spec).name or spec, item.family.sample(
-                item.model, item.scheduler, grid_size, seed=seed, steps=sampler_steps, sampler=sampler)))
-        rows.append(row)
-
+    with progress_bar(show_progress and fid) as progress:
+        rows, grid = _measure_all(models, loaded, progress, fid=fid, num_samples=num_samples, sampler=sampler,
+                                  sampler_steps=sampler_steps, seed=seed, batch_size=batch_size,
+                                  latency_batch_size=latency_batch_size, grid_size=grid_size,
+                                  extractor=extractor, reference=reference, protocol=protocol)
     from difcompress.plots import save_sample_grid
 
     output.mkdir(parents=True, exist_ok=True)
@@ -100,3 +84,30 @@ def evaluate(
     write_json(output / EVAL_FILE, result)
     result["output"] = str(output)
     return result
+
+
+def _measure_all(models, loaded, progress, *, fid, num_samples, sampler, sampler_steps, seed, batch_size,
+                 latency_batch_size, grid_size, extractor, reference, protocol):
+    rows, grid = [], []
+    for spec, item in zip(models, loaded):
+        seed_everything(seed)
+        row: dict[str, Any] = {"model": spec, "family": item.family.name}
+        row.update(model_size(item.model, item.family))
+        row.update(sampling_cost(item.model, item.family, batch_size=latency_batch_size, steps=sampler_steps))
+        if fid:
+            from difcompress.metrics import fid_kid
+
+            task = progress.add_task(f"sampling {Path(spec).name or spec}", total=num_samples)
+            images = item.family.sample(
+                item.model, item.scheduler, num_samples, seed=seed, steps=sampler_steps, sampler=sampler,
+                batch_size=batch_size, on_batch=lambda n, task=task: progress.advance(task, n),
+            )
+            scores = fid_kid(features_of_images(images, extractor, batch_size=batch_size), reference, seed=seed)
+            row.update(scores)
+            row["protocol"] = protocol
+            grid.append((Path(spec).name or spec, images[:grid_size]))
+        else:
+            grid.append((Path(spec).name or spec, item.family.sample(
+                item.model, item.scheduler, grid_size, seed=seed, steps=sampler_steps, sampler=sampler)))
+        rows.append(row)
+    return rows, grid

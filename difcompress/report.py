@@ -69,3 +69,13 @@ def print_eval_report(result: dict[str, Any]) -> None:
         console.print(f"FID/KID: {p['feature_extractor']} features, {p['num_samples']} samples, {p['sampler']} "
                       f"{p['steps']} steps, seed {p['seed']}, reference {p['reference']}")
     console.print(f"sample grid: {result['grid']}")
+
+
+def progress_bar(enabled: bool = True, *extra_columns):
+    """A rich progress bar on stderr (stdout stays clean for --json) with ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("ETA"), TimeRemainingColumn(), *extra_columns, console=err_console, disable=not enabled,
+    )
