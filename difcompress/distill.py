@@ -183,6 +183,10 @@ def distill(
                 )
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(total)
+            if accelerator.num_processes > 1:
+                # The adapters sit outside the DDP-wrapped student: average their gradients here.
+                for p in (p for m in extra_modules.values() for p in m.parameters() if p.grad is not None):
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
             grad_norm = None
             if grad_clip:
                 grad_norm = float(accelerator.clip_grad_norm_(params, grad_clip))
