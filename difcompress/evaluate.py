@@ -95,7 +95,7 @@ def _measure_all(models, loaded, progress, *, fid, num_samples, sampler, sampler
         row.update(model_size(item.model, item.family))
         row.update(sampling_cost(item.model, item.family, batch_size=latency_batch_size, steps=sampler_steps))
         if fid:
-            from difcompress.metrics import fid_kid
+            from difcompress.metrics import features_of_images, fid_kid
 
             task = progress.add_task(f"sampling {Path(spec).name or spec}", total=num_samples)
             images = item.family.sample(
