@@ -185,7 +185,15 @@ def build_digits_assets(output: Path = ASSETS, *, teacher_steps: int = 8000, bat
     )
     target = output / "teacher"
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(work_dir / "teacher", target,
-                    ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "teacher_samples.safetensors"))
+    run = work_dir / "teacher"
+
+    def leave_out(folder, names):
+        # Training state stays in the run; the top-level copies of unet/ are only a convenience.
+        dropped = {"checkpoints", "metrics.jsonl", "teacher_samples.safetensors"}
+        if Path(folder) == run:
+            dropped |= {"config.json", "diffusion_pytorch_model.safetensors"}
+        return [n for n in names if n in dropped]
+
+    shutil.copytree(run, target, ignore=leave_out)
     return {"classifier": report, "teacher_steps": teacher_steps, "final_loss": summary["final"].get("loss"),
             "output": str(output)}
