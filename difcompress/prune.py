@@ -72,6 +72,7 @@ def prune(
         )
     outcome = prune_channels(student, family, ratio, make_importance(importance), global_pruning=global_pruning)
     student.zero_grad(set_to_none=True)
+    family.check_pruned(student)
 
     structure = None
     if global_pruning:

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from difcompress.errors import UserError
+
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
 def make_sampler(scheduler: Any, sampler: str, steps: int):
-    from difcompress.errors import UserError
-
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}", exit_code=2)
     # A DDIM sampler built from a DDPM training config keeps betas and prediction type.

@@ -74,6 +74,11 @@ class ModelFamily(ABC):
     def pruned_config(self, model: nn.Module) -> dict[str, Any]:
         """The stock config that rebuilds the pruned model; raise ValueError if impossible."""
 
+    def check_pruned(self, model: nn.Module) -> None:
+        """Raise RuntimeError if the pruned model's attributes do not serve a forward pass."""
+        with torch.no_grad():
+            model(**self.example_inputs(model, 2))
+
     @abstractmethod
     def stage_widths(self, model: nn.Module) -> dict[str, int]:
         """Width per stage, for before/after reports."""

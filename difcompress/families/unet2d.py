@@ -203,6 +203,10 @@ class PixelUNetFamily(ModelFamily):
             config["attn_norm_num_groups"] = config["norm_num_groups"]
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
+    def check_pruned(self, model):
+        if not both_attention_processors_agree(model, self.example_inputs(model, 2)):
+            raise RuntimeError("pruned attention attributes disagree between AttnProcessor and AttnProcessor2_0")
+
     def stage_widths(self, model):
         widths = {"conv_in": model.conv_in.out_channels, "time_embedding": model.time_embedding.linear_1.out_features}
         for i, blk in enumerate(model.down_blocks):
