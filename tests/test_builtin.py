@@ -49,3 +49,28 @@ def test_teacher_and_extractor_load_offline_from_package_data(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_eval_digits_fid_against_an_image_folder_and_saved_stats(tmp_path, capsys):
+    from PIL import Image
+
+    from difcompress.builtin import digits_extractor
+    from difcompress.cli import main
+    from difcompress.metrics import save_reference_stats
+
+    real = digits_images()[:64]
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    for i, img in enumerate(real):
+        Image.fromarray(((img[0] + 1) * 127.5).round().byte().numpy(), mode="L").save(folder / f"{i}.png")
+    stats = tmp_path / "ref.npz"
+    save_reference_stats(stats, features_of_images(real, digits_extractor()), {"extractor": "digits"})
+    for ref in (folder, stats):
+        try:
+            main(["eval", "digits", "--fid", "--ref", str(ref), "--num-samples", "8", "--sampler-steps", "2",
+                  "--grid-size", "2", "--latency-batch-size", "2", "-o", str(tmp_path / "out"), "--json"])
+        except SystemExit as exit_:
+            assert exit_.code == 0
+        row = json.loads(capsys.readouterr().out)["models"][0]
+        assert row["fid"] > 0 and row["protocol"]["feature_extractor"] == "digits"
+        assert row["protocol"]["reference"] == str(ref) and row["protocol"]["num_samples"] == 8
