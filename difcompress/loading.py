@@ -64,7 +64,7 @@ def _from_hub(source: str) -> Path:
         reason = "offline mode (HF_HUB_OFFLINE=1)" if offline else f"the Hub cannot be reached ({type(err).__name__})"
         raise UserError(
             f"cannot load {source}: {reason} and it is not in the local cache; "
-            f"run `huggingface-cli download {source} --local-dir DIR` where there is network and pass DIR instead"
+            f"run `hf download {source} --local-dir DIR` where there is network and pass DIR instead"
         ) from None
     return Path(folder)
 
