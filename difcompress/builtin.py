@@ -163,7 +163,7 @@ def create_untrained_teacher(folder: Path, seed: int, config: dict[str, Any] = D
         write_json(tmp / "difcompress.json", {"stage": "init", "status": "complete", "config": config})
 
 
-def build_digits_assets(output: Path = ASSETS, *, teacher_steps: int = 8000, batch_size: int = 64,
+def build_digits_assets(output: Path = ASSETS, *, teacher_steps: int = 5000, batch_size: int = 64,
                         lr: float = 5e-4, seed: int = 0, device: str = "auto",
                         work_dir: Path = Path("runs/build-digits")) -> dict[str, Any]:
     """Train the digits classifier and the digits teacher; write them to `output`."""

@@ -208,7 +208,7 @@ def demo_command(
 @app.command("build-digits")
 def build_digits_command(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Default: the package's assets folder.")] = None,
-    teacher_steps: int = 8000,
+    teacher_steps: int = 5000,
     batch_size: int = 64,
     lr: float = 5e-4,
     seed: int = 0,
