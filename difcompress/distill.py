@@ -73,9 +73,10 @@ def distill(
     if w_feat is None:
         settings["w_feat"] = w_feat = 1.0 if loss == "feature" else 0.0
     output = Path(output)
-    _prepare_run_folder(output, resume)
-
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    if accelerator.is_main_process:  # one process decides about the run folder
+        _prepare_run_folder(output, resume)
+    accelerator.wait_for_everyone()
     seed_everything(seed)
     student_loaded = load_model(student, accelerator.device)
     family = student_loaded.family
