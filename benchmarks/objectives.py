@@ -44,6 +44,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seeds-at-max", type=int, default=3, help="Seeds at the highest ratio.")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--fid-samples", type=int, default=1000)
     parser.add_argument("--sampler-steps", type=int, default=50)
     parser.add_argument("--device", default="auto")
@@ -64,7 +65,7 @@ def main():
                 run = root / f"r{ratio}-{loss}-s{seed}"
                 if not stage_complete("distill", run):
                     distill_resumable(str(pruned), run, teacher=TEACHER_NAME, loss=loss, data="digits",
-                                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=0.999,
+                                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
                                       seed=seed, checkpoint_every=500, device=args.device, show_progress=False)
                 row = fid_of([str(run)], run / "eval", args, seed)[0]
                 fids.append(row["fid"])
