@@ -12,7 +12,7 @@ from difcompress.errors import UserError
 from difcompress.evaluate import EVAL_FILE
 from difcompress.folders import atomic_folder, check_output_folder, folder_size_bytes, save_model_folder
 from difcompress.loading import load_model
-from difcompress.measure import _cpu_peak_activation_bytes, model_size
+from difcompress.measure import model_size, peak_activation_bytes_estimate
 from difcompress.report import human
 from difcompress.runtime import versions
 
@@ -29,7 +29,7 @@ def export(model: str, output: Path, *, dtype: str = "fp32") -> dict[str, Any]:
     size = model_size(net, family)
     element = torch.finfo(DTYPES[dtype]).bits // 8
     # Activations scale with the dtype the same way the weights do.
-    memory = {b: _cpu_peak_activation_bytes(net, family, b) * element // 4 for b in (1, 16)}
+    memory = {b: peak_activation_bytes_estimate(net, family, b) * element // 4 for b in (1, 16)}
     structure = loaded.structure
     info = {
         "source": model,

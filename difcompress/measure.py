@@ -50,7 +50,7 @@ def sampling_cost(model: nn.Module, family, *, batch_size: int, steps: int, call
             torch.cuda.synchronize(device)
     per_call = (time.perf_counter() - start) / calls
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else _cpu_peak_activation_bytes(model, family, batch_size))
+            else peak_activation_bytes_estimate(model, family, batch_size))
     return {
         "latency_s_per_image": per_call * steps / batch_size,
         "throughput_img_s": batch_size / (per_call * steps),
@@ -61,7 +61,7 @@ def sampling_cost(model: nn.Module, family, *, batch_size: int, steps: int, call
     }
 
 
-def _cpu_peak_activation_bytes(model: nn.Module, family, batch_size: int) -> int:
+def peak_activation_bytes_estimate(model: nn.Module, family, batch_size: int) -> int:
     """On CPU there is no allocator counter: weights plus the largest live activations of one
     denoiser call, measured by summing module output sizes along the forward pass."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from difcompress import objectives as obj
 from difcompress.errors import UserError
 from difcompress.objectives import (
     KD_OBJECTIVES,

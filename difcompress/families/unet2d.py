@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
 
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
