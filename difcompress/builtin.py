@@ -46,7 +46,7 @@ def digits_labels() -> torch.Tensor:
 def builtin_data(name: str, size: int, channels: int) -> TensorImageDataset | None:
     """The dataset a built-in name stands for, or None for anything else."""
     if name == "digits":
-        return TensorImageDataset(digits_images(size, channels))
+        return TensorImageDataset(digits_images(size, channels), digits_labels())
     return None
 
 

@@ -28,24 +28,38 @@ def root():
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+LatentCache = Annotated[Optional[Path], typer.Option(help="Latent models: where encoded datasets are cached (default $DIFCOMPRESS_CACHE or ~/.cache/difcompress).")]
+
+
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers, e.g. 1,3,5 (got {text!r})", exit_code=2) from None
 
 
 @app.command("prune")
 def prune_command(
     model: Annotated[str, typer.Argument(help="Hub id, diffusers pipeline/model folder, or difcompress folder.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
-    ratio: Annotated[float, typer.Option(help="Fraction of channels removed from every prunable layer.")] = 0.3,
+    ratio: Annotated[float, typer.Option(help="Fraction of channels (U-Net) or attention heads (DiT) removed from every layer; 0 with --depth for depth only.")] = 0.3,
     importance: Annotated[str, typer.Option(help="random, magnitude, taylor or diff-pruning.")] = "magnitude",
     data: Annotated[Optional[str], typer.Option(help="Images for gradient criteria: folder, saved dataset, 'digits', or 'teacher' (its own samples).")] = None,
     global_pruning: Annotated[bool, typer.Option("--global", help="Rank channels across layers (widths recorded in JSON, not in the stock config).")] = False,
+    depth: Annotated[Optional[int], typer.Option(help="DiT: transformer blocks to keep.")] = None,
+    blocks: Annotated[Optional[str], typer.Option(help="DiT: blocks to keep, as indices (e.g. 1,3,5).")] = None,
+    depth_criterion: Annotated[str, typer.Option(help="DiT --depth: uniform (TinyFusion's i -> 2i+1 when halving) or output-change (keep the blocks whose removal changes the output most, on a --data batch).")] = "uniform",
     seed: int = 0,
-    batch_size: Annotated[int, typer.Option(help="Images for gradient criteria.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images for gradient criteria and output-change scoring.")] = 16,
     diff_threshold: Annotated[float, typer.Option(help="diff-pruning: stop once the loss falls below this fraction of its maximum.")] = 0.05,
     importance_timesteps: Annotated[Optional[int], typer.Option(help="Cap on timesteps visited by gradient criteria.")] = None,
+    latent_cache: LatentCache = None,
     device: Device = "auto",
     json_output: JsonFlag = False,
 ):
-    """Prune channels with torch-pruning; writes a diffusers folder stock diffusers loads."""
+    """Prune channels (U-Net: torch-pruning; DiT: heads, width and blocks); writes a folder stock diffusers loads."""
     from difcompress.prune import prune
     from difcompress.report import print_prune_report
 
@@ -53,7 +67,8 @@ def prune_command(
         report = prune(
             model, ratio, output, importance=importance, data=data, global_pruning=global_pruning, seed=seed,
             device=device, batch_size=batch_size, diff_threshold=diff_threshold,
-            importance_timesteps=importance_timesteps,
+            importance_timesteps=importance_timesteps, depth=depth, blocks=_int_list(blocks, "--blocks"),
+            depth_criterion=depth_criterion, latent_cache=latent_cache,
         )
     print_json(report) if json_output else print_prune_report(report)
 
@@ -79,9 +94,12 @@ def distill_command(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0 disables).")] = 500,
     resume: Annotated[bool, typer.Option(help="Continue the run in OUTPUT from its last checkpoint.")] = False,
     antithetic: Annotated[bool, typer.Option(help="Antithetic timestep pairs (t, T-1-t).")] = False,
-    feature_layer: Annotated[Optional[list[str]], typer.Option(help="Module name for feature KD (repeatable).")] = None,
+    feature_layer: Annotated[Optional[list[str]], typer.Option(help="Module for feature KD, NAME or STUDENT=TEACHER (repeatable; default: stage outputs, or DiT blocks mapped to the teacher blocks they came from).")] = None,
+    feature_mask_std: Annotated[float, typer.Option(help="Zero teacher activations beyond this many std from the mean in feature KD (TinyFusion: 2; 0 disables).")] = 0.0,
+    class_dropout: Annotated[float, typer.Option(help="Class-conditional models: label dropout for classifier-free guidance.")] = 0.1,
     teacher_samples: Annotated[int, typer.Option(help="Images the teacher generates for --data teacher.")] = 512,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16.")] = "no",
+    latent_cache: LatentCache = None,
     device: Device = "auto",
     json_output: JsonFlag = False,
 ):
@@ -94,6 +112,7 @@ def distill_command(
         ema_decay=ema_decay, grad_clip=grad_clip or None, seed=seed, checkpoint_every=checkpoint_every,
         resume=resume, antithetic=antithetic, feature_layers=feature_layer, teacher_samples=teacher_samples,
         device=device, mixed_precision=mixed_precision, show_progress=not json_output,
+        feature_mask_std=feature_mask_std, class_dropout=class_dropout, latent_cache=latent_cache,
     )
     if json_output:
         print_json(summary)
@@ -116,6 +135,8 @@ def eval_command(
     inception: Annotated[Optional[str], typer.Option(help="Local clean-fid Inception weights file.")] = None,
     feature_extractor: Annotated[Optional[str], typer.Option(help="inception or digits (default: digits for the embedded teacher, else inception).")] = None,
     seed: int = 0,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="Class-conditional models: classifier-free guidance scale (default 1.5; 1 disables).")] = None,
+    class_label: Annotated[Optional[str], typer.Option(help="Class-conditional models: labels to sample, e.g. 3,7 (default: uniform over classes).")] = None,
     batch_size: int = 64,
     latency_batch_size: int = 16,
     grid_size: Annotated[int, typer.Option(help="Samples per model in the grid.")] = 8,
@@ -129,7 +150,8 @@ def eval_command(
 
     result = evaluate(
         models, fid=fid, num_samples=num_samples, sampler=sampler, sampler_steps=sampler_steps, ref=ref,
-        inception=inception, feature_extractor=feature_extractor, seed=seed, batch_size=batch_size,
+        inception=inception, feature_extractor=feature_extractor, seed=seed, guidance_scale=guidance_scale,
+        class_labels=_int_list(class_label, "--class-label"), batch_size=batch_size,
         latency_batch_size=latency_batch_size, grid_size=grid_size, output=output, device=device,
         show_progress=not json_output,
     )

@@ -147,6 +147,7 @@ class ImageFolderDataset(Dataset):
             else:
                 self.skipped_paths.append(p)
         self.skipped: int = len(self.skipped_paths)
+        self.class_names, self.labels = _folder_classes(self.root, self.paths)
         if not self.paths:
             raise UserError(
                 f"no images found in {self.root} ({self.skipped} other files skipped); "
@@ -164,6 +165,18 @@ class ImageFolderDataset(Dataset):
             f"ImageFolderDataset({str(self.root)!r}, size={self.size}, channels={self.channels}, "
             f"items={len(self)}, skipped={self.skipped})"
         )
+
+
+def _folder_classes(root: Path, paths: list[Path]) -> tuple[list[str] | None, torch.Tensor | None]:
+    """Class labels from one level of subfolders (root/<class>/img.png), as torchvision's
+    ImageFolder does: sorted folder names are classes 0..K-1. None when any image sits
+    directly in root."""
+    parents = [p.relative_to(root).parts for p in paths]
+    if not paths or any(len(parts) < 2 for parts in parents):
+        return None, None
+    names = sorted({parts[0] for parts in parents})
+    index = {n: i for i, n in enumerate(names)}
+    return names, torch.tensor([index[parts[0]] for parts in parents], dtype=torch.long)
 
 
 def _readable_image(path: Path) -> bool:
@@ -232,6 +245,7 @@ class HFDiskDataset(Dataset):
                 f"(columns: {', '.join(ds.column_names) or 'none'}); "
                 "cast one to datasets.Image() or name it 'image'"
             )
+        self.labels = _label_column(ds, datasets)
         ds = ds.select_columns([self.column]).with_format(None)
         feat = ds.features[self.column]
         if isinstance(feat, datasets.Image) and not feat.decode:
@@ -259,6 +273,18 @@ class HFDiskDataset(Dataset):
             f"HFDiskDataset({str(self.path)!r}{split}, column={self.column!r}, "
             f"size={self.size}, channels={self.channels}, items={len(self)})"
         )
+
+
+def _label_column(ds: Any, datasets: Any) -> torch.Tensor | None:
+    """Integer class labels from a ClassLabel column, or a column named label/labels."""
+    names = [n for n, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+    names += [n for n in ("label", "labels") if n in ds.column_names and n not in names]
+    if not names:
+        return None
+    values = ds[names[0]]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return None
+    return torch.tensor(values, dtype=torch.long)
 
 
 def _pick_image_column(ds: Any, datasets: Any) -> str | None:
@@ -306,9 +332,10 @@ def _coerce_pil(value: Any) -> Image.Image:
 
 
 class TensorImageDataset(Dataset):
-    """Images already in memory: a ``(N, C, H, W)`` float tensor in [-1, 1]."""
+    """Images (or latents) already in memory: a ``(N, C, H, W)`` float tensor, with optional
+    class labels ``(N,)``."""
 
-    def __init__(self, images: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"TensorImageDataset needs an (N, C, H, W) tensor, got {got}")
@@ -316,7 +343,10 @@ class TensorImageDataset(Dataset):
             raise ValueError(
                 f"TensorImageDataset needs a float tensor in [-1, 1], got {images.dtype}"
             )
+        if labels is not None and labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
         self.images = images
+        self.labels = labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -457,13 +487,18 @@ class BatchStream:
 
     def next_batch(self) -> torch.Tensor:
         """The next batch of this shard, stacked: ``(batch_size, C, H, W)``."""
+        return self.next_labeled_batch()[0]
+
+    def next_labeled_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next batch and its class labels (None when the dataset has no labels)."""
         idx = self._indices(self._global_index() + self.shard_index)
         if self._tensor_images is not None:
             batch = self._tensor_images[idx]
         else:
             batch = torch.stack([self._item(int(i)) for i in idx.tolist()])
         self._set_global_index(self._global_index() + self.num_shards)
-        return batch
+        labels = getattr(self.dataset, "labels", None)
+        return batch, (labels[idx] if labels is not None else None)
 
     def __iter__(self) -> BatchStream:
         return self

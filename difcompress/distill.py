@@ -36,7 +36,8 @@ from difcompress.runtime import seed_everything, versions
 
 # Settings that define a run: a checkpoint only resumes a run with the same ones.
 RUN_IDENTITY = ("student", "teacher", "loss", "data", "batch_size", "lr", "w_task", "w_kd", "w_feat",
-                "group_size", "coarse_norm", "ema_decay", "grad_clip", "seed", "antithetic", "feature_layers")
+                "group_size", "coarse_norm", "ema_decay", "grad_clip", "seed", "antithetic", "feature_layers",
+                "feature_mask_std", "class_dropout")
 
 
 def distill(
@@ -61,14 +62,18 @@ def distill(
     resume: bool = False,
     antithetic: bool = False,
     feature_layers: list[str] | None = None,
+    feature_mask_std: float = 0.0,
+    class_dropout: float = 0.1,
     teacher_samples: int = 512,
     sampler_steps: int = 50,
     device: str = "auto",
     mixed_precision: str = "no",
+    latent_cache: Path | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     settings = dict(locals())
-    settings.pop("output"), settings.pop("resume"), settings.pop("show_progress"), settings.pop("device")
+    for key in ("output", "resume", "show_progress", "device", "latent_cache"):
+        settings.pop(key)
     _validate(settings)
     if w_feat is None:
         settings["w_feat"] = w_feat = 1.0 if loss == "feature" else 0.0
@@ -95,18 +100,34 @@ def distill(
         teacher_loaded.model.requires_grad_(False).eval()
         settings["teacher"] = teacher_ref
     model = student_loaded.model.train()
+    family.disable_label_dropout(model)
     scheduler = student_loaded.scheduler
+    num_classes = family.num_classes(model)
+    null_class = family.null_class(model)
+    if not num_classes:
+        settings["class_dropout"] = class_dropout = 0.0
+    elif class_dropout > 0 and null_class is None:
+        raise UserError("--class-dropout needs a model with a null-class embedding; pass --class-dropout 0", 2)
 
-    dataset = _training_data(data, family, model, teacher_loaded, output, teacher_samples, sampler_steps, seed, accelerator)
+    dataset, latent_report = _training_data(data, student_loaded, teacher_loaded, output, teacher_samples,
+                                            sampler_steps, seed, accelerator, latent_cache, show_progress)
+    if num_classes and getattr(dataset, "labels", None) is None:
+        raise UserError(f"the student is class-conditional ({num_classes} classes) but {data} has no class labels "
+                        "(use class subfolders, a saved dataset with a label column, or --data teacher)")
+    if num_classes:
+        from difcompress.prune import check_labels
+
+        check_labels(dataset.labels, num_classes, data)
     stream = BatchStream(dataset, batch_size, seed=seed, num_shards=accelerator.num_processes,
                          shard_index=accelerator.process_index)
 
     feature_pairs = None
     extra_modules: dict[str, nn.Module] = {}
     if w_feat > 0:
-        layers = feature_layers or family.feature_layers(model)
-        settings["feature_layers"] = layers
-        feature_pairs = _FeatureTaps(model, teacher_loaded.model, layers)
+        pairs = _parse_feature_layers(feature_layers) or family.feature_layer_pairs(
+            model, teacher_loaded.model, (student_loaded.manifest or {}).get("report"))
+        settings["feature_layers"] = [f"{s}={t}" for s, t in pairs]
+        feature_pairs = _FeatureTaps(model, teacher_loaded.model, pairs)
         adapters = feature_pairs.build_adapters(family, model, teacher_loaded.model, accelerator.device)
         extra_modules["adapters"] = adapters
 
@@ -149,13 +170,21 @@ def distill(
         task_id = progress.add_task(f"distill ({loss})", total=steps, completed=start_step, stats="")
         tick = time.perf_counter()
         for step in range(start_step + 1, steps + 1):
-            x0 = stream.next_batch().to(accelerator.device)
+            x0, labels = stream.next_labeled_batch()
+            x0 = x0.to(accelerator.device)
             noise = torch.randn(x0.shape, generator=generator).to(x0.device)
             t = _timesteps(x0.shape[0], num_train, generator, antithetic).to(x0.device)
+            if labels is not None:
+                # Classifier-free guidance training: drop labels to the null class, seeded, and
+                # the same for teacher and student.
+                if class_dropout > 0:
+                    dropped = torch.rand(labels.shape, generator=generator) < class_dropout
+                    labels = torch.where(dropped, null_class, labels)
+                labels = labels.to(x0.device)
             noisy = scheduler.add_noise(x0, noise, t)
             target = _target(scheduler, x0, noise, t)
             with accelerator.autocast():
-                pred = family.predict(model, noisy, t)
+                pred, variance = family.predict_split(model, noisy, t, labels)
                 terms = {}
                 total = torch.zeros((), device=x0.device)
                 if w_task > 0:
@@ -164,16 +193,21 @@ def distill(
                 teacher_pred = None
                 if loss not in ("task", "feature") and w_kd > 0:
                     with torch.no_grad():
-                        teacher_pred = family.predict(teacher_loaded.model, noisy, t)
+                        teacher_pred, teacher_variance = family.predict_split(teacher_loaded.model, noisy, t, labels)
                     terms["kd"] = objectives.kd_loss(loss, pred.float(), teacher_pred.float(),
                                                      group_size=group_size, coarse_norm=coarse_norm)
                     total = total + w_kd * terms["kd"].loss
+                    if variance is not None and teacher_variance is not None:
+                        # Learned variance: a plain MSE to the teacher's, beside KD on epsilon.
+                        terms["variance"] = objectives.task_loss(variance.float(), teacher_variance.float())
+                        total = total + w_kd * terms["variance"].loss
                 if feature_pairs is not None:
                     if teacher_pred is None:
                         with torch.no_grad():
-                            family.predict(teacher_loaded.model, noisy, t)
+                            family.predict(teacher_loaded.model, noisy, t, labels)
                     terms["feature"] = objectives.feature_loss(
-                        feature_pairs.student_outputs(), feature_pairs.teacher_outputs(), extra_modules["adapters"]
+                        feature_pairs.student_outputs(), feature_pairs.teacher_outputs(), extra_modules["adapters"],
+                        mask_std=feature_mask_std,
                     )
                     total = total + w_feat * terms["feature"].loss
             if not torch.isfinite(total):
@@ -215,7 +249,7 @@ def distill(
     final = accelerator.unwrap_model(model)
     if ema is not None:
         final.load_state_dict({k: v.to(final.dtype) if v.is_floating_point() else v for k, v in ema.items()})
-    summary = {"steps": steps, "final": last, "settings": settings}
+    summary = {"steps": steps, "final": last, "settings": settings, "latent_cache": latent_report}
     if accelerator.is_main_process:
         _write_student(output, final.eval(), scheduler, family, student_loaded, settings, summary)
         if checkpoint_every:
@@ -245,6 +279,10 @@ def _validate(settings: dict[str, Any]) -> None:
         raise UserError("--group-size must be at least 1", 2)
     if settings["coarse_norm"] not in ("l1", "l2"):
         raise UserError("--coarse-norm must be l1 or l2", 2)
+    if not 0 <= settings["class_dropout"] < 1:
+        raise UserError("--class-dropout must lie in [0, 1)", 2)
+    if settings["feature_mask_std"] < 0:
+        raise UserError("--feature-mask-std must be >= 0 (0 disables masking)", 2)
 
 
 def _prepare_run_folder(output: Path, resume: bool) -> None:
@@ -268,22 +306,37 @@ def _fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _training_data(data, family, student, teacher_loaded, output, teacher_samples, sampler_steps, seed, accelerator):
-    c, h, _ = family.sample_shape(student)
+def _training_data(data, student_loaded, teacher_loaded, output, teacher_samples, sampler_steps, seed, accelerator,
+                   latent_cache, show_progress):
+    """The training set in the denoiser's space, with labels for class-conditional models."""
+    from difcompress.builtin import builtin_data
+    from difcompress.latents import latent_training_data
+    from difcompress.sampling import balanced_labels
+
+    family, student = student_loaded.family, student_loaded.model
     if data == "teacher":
-        # Data-free: the teacher's own samples, generated once and kept with the run.
+        # Data-free: the teacher's own samples (latents for latent models, labels uniform over
+        # classes), generated once and kept with the run.
         cache = output / "teacher_samples.safetensors"
         if cache.is_file():
-            return TensorImageDataset(load_file(cache)["images"])
+            saved = load_file(cache)
+            return TensorImageDataset(saved["images"], saved.get("labels")), None
+        classes = family.num_classes(student)
+        labels = balanced_labels(teacher_samples, classes) if classes else None
         images = family.sample(teacher_loaded.model, teacher_loaded.scheduler, teacher_samples,
-                               seed=seed + 1_000_003, steps=sampler_steps)
+                               seed=seed + 1_000_003, steps=sampler_steps, class_labels=labels)
         if accelerator.is_main_process:
-            save_file({"images": images.contiguous()}, cache)
-        return TensorImageDataset(images)
-    from difcompress.builtin import builtin_data
-
+            tensors = {"images": images.contiguous()}
+            if labels is not None:
+                tensors["labels"] = labels
+            save_file(tensors, cache)
+        return TensorImageDataset(images, labels), None
+    c, h, _ = student_loaded.image_shape()
     builtin = builtin_data(data, h, c)
-    return builtin if builtin is not None else open_image_data(data, h, c)
+    dataset = builtin if builtin is not None else open_image_data(data, h, c)
+    return latent_training_data(dataset, student_loaded.autoencoder, h, cache_root=latent_cache,
+                                is_main=accelerator.is_main_process, wait=accelerator.wait_for_everyone,
+                                show_progress=show_progress)
 
 
 def _timesteps(batch: int, num_train: int, generator: torch.Generator, antithetic: bool) -> torch.Tensor:
@@ -373,7 +426,8 @@ def _write_student(output, model, scheduler, family, student_loaded: LoadedModel
         "versions": versions(),
         "distill": summary,
     }
-    save_model_folder(tmp, model.to("cpu"), scheduler, family, manifest, student_loaded.structure)
+    save_model_folder(tmp, model.to("cpu"), scheduler, family, manifest, student_loaded.structure,
+                      autoencoder=student_loaded.autoencoder)
     for item in tmp.iterdir():
         if item.name == MANIFEST:
             continue
@@ -385,40 +439,49 @@ def _write_student(output, model, scheduler, family, student_loaded: LoadedModel
     tmp.rmdir()
 
 
-class _FeatureTaps:
-    """Forward hooks that keep the outputs of matching student and teacher blocks."""
+def _parse_feature_layers(layers: list[str] | None) -> list[tuple[str, str]] | None:
+    """'name' (same module in both) or 'student_name=teacher_name'."""
+    if not layers:
+        return None
+    return [tuple(item.split("=", 1)) if "=" in item else (item, item) for item in layers]
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[str]):
-        self.layers = layers
-        self._student: dict[str, torch.Tensor] = {}
-        self._teacher: dict[str, torch.Tensor] = {}
-        for model, store in ((student, self._student), (teacher, self._teacher)):
+
+class _FeatureTaps:
+    """Forward hooks that keep the outputs of paired student and teacher blocks."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]]):
+        self.pairs = pairs
+        self._student: dict[int, torch.Tensor] = {}
+        self._teacher: dict[int, torch.Tensor] = {}
+        for model, store, side in ((student, self._student, 0), (teacher, self._teacher, 1)):
             modules = dict(model.named_modules())
-            for name in layers:
-                if name not in modules:
-                    raise UserError(f"feature layer '{name}' not found in the model")
-                modules[name].register_forward_hook(self._hook(store, name))
+            for i, pair in enumerate(pairs):
+                if pair[side] not in modules:
+                    raise UserError(f"feature layer '{pair[side]}' not found in the {('student', 'teacher')[side]}")
+                modules[pair[side]].register_forward_hook(self._hook(store, i))
 
     @staticmethod
-    def _hook(store, name):
+    def _hook(store, index):
         def hook(_module, _inputs, output):
-            store[name] = output[0] if isinstance(output, tuple) else output
+            store[index] = output[0] if isinstance(output, tuple) else output
 
         return hook
 
     def student_outputs(self):
-        return [self._student[n] for n in self.layers]
+        return [self._student[i] for i in range(len(self.pairs))]
 
     def teacher_outputs(self):
-        return [self._teacher[n].detach() for n in self.layers]
+        return [self._teacher[i].detach() for i in range(len(self.pairs))]
 
     @torch.no_grad()
     def build_adapters(self, family, student, teacher, device):
-        """1x1 adapters from student to teacher widths, read off one dry forward pass."""
+        """Adapters from student to teacher widths (1x1 conv on maps, linear on tokens),
+        read off one dry forward pass."""
         inputs = family.example_inputs(student, 1)
-        family.predict(student, inputs["sample"], inputs["timestep"])
-        family.predict(teacher, inputs["sample"], inputs["timestep"])
-        student_widths = [t.shape[1] for t in self.student_outputs()]
-        teacher_widths = [t.shape[1] for t in self.teacher_outputs()]
-        kind = "conv" if self._student[self.layers[0]].dim() == 4 else "linear"
-        return objectives.FeatureAdapters(student_widths, teacher_widths, kind=kind).to(device)
+        student(**inputs)
+        teacher(**inputs)
+        conv = self._student[0].dim() == 4
+        width = (lambda x: x.shape[1]) if conv else (lambda x: x.shape[-1])
+        return objectives.FeatureAdapters([width(t) for t in self.student_outputs()],
+                                          [width(t) for t in self.teacher_outputs()],
+                                          kind="conv" if conv else "linear").to(device)

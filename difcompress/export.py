@@ -44,18 +44,29 @@ def export(model: str, output: Path, *, dtype: str = "fp32") -> dict[str, Any]:
         "sampling_memory_bytes": memory,
         "eval": _eval_numbers(loaded.path),
         "stock_diffusers_loadable": structure is None,
+        "autoencoder": type(loaded.autoencoder.model).__name__ if loaded.autoencoder else None,
+        "num_classes": family.num_classes(net),
     }
     with atomic_folder(output) as tmp:
         save_model_folder(
             tmp, net if dtype == "fp32" else net.to(DTYPES[dtype]), loaded.scheduler, family,
             {"stage": "export", "family": family.name, "teacher": manifest.get("teacher"), "versions": versions(),
              "export": info},
-            structure, top_level_model=False,
+            structure, autoencoder=_in_dtype(loaded.autoencoder, DTYPES[dtype]), top_level_model=False,
         )
         (tmp / "README.md").write_text(model_card(info, family))
     info["output"] = str(output)
     info["size_on_disk_bytes"] = folder_size_bytes(output)
     return info
+
+
+def _in_dtype(autoencoder, dtype):
+    """The pipeline's autoencoder in the export dtype, so stock pipelines see one dtype."""
+    if autoencoder is None or dtype == torch.float32:
+        return autoencoder
+    from difcompress.latents import Autoencoder
+
+    return Autoencoder(autoencoder.component, autoencoder.model.to(dtype))
 
 
 def _eval_numbers(folder: Path) -> dict[str, Any] | None:
@@ -96,9 +107,24 @@ def model_card(info: dict[str, Any], family) -> str:
                      f"({p['feature_extractor']}, {p['num_samples']} samples, {p['sampler']} {p['steps']} steps) |")
     lines += ["", "## Use", ""]
     if info["stock_diffusers_loadable"]:
-        lines += ["```python", f"from diffusers import {family.pipeline_class.__name__}",
-                  f"pipe = {family.pipeline_class.__name__}.from_pretrained('PATH')", "images = pipe(batch_size=4).images", "```"]
+        lines += usage_snippet(info, family)
     else:
         lines += ["Pruned with `--global`: per-layer widths are not expressible in the stock config.",
                   "Load with `difcompress.loading.load_model('PATH')`, which replays the recorded pruning."]
     return "\n".join(lines) + "\n"
+
+
+def usage_snippet(info: dict[str, Any], family) -> list[str]:
+    """How stock diffusers loads and samples this folder."""
+    if family.name == "dit":
+        if info["autoencoder"] is None:
+            return ["A pixel-space DiT: the folder has no VAE, so load it with `vae=None` and sample with",
+                    "`difcompress eval PATH` (DiTPipeline's own sampling loop decodes through a VAE).", "",
+                    "```python", "from diffusers import DiTPipeline",
+                    "pipe = DiTPipeline.from_pretrained('PATH', vae=None)", "```"]
+        guidance = "4.0" if info["num_classes"] == 1000 else "1.0"  # DiTPipeline's null class id is 1000
+        return ["```python", "from diffusers import DiTPipeline", "pipe = DiTPipeline.from_pretrained('PATH')",
+                f"images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={guidance}).images", "```"]
+    name = "LDMPipeline" if info["autoencoder"] else "DDPMPipeline"
+    return ["```python", f"from diffusers import {name}", f"pipe = {name}.from_pretrained('PATH')",
+            "images = pipe(batch_size=4).images", "```"]

@@ -2,11 +2,12 @@
 
     OUT/
       difcompress.json                 what made it: stage, source, settings, versions, report
-      model_index.json                 DDPMPipeline.from_pretrained(OUT) works
-      unet/config.json, unet/diffusion_pytorch_model.safetensors
+      model_index.json                 DDPMPipeline / LDMPipeline / DiTPipeline.from_pretrained(OUT)
+      unet/ or transformer/            the denoiser: config.json, diffusion_pytorch_model.safetensors
+      vae/ or vqvae/                   latent pipelines: the original autoencoder, unchanged
       scheduler/scheduler_config.json
       config.json, diffusion_pytorch_model.safetensors
-                                       UNet2DModel.from_pretrained(OUT) works too (hard link)
+                                       the denoiser's class loads OUT directly too (hard links)
       unet/difcompress_structure.json  only when the widths cannot be expressed in the
                                        stock config (global pruning): base config + the
                                        torch-pruning history that rebuilds the exact model
@@ -77,9 +78,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_model_folder(folder: Path, model, scheduler, family, manifest: dict[str, Any],
-                      structure: dict[str, Any] | None = None, *, top_level_model: bool = True) -> None:
-    """Write pipeline + manifest into `folder` (normally the temp folder of atomic_folder)."""
-    pipeline = family.pipeline_class(**{family.component: model, "scheduler": scheduler})
+                      structure: dict[str, Any] | None = None, *, autoencoder=None, top_level_model: bool = True) -> None:
+    """Write pipeline (with a latent model's autoencoder, unchanged) + manifest into `folder`
+    (normally the temp folder of atomic_folder)."""
+    pipeline = family.pipeline(model, scheduler, autoencoder)
     pipeline.save_pretrained(folder, safe_serialization=True)
     component = folder / family.component
     if structure is not None:

@@ -16,9 +16,11 @@ from torch import nn
 from difcompress.errors import UserError
 from difcompress.families import ModelFamily, family_for_class_name
 from difcompress.folders import STRUCTURE, read_manifest
+from difcompress.latents import AUTOENCODER_CLASSES, Autoencoder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DENOISER_COMPONENTS = ("unet", "transformer")
+AUTOENCODER_COMPONENTS = ("vae", "vqvae")  # DiTPipeline, LDMPipeline
 
 
 @dataclass
@@ -30,6 +32,19 @@ class LoadedModel:
     path: Path  # the local folder it came from
     manifest: dict[str, Any] | None  # difcompress.json when the folder is ours
     structure: dict[str, Any] | None = None  # the --global pruning record, when there is one
+    autoencoder: Autoencoder | None = None  # latent pipelines: the frozen VAE / VQ-VAE
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images this model generates."""
+        c, h, w = self.family.sample_shape(self.model)
+        if self.autoencoder is None:
+            return c, h, w
+        f = self.autoencoder.downscale
+        return self.autoencoder.image_channels, h * f, w * f
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples in the denoiser's space -> images in [-1, 1] (decoded for latent models)."""
+        return samples if self.autoencoder is None else self.autoencoder.decode(samples)
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -43,6 +58,8 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> Loaded
         raise UserError(f"{source} is a file; pass a diffusers model or pipeline folder")
     loaded = _load_folder(path, source)
     loaded.model.to(device).eval()
+    if loaded.autoencoder is not None:
+        loaded.autoencoder.model.to(device).eval().requires_grad_(False)
     return loaded
 
 
@@ -86,15 +103,40 @@ def _load_folder(path: Path, source: str) -> LoadedModel:
         family = family_for_class_name(index[component][1])
         model_dir = path / component
         scheduler_dir = path / "scheduler"
+        autoencoder = _load_autoencoder(path, index)
     elif (path / "config.json").is_file():
         family = family_for_class_name(_read_json(path / "config.json").get("_class_name", "?"))
         model_dir = path
         scheduler_dir = path if (path / "scheduler_config.json").is_file() else path.parent / "scheduler"
+        autoencoder = None
     else:
         raise UserError(f"{path} is not a diffusers model or pipeline folder (no model_index.json or config.json)")
     model = _load_weights(family, model_dir)
     structure = _read_json(model_dir / STRUCTURE) if (model_dir / STRUCTURE).is_file() else None
-    return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest, structure)
+    return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest, structure, autoencoder)
+
+
+def _load_autoencoder(path: Path, index: dict[str, Any]) -> Autoencoder | None:
+    """The pipeline's VAE / VQ-VAE, if it lists one (a pixel-space DiT lists vae as null)."""
+    component = next((c for c in AUTOENCODER_COMPONENTS if c in index and index[c][1]), None)
+    if component is None:
+        return None
+    class_name = index[component][1]
+    if class_name not in AUTOENCODER_CLASSES:
+        raise UserError(f"{path}: unsupported autoencoder {class_name} in {component}/; "
+                        f"difcompress reads {', '.join(AUTOENCODER_CLASSES)}")
+    folder = path / component
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not (folder / "config.json").is_file() or not weights.is_file():
+        what = "has only pickled .bin weights" if list(folder.glob("*.bin")) else "is missing"
+        raise UserError(f"{path} is a latent pipeline but its {component} ({folder}) {what}; "
+                        f"a latent denoiser needs its {class_name} (safetensors) to encode data and decode samples")
+    try:
+        model = getattr(diffusers, class_name).from_pretrained(folder, use_safetensors=True)
+    except Exception as err:  # diffusers raises many types for damaged files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load the {component} in {folder}: {first}") from None
+    return Autoencoder(component, model)
 
 
 def _load_weights(family: ModelFamily, model_dir: Path) -> nn.Module:

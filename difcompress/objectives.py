@@ -404,15 +404,28 @@ class FeatureAdapters(nn.Module):
         return self.adapters[index](feature)
 
 
+def massive_activation_mask(feature: Tensor, num_std: float) -> Tensor:
+    """True where an element is ordinary: ``|x - mean| < num_std * std``, with mean and std
+    taken per sample over all its elements (TinyFusion's masked KD, Fang et al. CVPR 2025:
+    DiT hidden states carry a few massive activations that would dominate an MSE)."""
+    flat = feature.detach().flatten(1)
+    mean = flat.mean(1).view(-1, *([1] * (feature.dim() - 1)))
+    std = flat.std(1).view(-1, *([1] * (feature.dim() - 1)))
+    return (feature.detach() - mean).abs() < num_std * std
+
+
 def feature_loss(
     student_features: Sequence[Tensor],
     teacher_features: Sequence[Tensor],
     adapters: FeatureAdapters,
+    mask_std: float = 0.0,
 ) -> KDTerms:
     """Feature KD: mean over block pairs of ``MSE(adapter(s), t.detach())``.
 
     Each pair's MSE is a mean over its own elements, so blocks of different resolution
-    weigh equally. Gradient reaches both the student and the adapters.
+    weigh equally. Gradient reaches both the student and the adapters. With ``mask_std > 0``
+    the teacher's massive activations (see ``massive_activation_mask``) are zeroed in both
+    features before the MSE, so they pull on nothing.
     """
     n = len(adapters)
     if len(student_features) != n or len(teacher_features) != n:
@@ -430,7 +443,11 @@ def feature_loss(
                 f"feature pair {i}: adapted student feature {tuple(mapped.shape)} does not "
                 f"match teacher feature {tuple(tf.shape)}; pick blocks of equal resolution"
             )
-        terms.append(_mse(mapped, tf.detach()))
+        tf = tf.detach()
+        if mask_std > 0:
+            keep = massive_activation_mask(tf, mask_std)
+            mapped, tf = mapped * keep, tf * keep
+        terms.append(_mse(mapped, tf))
     per_pair = torch.stack(terms)
     loss = per_pair.mean()
     logs = {"loss": loss.item()}

@@ -5,34 +5,46 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from difcompress.builtin import builtin_data
 from difcompress.data import BatchStream, open_image_data
 from difcompress.errors import UserError
+from difcompress.families.base import PruneRequest
 from difcompress.folders import atomic_folder, check_output_folder, save_model_folder
+from difcompress.latents import latent_training_data
 from difcompress.loading import load_model
 from difcompress.measure import model_size
-from difcompress.pruning import (
-    IMPORTANCE_CRITERIA,
-    accumulate_gradients,
-    groupnorm_groups,
-    make_importance,
-    prune_channels,
-)
+from difcompress.pruning import IMPORTANCE_CRITERIA, accumulate_gradients, groupnorm_groups
 from difcompress.runtime import resolve_device, seed_everything, versions
 
 GRADIENT_CRITERIA = ("taylor", "diff-pruning")
 
 
-def importance_batch(loaded, data: str | None, batch_size: int, seed: int) -> torch.Tensor:
-    """Real images from --data, or samples the teacher generates itself."""
+def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, latent_cache: Path | None = None):
+    """A batch in the denoiser's space, with class labels for conditional models: real data
+    from --data (encoded through the cached VAE for latent models), or the teacher's samples."""
     family, model = loaded.family, loaded.model
-    c, h, _ = family.sample_shape(model)
+    classes = family.num_classes(model)
     if data and data != "teacher":
+        c, h, _ = loaded.image_shape()
         dataset = builtin_data(data, h, c) or open_image_data(data, h, c)
-        return BatchStream(dataset, batch_size, seed=seed).next_batch()
-    return family.sample(model, loaded.scheduler, batch_size, seed=seed, steps=50)
+        dataset, _ = latent_training_data(dataset, loaded.autoencoder, h, cache_root=latent_cache, is_main=True)
+        images, labels = BatchStream(dataset, batch_size, seed=seed).next_labeled_batch()
+        if classes and labels is None:
+            raise UserError(f"{model.__class__.__name__} is class-conditional but {data} has no class labels "
+                            "(use class subfolders, a label column, or --data teacher)")
+        return images, check_labels(labels, classes, data) if classes else None
+    from difcompress.sampling import balanced_labels
+
+    labels = balanced_labels(batch_size, classes) if classes else None
+    return family.sample(model, loaded.scheduler, batch_size, seed=seed, steps=50, class_labels=labels), labels
+
+
+def check_labels(labels, num_classes: int, where: str):
+    if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"class label {int(labels.max())} in {where} is out of range: the model has "
+                        f"{num_classes} classes (0..{num_classes - 1})", exit_code=2)
+    return labels
 
 
 def prune(
@@ -43,14 +55,20 @@ def prune(
     importance: str = "magnitude",
     data: str | None = None,
     global_pruning: bool = False,
+    depth: int | None = None,
+    blocks: list[int] | None = None,
+    depth_criterion: str = "uniform",
     seed: int = 0,
     device: str = "auto",
     batch_size: int = 16,
     diff_threshold: float = 0.05,
     importance_timesteps: int | None = None,
+    latent_cache: Path | None = None,
 ) -> dict[str, Any]:
-    if not 0 < ratio < 1:
-        raise UserError(f"--ratio must lie strictly between 0 and 1 (got {ratio})", exit_code=2)
+    depth_pruning = depth is not None or blocks is not None
+    if not (0 < ratio < 1 or (ratio == 0 and depth_pruning)):
+        raise UserError(f"--ratio must lie strictly between 0 and 1 (0 is allowed with --depth/--blocks; got {ratio})",
+                        exit_code=2)
     if importance not in IMPORTANCE_CRITERIA:
         raise UserError(f"unknown importance '{importance}'; choose one of {', '.join(IMPORTANCE_CRITERIA)}", exit_code=2)
     output = check_output_folder(output)
@@ -63,15 +81,20 @@ def prune(
     widths_before = family.stage_widths(student)
     base_config = {k: v for k, v in dict(student.config).items() if not k.startswith("_")}
 
-    timesteps_used = None
+    timesteps_used = calibration = None
+    if importance in GRADIENT_CRITERIA or depth_criterion == "output-change":
+        x0, labels = calibration_batch(loaded, data, batch_size, seed, latent_cache)
+        calibration = (x0, labels, loaded.scheduler)
     if importance in GRADIENT_CRITERIA:
-        batch = importance_batch(loaded, data, batch_size, seed)
         timesteps_used = accumulate_gradients(
-            student, family, loaded.scheduler, batch, importance,
+            student, family, loaded.scheduler, calibration[0], calibration[1], importance,
             seed=seed, threshold=diff_threshold, max_timesteps=importance_timesteps,
         )
-    outcome = prune_channels(student, family, ratio, make_importance(importance), global_pruning=global_pruning)
+    request = PruneRequest(ratio=ratio, importance=importance, global_pruning=global_pruning, depth=depth,
+                           blocks=blocks, depth_criterion=depth_criterion, calibration=calibration, seed=seed)
+    outcome = family.prune(student, request)
     student.zero_grad(set_to_none=True)
+    student = outcome.model
     family.check_pruned(student)
 
     structure = None
@@ -80,16 +103,15 @@ def prune(
         earlier = loaded.structure or {"base_config": base_config, "history": []}
         structure = {"base_config": earlier["base_config"], "history": earlier["history"] + outcome.history,
                      "groupnorm_groups": groupnorm_groups(student)}
-    else:
-        _check_config_rebuild(student, family)
     student_size = model_size(student, family)
     report = {
         "source": loaded.source,
         "family": family.name,
+        "latent": loaded.autoencoder is not None,
         "ratio": ratio,
         "importance": importance,
         "mode": "global" if global_pruning else "uniform",
-        "groupnorm_groups_kept": outcome.uniform_groups,
+        **outcome.details,
         "importance_timesteps": timesteps_used,
         "widths": {k: [widths_before[k], v] for k, v in family.stage_widths(student).items()},
         "params": [teacher_size["params"], student_size["params"]],
@@ -110,7 +132,8 @@ def prune(
         "report": report,
     }
     with atomic_folder(output) as tmp:
-        save_model_folder(tmp, student.to("cpu"), loaded.scheduler, family, manifest, structure)
+        save_model_folder(tmp, student.to("cpu"), loaded.scheduler, family, manifest, structure,
+                          autoencoder=loaded.autoencoder)
     report["output"] = str(output)
     return report
 
@@ -120,18 +143,3 @@ def _teacher_reference(loaded) -> str:
     if loaded.manifest and loaded.manifest.get("teacher"):
         return loaded.manifest["teacher"]
     return str(loaded.path.resolve()) if Path(loaded.source).exists() else loaded.source
-
-
-def _check_config_rebuild(model, family) -> None:
-    """The stock class built from the rewritten config must reproduce the pruned model."""
-    config = family.pruned_config(model)
-    rebuilt = family.model_class.from_config(config).to(next(model.parameters()).device)
-    missing = rebuilt.load_state_dict(model.state_dict(), strict=False)
-    inputs = family.example_inputs(model, 2)
-    with torch.no_grad():
-        same = not (missing.missing_keys or missing.unexpected_keys) and torch.allclose(
-            model(**inputs).sample, rebuilt(**inputs).sample, atol=1e-5
-        )
-    if not same:
-        raise RuntimeError("pruned widths are not expressible in the stock config; use --global")
-    model.register_to_config(**config)

@@ -26,7 +26,7 @@ IMPORTANCE_CRITERIA = ("random", "magnitude", "taylor", "diff-pruning")
 
 
 @dataclass
-class PruneOutcome:
+class ChannelPruning:
     history: list[list]  # torch-pruning's [module name, is_out_channels, indices] records
     uniform_groups: int | None  # GroupNorm groups kept per layer in uniform mode
     warnings: list[str] = field(default_factory=list)
@@ -66,7 +66,7 @@ def prune_channels(
     ratio: float,
     importance: tp.importance.Importance,
     global_pruning: bool = False,
-) -> PruneOutcome:
+) -> ChannelPruning:
     """Remove `ratio` of the channels of every prunable layer, in place."""
     before = family.record_structure(model)
     names = {m: n for n, m in model.named_modules()}
@@ -115,7 +115,7 @@ def prune_channels(
             graph.get_pruning_group(layer, tp.prune_linear_in_channels, drop).prune()
     family.sync_attributes(model, before, uniform_groups)
     history = [[n, bool(out), [int(i) for i in idxs]] for n, out, idxs in graph.pruning_history()]
-    return PruneOutcome(history=history, uniform_groups=uniform_groups, warnings=warnings)
+    return ChannelPruning(history=history, uniform_groups=uniform_groups, warnings=warnings)
 
 
 def _plan_global(plans: list[_GroupPlan], ratio: float) -> None:
@@ -158,6 +158,7 @@ def accumulate_gradients(
     family: ModelFamily,
     scheduler: Any,
     images: torch.Tensor,
+    labels: torch.Tensor | None,
     criterion: str,
     *,
     seed: int,
@@ -175,6 +176,7 @@ def accumulate_gradients(
     num_train = scheduler.config.num_train_timesteps
     device = next(model.parameters()).device
     images = images.to(device)
+    labels = labels.to(device) if labels is not None else None
     model.zero_grad(set_to_none=True)
     if criterion == "taylor":
         steps = max_timesteps or 8
@@ -187,7 +189,7 @@ def accumulate_gradients(
         noise = torch.randn(images.shape, generator=gen).to(device)
         tt = torch.full((images.shape[0],), t, dtype=torch.long, device=device)
         noisy = scheduler.add_noise(images, noise, tt)
-        loss = torch.nn.functional.mse_loss(family.predict(model, noisy, tt), noise)
+        loss = torch.nn.functional.mse_loss(family.predict(model, noisy, tt, labels), noise)
         running_max = max(running_max, loss.item())
         if criterion == "diff-pruning" and loss.item() < threshold * running_max:
             break

@@ -33,6 +33,10 @@ class PruneStage(_Stage):
     importance: Literal["random", "magnitude", "taylor", "diff-pruning"] = "magnitude"
     data: Optional[str] = None
     global_pruning: bool = False
+    depth: Optional[int] = None
+    blocks: Optional[list[int]] = None
+    depth_criterion: Literal["uniform", "output-change"] = "uniform"
+    latent_cache: Optional[str] = None
     batch_size: int = 16
     diff_threshold: float = 0.05
     importance_timesteps: Optional[int] = None
@@ -56,6 +60,9 @@ class DistillStage(_Stage):
     checkpoint_every: int = 500
     antithetic: bool = False
     feature_layers: Optional[list[str]] = None
+    feature_mask_std: float = 0.0
+    class_dropout: float = 0.1
+    latent_cache: Optional[str] = None
     teacher_samples: int = 512
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
@@ -69,6 +76,8 @@ class EvalStage(_Stage):
     ref: Optional[str] = None
     inception: Optional[str] = None
     feature_extractor: Optional[str] = None
+    guidance_scale: Optional[float] = None
+    class_labels: Optional[list[int]] = None
     batch_size: int = 64
     latency_batch_size: int = 16
     grid_size: int = 8

@@ -25,9 +25,25 @@ def make_sampler(scheduler: Any, sampler: str, steps: int):
     return out
 
 
+def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """Labels uniform over classes, balanced: sample i gets class i mod num_classes."""
+    return torch.arange(num_samples) % num_classes
+
+
+def guided_prediction(family, model, x, t, labels, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_null + s * (eps_label - eps_null), in one batched call."""
+    if labels is None or guidance_scale == 1.0:
+        return family.predict(model, x, t, labels)
+    null = torch.full_like(labels, family.null_class(model))
+    eps = family.predict(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+    cond, uncond = eps.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 @torch.no_grad()
 def sample_images(family, model, scheduler, num_samples: int, *, seed: int, steps: int, sampler: str = "ddim",
-                  batch_size: int = 64, on_batch=None) -> torch.Tensor:
+                  batch_size: int = 64, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                  on_batch=None) -> torch.Tensor:
     model_device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     c, h, w = family.sample_shape(model)
@@ -36,11 +52,12 @@ def sample_images(family, model, scheduler, num_samples: int, *, seed: int, step
         idx = range(start, min(num_samples, start + batch_size))
         gens = [torch.Generator().manual_seed(seed + i) for i in idx]
         x = torch.stack([torch.randn(c, h, w, generator=g) for g in gens]).to(model_device, model_dtype)
+        labels = class_labels[idx.start:idx.stop].to(model_device) if class_labels is not None else None
         sched = make_sampler(scheduler, sampler, steps)
         x = x * sched.init_noise_sigma
         for t in sched.timesteps:
             tt = torch.full((len(idx),), int(t), device=model_device, dtype=torch.long)
-            eps = family.predict(model, sched.scale_model_input(x, t), tt)
+            eps = guided_prediction(family, model, sched.scale_model_input(x, t), tt, labels, guidance_scale)
             kwargs = {"generator": gens} if sampler == "ddpm" else {"eta": 0.0}
             x = sched.step(eps.float(), t, x.float(), **kwargs).prev_sample.to(model_dtype)
         out.append(x.float().clamp(-1, 1).cpu())

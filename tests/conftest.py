@@ -179,3 +179,67 @@ def assert_one_line_error(code: int, stderr: str, expected_code: int | None = No
     assert len(lines) == 1, stderr
     assert lines[0].startswith("error:"), stderr
     return lines[0]
+
+
+# ---- DiT and latent pipelines ------------------------------------------------------------
+
+TINY_DIT_CLASSES = 10  # matches the digits labels used as training data
+
+
+def build_tiny_dit(seed: int = 0, **overrides):
+    """DiT-XL/2's layout in miniature: adaLN-Zero, learned sigma (out = 2 x in), patch 2."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    kwargs = dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4,
+                  sample_size=4, patch_size=2, num_embeds_ada_norm=TINY_DIT_CLASSES)
+    kwargs.update(overrides)
+    model = DiTTransformer2DModel(**kwargs)
+    # adaLN-Zero starts every block as the identity; random weights make pruning visible.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm1.linear" in name or "proj_out" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def build_tiny_autoencoder(kind: str = "kl", seed: int = 0):
+    """16x16 RGB images <-> 4x4 latents (4 channels for KL, 3 for VQ)."""
+    from diffusers import AutoencoderKL, VQModel
+
+    torch.manual_seed(seed)
+    common = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), norm_num_groups=4,
+                  sample_size=16)
+    if kind == "kl":
+        return AutoencoderKL(latent_channels=4, **common).eval()
+    return VQModel(latent_channels=3, num_vq_embeddings=32, vq_embed_dim=3, scaling_factor=1.0, **common).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory) -> Path:
+    """A latent DiTPipeline folder: tiny DiT + tiny AutoencoderKL + DDIM scheduler."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    path = tmp_path_factory.mktemp("models") / "tiny-dit"
+    with one_thread():
+        DiTPipeline(transformer=build_tiny_dit(), vae=build_tiny_autoencoder("kl"),
+                    scheduler=DDIMScheduler(num_train_timesteps=TINY_NUM_TRAIN_TIMESTEPS)).save_pretrained(
+            path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm_dir(tmp_path_factory) -> Path:
+    """An LDMPipeline folder: tiny U-Net over the latents of a tiny VQModel."""
+    from diffusers import DDIMScheduler, LDMPipeline
+
+    path = tmp_path_factory.mktemp("models") / "tiny-ldm"
+    with one_thread():
+        unet = build_tiny_unet(seed=2, sample_size=4, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                               down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                               up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4)
+        LDMPipeline(vqvae=build_tiny_autoencoder("vq"), unet=unet,
+                    scheduler=DDIMScheduler(num_train_timesteps=TINY_NUM_TRAIN_TIMESTEPS)).save_pretrained(
+            path, safe_serialization=True)
+    return path

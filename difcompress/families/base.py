@@ -2,18 +2,41 @@
 
 A family knows its model class's quirks: which layers never prune, how channels group
 (GroupNorm groups, attention heads), which attributes diffusers keeps beside the weights,
-how to express a pruned width in the stock config, and how to sample. The stages (prune,
-distill, evaluate, export) only talk to this interface.
+how to express a pruned model in the stock config, how it is conditioned and how to
+sample. The stages (prune, distill, evaluate, export) only talk to this interface.
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@dataclass
+class PruneRequest:
+    """What `difcompress prune` asks of a family."""
+
+    ratio: float  # fraction of channels (U-Net) or attention heads (DiT) removed
+    importance: str  # random, magnitude, taylor, diff-pruning (gradients already in .grad)
+    global_pruning: bool = False
+    depth: int | None = None  # transformer blocks to keep
+    blocks: list[int] | None = None  # explicit blocks to keep
+    depth_criterion: str = "uniform"  # uniform or output-change
+    calibration: Any = None  # (x0, labels, scheduler) for data-driven criteria
+    seed: int = 0
+
+
+@dataclass
+class PruneOutcome:
+    model: nn.Module  # the pruned model (the input, pruned in place, or a new one)
+    history: list[list] | None = None  # torch-pruning records, for the --global JSON record
+    details: dict[str, Any] = field(default_factory=dict)  # family-specific report entries
+    warnings: list[str] = field(default_factory=list)
 
 
 class ModelFamily(ABC):
@@ -25,10 +48,29 @@ class ModelFamily(ABC):
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_class)
 
-    # ---- shapes and forward -------------------------------------------------------------
+    def pipeline(self, model: nn.Module, scheduler: Any, autoencoder=None):
+        """The stock diffusers pipeline that holds this denoiser (and its autoencoder)."""
+        parts = {self.component: model, "scheduler": scheduler}
+        if autoencoder is not None:
+            parts[autoencoder.component] = autoencoder.model
+        return self.pipeline_class(**parts)
+
+    # ---- shapes, conditioning and forward --------------------------------------------------
     @abstractmethod
     def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
-        """(channels, height, width) of one sample the denoiser works on."""
+        """(channels, height, width) of one sample the denoiser works on (pixels or latents)."""
+
+    def num_classes(self, model: nn.Module) -> int | None:
+        """Class count of a class-conditional denoiser; None when unconditional."""
+        return None
+
+    def null_class(self, model: nn.Module) -> int | None:
+        """The label id meaning "no class" (classifier-free guidance), if the model has one."""
+        return None
+
+    def disable_label_dropout(self, model: nn.Module) -> None:
+        """Stop the model dropping labels on its own in train mode (the trainer drops them,
+        seeded, identically for teacher and student)."""
 
     def example_inputs(self, model: nn.Module, batch_size: int = 1) -> dict[str, torch.Tensor]:
         device = next(model.parameters()).device
@@ -39,16 +81,70 @@ class ModelFamily(ABC):
         }
 
     @abstractmethod
-    def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The prediction KD compares (noise / v / x0), epsilon channels only."""
+    def predict_split(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                      class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(epsilon-channel prediction, learned-variance channels or None), unpatchified."""
 
-    # ---- pruning ------------------------------------------------------------------------
+    def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction KD compares (noise / v / x0), epsilon channels only."""
+        return self.predict_split(model, noisy, timesteps, class_labels)[0]
+
+    # ---- pruning ---------------------------------------------------------------------------
     @abstractmethod
-    def never_prune(self, model: nn.Module) -> list[nn.Module]:
-        """Layers whose output channels must keep their size (image channels, ...)."""
+    def prune(self, model: nn.Module, request: PruneRequest) -> PruneOutcome:
+        """Prune as requested; the result must be expressible in the stock config unless
+        `request.global_pruning` (then `history` rebuilds it)."""
+
+    def check_pruned(self, model: nn.Module) -> None:
+        """Raise RuntimeError if the pruned model's attributes do not serve a forward pass."""
+        with torch.no_grad():
+            model(**self.example_inputs(model, 2))
+
+    @abstractmethod
+    def stage_widths(self, model: nn.Module) -> dict[str, Any]:
+        """Width per stage, for before/after reports."""
+
+    # ---- distillation ----------------------------------------------------------------------
+    @abstractmethod
+    def feature_layer_pairs(self, student: nn.Module, teacher: nn.Module,
+                            pruning: dict[str, Any] | None) -> list[tuple[str, str]]:
+        """Default (student module, teacher module) pairs whose outputs feature KD matches."""
+
+    # ---- sampling --------------------------------------------------------------------------
+    def sample(
+        self,
+        model: nn.Module,
+        scheduler: Any,
+        num_samples: int,
+        *,
+        seed: int,
+        steps: int,
+        sampler: str = "ddim",
+        batch_size: int = 64,
+        class_labels: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        on_batch=None,
+    ) -> torch.Tensor:
+        """Draw samples in the denoiser's space as (N, C, H, W) on CPU; sample i depends only
+        on (seed, i) and its class label."""
+        from difcompress.sampling import sample_images
+
+        return sample_images(
+            self, model, scheduler, num_samples, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size,
+            class_labels=class_labels, guidance_scale=guidance_scale, on_batch=on_batch,
+        )
+
+
+class GraphPrunedFamily(ModelFamily):
+    """A family pruned channel-wise on torch-pruning's dependency graph (see pruning.py)."""
 
     def tracing_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    @abstractmethod
+    def never_prune(self, model: nn.Module) -> list[nn.Module]:
+        """Layers whose output channels must keep their size (image channels, ...)."""
 
     @abstractmethod
     def channel_unit(self, group: Any, num_channels: int, names: dict[nn.Module, str], before: dict[str, Any]) -> int:
@@ -74,37 +170,29 @@ class ModelFamily(ABC):
     def pruned_config(self, model: nn.Module) -> dict[str, Any]:
         """The stock config that rebuilds the pruned model; raise ValueError if impossible."""
 
-    def check_pruned(self, model: nn.Module) -> None:
-        """Raise RuntimeError if the pruned model's attributes do not serve a forward pass."""
+    def prune(self, model, request):
+        from difcompress.errors import UserError
+        from difcompress.pruning import make_importance, prune_channels
+
+        if request.depth is not None or request.blocks is not None:
+            raise UserError(f"depth pruning (--depth/--blocks) applies to transformer models, not {self.name}", 2)
+        outcome = prune_channels(model, self, request.ratio, make_importance(request.importance),
+                                 global_pruning=request.global_pruning)
+        if not request.global_pruning:
+            self._check_config_rebuild(model)
+        return PruneOutcome(model=model, history=outcome.history, warnings=outcome.warnings,
+                            details={"groupnorm_groups_kept": outcome.uniform_groups})
+
+    def _check_config_rebuild(self, model) -> None:
+        """The stock class built from the rewritten config must reproduce the pruned model."""
+        config = self.pruned_config(model)
+        rebuilt = self.model_class.from_config(config).to(next(model.parameters()).device)
+        missing = rebuilt.load_state_dict(model.state_dict(), strict=False)
+        inputs = self.example_inputs(model, 2)
         with torch.no_grad():
-            model(**self.example_inputs(model, 2))
-
-    @abstractmethod
-    def stage_widths(self, model: nn.Module) -> dict[str, int]:
-        """Width per stage, for before/after reports."""
-
-    # ---- distillation -------------------------------------------------------------------
-    @abstractmethod
-    def feature_layers(self, model: nn.Module) -> list[str]:
-        """Default module names whose outputs feature KD matches."""
-
-    # ---- sampling -----------------------------------------------------------------------
-    def sample(
-        self,
-        model: nn.Module,
-        scheduler: Any,
-        num_samples: int,
-        *,
-        seed: int,
-        steps: int,
-        sampler: str = "ddim",
-        batch_size: int = 64,
-        on_batch=None,
-    ) -> torch.Tensor:
-        """Draw samples in [-1, 1] as (N, C, H, W) on CPU; sample i depends only on (seed, i)."""
-        from difcompress.sampling import sample_images
-
-        return sample_images(
-            self, model, scheduler, num_samples, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size,
-            on_batch=on_batch,
-        )
+            same = not (missing.missing_keys or missing.unexpected_keys) and torch.allclose(
+                model(**inputs).sample, rebuilt(**inputs).sample, atol=1e-5
+            )
+        if not same:
+            raise RuntimeError("pruned widths are not expressible in the stock config; use --global")
+        model.register_to_config(**config)

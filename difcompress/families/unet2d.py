@@ -18,7 +18,7 @@ import contextlib
 import math
 
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline, LDMPipeline, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import Timesteps
@@ -26,7 +26,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from difcompress.families.base import ModelFamily
+from difcompress.families.base import GraphPrunedFamily
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, Attention]]:
@@ -38,21 +38,30 @@ def set_attention_processor(model: nn.Module, processor_cls) -> None:
         attn.set_processor(processor_cls())
 
 
-class PixelUNetFamily(ModelFamily):
+class PixelUNetFamily(GraphPrunedFamily):
+    """Unconditional `UNet2DModel`: pixel space (DDPMPipeline) or over an autoencoder's
+    latents (LDMPipeline, e.g. CompVis/ldm-celebahq-256, which keeps it as `vqvae`)."""
+
     name = "unet2d"
     model_class = UNet2DModel
     pipeline_class = DDPMPipeline
     component = "unet"
+
+    def pipeline(self, model, scheduler, autoencoder=None):
+        if autoencoder is None:
+            return DDPMPipeline(unet=model, scheduler=scheduler)
+        return LDMPipeline(vqvae=autoencoder.model, unet=model, scheduler=scheduler)
 
     def sample_shape(self, model):
         size = model.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return model.config.in_channels, h, w
 
-    def predict(self, model, noisy, timesteps):
+    def predict_split(self, model, noisy, timesteps, class_labels=None):
         out = model(noisy, timesteps).sample
         # Learned-variance U-Nets predict (eps, var): KD compares the epsilon channels.
-        return out[:, : model.config.in_channels]
+        c = model.config.in_channels
+        return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
 
     def never_prune(self, model):
         return [model.conv_out]
@@ -218,13 +227,13 @@ class PixelUNetFamily(ModelFamily):
             widths[f"{name} (heads x dim)"] = f"{attn.heads}x{attn.inner_dim // attn.heads}"
         return widths
 
-    def feature_layers(self, model):
+    def feature_layer_pairs(self, student, teacher, pruning):
         # The output of each resolution stage: down blocks, mid block, up blocks (BK-SDM style).
-        names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
-        if model.mid_block is not None:
+        names = [f"down_blocks.{i}" for i in range(len(student.down_blocks))]
+        if student.mid_block is not None:
             names.append("mid_block")
-        names += [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
-        return names
+        names += [f"up_blocks.{i}" for i in range(len(student.up_blocks))]
+        return [(n, n) for n in names]
 
 
 def _group_count(num_channels: int, channels_per_group: int) -> int:

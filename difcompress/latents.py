@@ -1,0 +1,184 @@
+"""Latent pipelines: the frozen autoencoder, and a disk cache of the encoded dataset.
+
+A latent denoiser (a U-Net in `LDMPipeline`, a DiT in `DiTPipeline`) never sees pixels:
+its data are `encode(image) * scaling_factor`, and its samples are decoded with
+`decode(latents / scaling_factor)`, the convention both stock pipelines use. Only the
+denoiser is pruned and distilled; the autoencoder is copied unchanged.
+
+Encoding a dataset through the VAE costs far more than a training step, so it is done once:
+the latents (with labels and the scaling factor) are written as safetensors shards under a
+folder named by a hash of the autoencoder's weights, the data's identity and the image size,
+and every later epoch and run reads the shards back. `AutoencoderKL` contributes its
+posterior mean (the cache is deterministic); `VQModel` its pre-quantisation latents, which
+`decode` quantises, as LDM trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from difcompress.data import HFDiskDataset, ImageFolderDataset, TensorImageDataset
+from difcompress.errors import UserError
+
+SHARD_ITEMS = 4096
+AUTOENCODER_CLASSES = ("AutoencoderKL", "VQModel")
+
+
+@dataclass
+class Autoencoder:
+    component: str  # its folder in the pipeline: "vae" (DiTPipeline) or "vqvae" (LDMPipeline)
+    model: nn.Module = field(repr=False)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.model.config, "scaling_factor", 1.0) or 1.0)
+
+    @property
+    def image_channels(self) -> int:
+        return self.model.config.in_channels
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.model.config.block_out_channels) - 1)
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self._device(), next(self.model.parameters()).dtype)
+        out = self.model.encode(x)
+        latents = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
+        return latents.float().cpu() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        out = []
+        for chunk in latents.split(batch_size):
+            z = chunk.to(self._device(), next(self.model.parameters()).dtype) / self.scaling_factor
+            out.append(self.model.decode(z).sample.float().clamp(-1, 1).cpu())
+        return torch.cat(out)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps(dict(self.model.config), sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def default_cache_root() -> Path:
+    root = os.environ.get("DIFCOMPRESS_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "difcompress"
+
+
+def dataset_identity(dataset: Dataset) -> str:
+    """What makes two datasets the same data, cheaply: files with sizes and times, the
+    saved dataset's fingerprint, or the tensor bytes."""
+    digest = hashlib.sha256(type(dataset).__name__.encode())
+    if isinstance(dataset, ImageFolderDataset):
+        digest.update(str(dataset.root.resolve()).encode())
+        for path in dataset.paths:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(dataset.root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    elif isinstance(dataset, HFDiskDataset):
+        digest.update(str(dataset.path.resolve()).encode())
+        digest.update(str(getattr(dataset.dataset, "_fingerprint", "")).encode())
+    elif isinstance(dataset, TensorImageDataset):
+        digest.update(dataset.images.contiguous().numpy().tobytes())
+    else:
+        raise UserError(f"cannot cache latents of a {type(dataset).__name__}")
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        digest.update(labels.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_latents(dataset: Dataset, autoencoder: Autoencoder, *, image_size: int, cache_root: Path | None = None,
+                   batch_size: int = 32, show_progress: bool = True, encode_here: bool = True,
+                   ) -> tuple[TensorImageDataset, dict[str, Any]]:
+    """The dataset's latents, encoded once and read back from the cache afterwards.
+
+    Returns the latent dataset and a report (cache folder, whether it was reused). With
+    `encode_here=False` (non-main processes) a missing cache is an error: the main process
+    must have written it.
+    """
+    key = hashlib.sha256(
+        f"{autoencoder.fingerprint()}:{dataset_identity(dataset)}:{image_size}".encode()
+    ).hexdigest()[:20]
+    folder = Path(cache_root or default_cache_root()) / "latents" / key
+    index_path = folder / "index.json"
+    reused = index_path.is_file() and json.loads(index_path.read_text()).get("complete", False)
+    if not reused:
+        if not encode_here:
+            raise UserError(f"latent cache {folder} is missing; the main process should have written it")
+        _encode_to_shards(dataset, autoencoder, folder, batch_size, show_progress)
+    index = json.loads(index_path.read_text())
+    shards = [load_file(folder / name) for name in index["shards"]]
+    latents = torch.cat([s["latents"] for s in shards])
+    labels = torch.cat([s["labels"] for s in shards]) if index["labels"] else None
+    report = {"folder": str(folder), "reused": reused, "items": len(latents),
+              "scaling_factor": index["scaling_factor"], "shape": list(latents.shape[1:])}
+    return TensorImageDataset(latents, labels), report
+
+
+def _encode_to_shards(dataset: Dataset, autoencoder: Autoencoder, folder: Path, batch_size: int,
+                      show_progress: bool) -> None:
+    from difcompress.report import progress_bar
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = getattr(dataset, "labels", None)
+    n = len(dataset)
+    shards, buffer = [], []
+
+    def flush(end: int) -> None:
+        start = end - sum(len(b) for b in buffer)
+        tensors = {"latents": torch.cat(buffer).contiguous()}
+        if labels is not None:
+            tensors["labels"] = labels[start:end].clone()
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file(tensors, folder / name, metadata={"scaling_factor": str(autoencoder.scaling_factor)})
+        shards.append(name)
+        buffer.clear()
+
+    with progress_bar(show_progress) as progress:
+        task = progress.add_task("encoding latents (once)", total=n)
+        for start in range(0, n, batch_size):
+            images = torch.stack([dataset[i] for i in range(start, min(n, start + batch_size))])
+            buffer.append(autoencoder.encode(images))
+            progress.advance(task, len(images))
+            end = min(n, start + batch_size)
+            if sum(len(b) for b in buffer) >= SHARD_ITEMS or end == n:
+                flush(end)
+    index = {"complete": True, "items": n, "shards": shards, "labels": labels is not None,
+             "scaling_factor": autoencoder.scaling_factor, "dataset": repr(dataset),
+             "autoencoder": type(autoencoder.model).__name__}
+    tmp = folder / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    tmp.replace(folder / "index.json")  # written last: a crash never leaves a "complete" cache
+
+
+def latent_training_data(dataset: Dataset, autoencoder: Autoencoder | None, image_size: int, *,
+                         cache_root: Path | None, is_main: bool, wait: Callable[[], None] = lambda: None,
+                         show_progress: bool = True) -> tuple[Dataset, dict[str, Any] | None]:
+    """Pixel data as is, or its cached latents (encoded by the main process, read by all)."""
+    if autoencoder is None:
+        return dataset, None
+    if is_main:
+        result = cached_latents(dataset, autoencoder, image_size=image_size, cache_root=cache_root,
+                                show_progress=show_progress)
+        wait()
+        return result
+    wait()
+    return cached_latents(dataset, autoencoder, image_size=image_size, cache_root=cache_root,
+                          show_progress=False, encode_here=False)
