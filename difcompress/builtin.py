@@ -20,10 +20,12 @@ from torch import nn
 
 from difcompress.data import TensorImageDataset
 from difcompress.errors import UserError
-from difcompress.layouts import DIGITS_TEACHER_CONFIG
+from difcompress.layouts import DIGITS_DIT_CONFIG, DIGITS_TEACHER_CONFIG
 
 ASSETS = Path(__file__).parent / "assets" / "digits"
-TEACHER_NAME = "digits"
+# Short name -> (asset folder, family): the pixel U-Net and the pixel DiT digits teachers.
+TEACHER_NAME, DIT_TEACHER_NAME = "digits", "digits-dit"
+TEACHERS = {TEACHER_NAME: ("teacher", "unet2d"), DIT_TEACHER_NAME: ("dit-teacher", "dit")}
 DIGITS_SIZE = DIGITS_TEACHER_CONFIG["sample_size"]
 
 def digits_images(size: int = DIGITS_SIZE, channels: int = 1) -> torch.Tensor:
@@ -52,12 +54,13 @@ def builtin_data(name: str, size: int, channels: int) -> TensorImageDataset | No
 
 def builtin_model_path(name: str) -> Path | None:
     """Folder of a built-in model short name, or None when `name` is not one."""
-    if name != TEACHER_NAME:
+    if name not in TEACHERS:
         return None
-    folder = ASSETS / "teacher"
+    folder_name, family = TEACHERS[name]
+    folder = ASSETS / folder_name
     if not (folder / "model_index.json").is_file():
-        raise UserError("the embedded digits teacher is missing from the package; rebuild it with "
-                        "`difcompress build-digits`")
+        raise UserError(f"the embedded {name} teacher is missing from the package; rebuild it with "
+                        f"`difcompress build-digits --family {family}`")
     return folder
 
 
@@ -144,48 +147,58 @@ def register_digits_extractor() -> None:
 def is_digits_model(loaded) -> bool:
     """True for the embedded teacher and anything pruned or distilled from it."""
     refs = [loaded.source, str(loaded.path), (loaded.manifest or {}).get("teacher") or ""]
-    return any(r == TEACHER_NAME or Path(r).resolve() == (ASSETS / "teacher").resolve() for r in refs if r)
+    folders = {(ASSETS / folder).resolve() for folder, _ in TEACHERS.values()}
+    return any(r in TEACHERS or Path(r).resolve() in folders for r in refs if r)
 
 
 # ---- building the assets ------------------------------------------------------------------
 
-def create_untrained_teacher(folder: Path, seed: int, config: dict[str, Any] = DIGITS_TEACHER_CONFIG) -> None:
+def create_untrained_teacher(folder: Path, seed: int, config: dict[str, Any] = DIGITS_TEACHER_CONFIG,
+                             family: str = "unet2d") -> None:
     """A freshly initialised pipeline folder: the starting point the trainer trains."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
+    from difcompress.families import FAMILIES
     from difcompress.folders import atomic_folder, write_json
 
     torch.manual_seed(seed)
+    adapter = FAMILIES[family]
     with atomic_folder(folder) as tmp:
-        DDPMPipeline(unet=UNet2DModel(**config), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
+        adapter.pipeline(adapter.model_class(**config), DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
             tmp, safe_serialization=True
         )
         write_json(tmp / "difcompress.json", {"stage": "init", "status": "complete", "config": config})
 
 
-def build_digits_assets(output: Path = ASSETS, *, teacher_steps: int = 5000, batch_size: int = 64,
-                        lr: float = 5e-4, seed: int = 0, device: str = "auto",
+def build_digits_assets(output: Path = ASSETS, *, family: str = "unet2d", teacher_steps: int = 5000,
+                        batch_size: int = 64, lr: float = 5e-4, seed: int = 0, device: str = "auto",
                         work_dir: Path = Path("runs/build-digits")) -> dict[str, Any]:
-    """Train the digits classifier and the digits teacher; write them to `output`."""
+    """Train the digits classifier (with the U-Net) and a digits teacher; write them to `output`."""
     from difcompress.run import distill_resumable
 
+    folder_name = next((folder for folder, fam in TEACHERS.values() if fam == family), None)
+    if folder_name is None:
+        raise UserError(f"--family must be one of {', '.join(f for _, f in TEACHERS.values())}", exit_code=2)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    classifier, report = train_digits_classifier(seed)
-    save_file(classifier.state_dict(), output / "classifier.safetensors")
-    (output / "classifier.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = None
+    if family == "unet2d":
+        classifier, report = train_digits_classifier(seed)
+        save_file(classifier.state_dict(), output / "classifier.safetensors")
+        (output / "classifier.json").write_text(json.dumps(report, indent=2) + "\n")
 
     work_dir = Path(work_dir)
-    init = work_dir / "teacher-init"
+    init = work_dir / f"{folder_name}-init"
     if not init.is_dir():
-        create_untrained_teacher(init, seed, DIGITS_TEACHER_CONFIG)
+        config = DIGITS_DIT_CONFIG if family == "dit" else DIGITS_TEACHER_CONFIG
+        create_untrained_teacher(init, seed, config, family)
     summary = distill_resumable(
-        str(init), work_dir / "teacher", loss="task", data="digits", steps=teacher_steps, batch_size=batch_size,
+        str(init), work_dir / folder_name, loss="task", data="digits", steps=teacher_steps, batch_size=batch_size,
         lr=lr, ema_decay=0.999, seed=seed, checkpoint_every=500, device=device,
     )
-    target = output / "teacher"
+    target = output / folder_name
     shutil.rmtree(target, ignore_errors=True)
-    run = work_dir / "teacher"
+    run = work_dir / folder_name
 
     def leave_out(folder, names):
         # Training state stays in the run; the top-level copies of unet/ are only a convenience.

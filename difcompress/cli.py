@@ -230,6 +230,7 @@ def demo_command(
 @app.command("build-digits")
 def build_digits_command(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Default: the package's assets folder.")] = None,
+    family: Annotated[str, typer.Option(help="unet2d (the 'digits' teacher, plus the classifier) or dit (the 'digits-dit' teacher).")] = "unet2d",
     teacher_steps: int = 5000,
     batch_size: int = 64,
     lr: float = 5e-4,
@@ -241,10 +242,11 @@ def build_digits_command(
     from difcompress.builtin import ASSETS, build_digits_assets
     from difcompress.report import console
 
-    report = build_digits_assets(output or ASSETS, teacher_steps=teacher_steps, batch_size=batch_size, lr=lr,
+    report = build_digits_assets(output or ASSETS, family=family, teacher_steps=teacher_steps, batch_size=batch_size, lr=lr,
                                  seed=seed, device=device, work_dir=work_dir)
-    console.print(f"classifier held-out accuracy {report['classifier']['held_out_accuracy']:.2%}; "
-                  f"teacher trained {report['teacher_steps']} steps (final loss {report['final_loss']:.4f}) "
+    if report["classifier"]:
+        console.print(f"classifier held-out accuracy {report['classifier']['held_out_accuracy']:.2%}")
+    console.print(f"teacher trained {report['teacher_steps']} steps (final loss {report['final_loss']:.4f}) "
                   f"-> {report['output']}")
 
 

@@ -81,8 +81,15 @@ def save_model_folder(folder: Path, model, scheduler, family, manifest: dict[str
                       structure: dict[str, Any] | None = None, *, autoencoder=None, top_level_model: bool = True) -> None:
     """Write pipeline (with a latent model's autoencoder, unchanged) + manifest into `folder`
     (normally the temp folder of atomic_folder)."""
+    from diffusers.utils import logging as diffusers_logging
+
     pipeline = family.pipeline(model, scheduler, autoencoder)
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # a pixel DiT's absent VAE is intended, not worth a warning
+    try:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(level)
     component = folder / family.component
     if structure is not None:
         write_json(component / STRUCTURE, structure)

@@ -38,3 +38,36 @@ DIGITS_TEACHER_CONFIG = dict(
     freq_shift=1,
     downsample_padding=0,
 )
+
+
+# facebook/DiT-XL-2-256's DiTTransformer2DModel config (28 blocks, 16 heads x 72 = 1152
+# wide, learned sigma over 4 x 32 x 32 SD-VAE latents, 1000 ImageNet classes).
+DIT_XL_2_256 = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    sample_size=32,
+    patch_size=2,
+    num_embeds_ada_norm=1000,
+    activation_fn="gelu-approximate",
+    attention_bias=True,
+    norm_type="ada_norm_zero",
+    norm_elementwise_affine=False,
+)
+
+
+# The embedded pixel-space DiT digits teacher: patch 2 over 16x16 grayscale digits
+# (64 tokens), 10 classes with a null class for guidance, no learned variance.
+DIGITS_DIT_CONFIG = dict(
+    num_attention_heads=4,
+    attention_head_dim=24,
+    in_channels=1,
+    out_channels=1,
+    num_layers=6,
+    sample_size=16,
+    patch_size=2,
+    num_embeds_ada_norm=10,
+    activation_fn="gelu-approximate",
+)

@@ -344,3 +344,18 @@ def test_stream_bad_args():
         BatchStream(_dataset("items", 0), 2)
     with pytest.raises(ValueError):
         BatchStream(_dataset("items", 4), 2, num_shards=2, shard_index=2)
+
+
+def test_class_subfolders_give_labels_and_flat_folders_none(tmp_path):
+    for cls in ("cat", "ant"):
+        (tmp_path / "classes" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "classes" / cls / f"{i}.png")
+    ds = ImageFolderDataset(tmp_path / "classes", 8, 3)
+    assert ds.class_names == ["ant", "cat"] and ds.labels.tolist() == [0, 0, 1, 1]
+    images, labels = BatchStream(ds, 4, seed=0).next_labeled_batch()
+    assert images.shape == (4, 3, 8, 8) and sorted(labels.tolist()) == [0, 0, 1, 1]
+
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+    assert ImageFolderDataset(tmp_path / "flat", 8, 3).labels is None

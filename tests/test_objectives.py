@@ -580,3 +580,26 @@ def test_kd_loss_passes_meaningful_options_and_ignores_others():
     torch.testing.assert_close(
         kd_loss("dist", s, t, **opts).loss, dist_loss(s, t, beta=0.5, gamma=0.0).loss
     )
+
+
+# ---- masked feature KD (TinyFusion) ----------------------------------------------------------
+
+def test_massive_activation_mask_flags_outliers_per_sample():
+    from difcompress.objectives import massive_activation_mask
+
+    x = torch.randn(2, 16, 8)
+    x[0, 3, 5] = 100.0  # a massive activation in sample 0 only
+    keep = massive_activation_mask(x, 2.0)
+    assert not keep[0, 3, 5] and keep[1, 3, 5]
+    assert keep.float().mean() > 0.9  # ordinary elements stay
+
+
+def test_masked_feature_loss_ignores_massive_activations():
+    from difcompress.objectives import FeatureAdapters, feature_loss
+
+    teacher = torch.randn(2, 16, 8)
+    student = teacher.clone()
+    teacher[0, 3, 5] = 100.0  # the student does not reproduce the outlier
+    adapters = FeatureAdapters([8], [8], kind="linear")
+    assert feature_loss([student], [teacher], adapters).loss > 1.0
+    assert feature_loss([student], [teacher], adapters, mask_std=2.0).loss < 1e-12

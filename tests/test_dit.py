@@ -1,0 +1,214 @@
+"""DiT family: depth and width pruning to a stock config, distillation with the variance
+split, the block map and masked feature KD, guided sampling, export to DiTPipeline."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_DIT_CLASSES, assert_one_line_error, build_tiny_dit
+from diffusers import DiTPipeline, DiTTransformer2DModel
+
+from difcompress.distill import distill
+from difcompress.errors import UserError
+from difcompress.evaluate import evaluate
+from difcompress.export import export
+from difcompress.families.dit import residual_channels, uniform_blocks
+from difcompress.loading import load_model
+from difcompress.prune import prune
+from difcompress.sampling import guided_prediction
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def dit_student(tiny_dit_dir, tmp_path_factory):
+    """Half the heads and half the blocks of the tiny latent DiT."""
+    out = tmp_path_factory.mktemp("dit") / "pruned"
+    report = prune(str(tiny_dit_dir), 0.5, out, depth=2, device="cpu")
+    return out, report
+
+
+def test_uniform_blocks_is_tinyfusion_map_when_halving():
+    assert uniform_blocks(28, 14) == list(range(1, 28, 2))
+    assert uniform_blocks(4, 4) == [0, 1, 2, 3]
+    assert uniform_blocks(6, 3) == [1, 3, 5]
+
+
+def test_prune_writes_stock_config(dit_student):
+    out, report = dit_student
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert (config["num_layers"], config["num_attention_heads"]) == (2, 2)
+    assert report["kept_blocks"] == [1, 3]
+    assert report["widths"]["residual width"] == [32, 16]
+    assert report["widths"]["feed-forward width"] == [128, 64]
+    assert report["params"][1] < report["params"][0] / 4
+    model = DiTTransformer2DModel.from_pretrained(out / "transformer")  # stock diffusers, no record
+    assert not (out / "transformer" / "difcompress_structure.json").exists()
+    assert model.config.num_layers == 2
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()  # the VAE travels along
+
+
+def test_keeping_everything_reproduces_the_teacher(tiny_dit_dir, tmp_path):
+    prune(str(tiny_dit_dir), 0.0, tmp_path / "same", depth=4, device="cpu")
+    teacher, copy = load_model(str(tiny_dit_dir)), load_model(str(tmp_path / "same"))
+    inputs = teacher.family.example_inputs(teacher.model, 3)
+    with torch.no_grad():
+        assert torch.equal(teacher.model(**inputs).sample, copy.model(**inputs).sample)
+
+
+def test_depth_only_keeps_the_chosen_blocks_exactly(tiny_dit_dir, tmp_path):
+    """Blocks 0 and 2 kept: the pruned model equals the teacher with blocks 1 and 3 skipped."""
+    prune(str(tiny_dit_dir), 0.0, tmp_path / "depth", blocks=[0, 2], device="cpu")
+    teacher, student = load_model(str(tiny_dit_dir)), load_model(str(tmp_path / "depth"))
+    inputs = teacher.family.example_inputs(teacher.model, 2)
+    hooks = [teacher.model.transformer_blocks[i].register_forward_hook(lambda _m, args, _o: args[0]) for i in (1, 3)]
+    with torch.no_grad():
+        expected = teacher.model(**inputs).sample
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        assert torch.allclose(student.model(**inputs).sample, expected, atol=1e-6)
+
+
+def test_width_pruning_keeps_the_stock_position_embedding(dit_student, tiny_dit_dir):
+    """diffusers recomputes the sin-cos table from the width; the kept residual channels
+    carry exactly the frequencies of the smaller table."""
+    teacher, student = load_model(str(tiny_dit_dir)), load_model(str(dit_student[0]))
+    kept = residual_channels(32, 16)
+    assert torch.allclose(teacher.model.pos_embed.pos_embed[..., kept], student.model.pos_embed.pos_embed)
+
+
+def test_output_change_criterion_keeps_the_most_influential_blocks(tiny_dit_dir, tmp_path):
+    report = prune(str(tiny_dit_dir), 0.0, tmp_path / "scored", depth=2, depth_criterion="output-change",
+                   data="digits", batch_size=8, device="cpu", latent_cache=tmp_path / "cache")
+    scores = report["block_scores"]
+    assert len(scores) == 4 and all(s >= 0 for s in scores)
+    assert report["kept_blocks"] == sorted(sorted(range(4), key=lambda i: -scores[i])[:2])
+
+
+def test_taylor_importance_on_dit(tiny_dit_dir, tmp_path):
+    report = prune(str(tiny_dit_dir), 0.5, tmp_path / "taylor", importance="taylor", data="teacher",
+                   batch_size=4, importance_timesteps=2, device="cpu")
+    assert report["heads_kept"] == 2 and report["importance_timesteps"] == 2
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--ratio", "0.5", "--global"], "drop --global"),
+    (["--ratio", "0", "--blocks", "0,9"], "--blocks"),
+    (["--ratio", "0", "--depth", "7"], "--depth"),
+    (["--ratio", "0", "--blocks", "a,b"], "comma-separated"),
+])
+def test_dit_prune_mistakes_are_one_line_errors(tiny_dit_dir, tmp_path, run_cli, args, expected):
+    code, _, err = run_cli("prune", tiny_dit_dir, "-o", tmp_path / "x", "--device", "cpu", *args)
+    assert expected in assert_one_line_error(code, err, 2)
+
+
+def test_depth_options_are_refused_for_unets(tiny_model_dir, tmp_path, run_cli):
+    code, _, err = run_cli("prune", tiny_model_dir, "-o", tmp_path / "x", "--depth", "2", "--device", "cpu")
+    assert "transformer" in assert_one_line_error(code, err, 2)
+
+
+@pytest.fixture(scope="module")
+def dit_distilled(dit_student, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dit") / "student"
+    summary = distill(str(dit_student[0]), out, loss="place", data="digits", steps=3, batch_size=4, w_feat=0.1,
+                      feature_mask_std=2.0, checkpoint_every=0, device="cpu", show_progress=False,
+                      latent_cache=tmp_path_factory.mktemp("cache"))
+    return out, summary
+
+
+def test_distill_splits_learned_variance_and_maps_blocks(dit_distilled):
+    out, summary = dit_distilled
+    final = summary["final"]
+    assert {"task", "kd", "variance", "feature"} <= set(final)  # variance: a plain MSE beside KD on eps
+    # Student block i <-> the teacher block it was copied from (1 and 3).
+    assert summary["settings"]["feature_layers"] == ["transformer_blocks.0=transformer_blocks.1",
+                                                     "transformer_blocks.1=transformer_blocks.3"]
+    assert DiTTransformer2DModel.from_pretrained(out / "transformer").config.num_layers == 2
+
+
+def test_student_label_embedder_never_drops_labels_itself(dit_student):
+    """The trainer drops labels (seeded, same for teacher and student); diffusers' own random
+    drop in train mode would make the student see other labels than the teacher."""
+    loaded = load_model(str(dit_student[0]))
+    loaded.model.train()
+    loaded.family.disable_label_dropout(loaded.model)
+    inputs = loaded.family.example_inputs(loaded.model, 64)
+    with torch.no_grad():
+        first = loaded.model(**inputs).sample
+        assert torch.equal(first, loaded.model(**inputs).sample)
+
+
+def test_guidance_formula():
+    class Linear:
+        def predict(self, model, x, t, labels):
+            return x * (labels[:, None, None, None].float() + 1)
+
+        def null_class(self, model):
+            return 9
+
+    x, t, labels = torch.ones(2, 1, 2, 2), torch.zeros(2), torch.tensor([1, 2])
+    fam = Linear()
+    assert torch.equal(guided_prediction(fam, None, x, t, labels, 1.0), fam.predict(None, x, t, labels))
+    expected = 10 + 3.0 * (fam.predict(None, x, t, labels) - 10)
+    assert torch.allclose(guided_prediction(fam, None, x, t, labels, 3.0), expected)
+
+
+def test_eval_samples_with_guidance_and_decodes(tiny_dit_dir, dit_distilled, tmp_path):
+    from PIL import Image
+
+    result = evaluate([str(tiny_dit_dir), str(dit_distilled[0])], sampler_steps=2, grid_size=3,
+                      latency_batch_size=2, guidance_scale=2.0, class_labels=[3, 7], output=tmp_path, device="cpu")
+    assert [r["guidance_scale"] for r in result["models"]] == [2.0, 2.0]
+    assert all(r["latent"] for r in result["models"])
+    grid = Image.open(result["grid"])
+    assert grid.height >= 2 * 16 and grid.width >= 3 * 16  # decoded 16x16 images, not 4x4 latents
+
+
+def test_eval_rejects_out_of_range_labels(tiny_dit_dir, run_cli, tmp_path):
+    code, _, err = run_cli("eval", tiny_dit_dir, "--class-label", f"1,{TINY_DIT_CLASSES}", "--sampler-steps", "2",
+                           "-o", tmp_path, "--device", "cpu")
+    assert "out of range" in assert_one_line_error(code, err, 2)
+
+
+def test_guidance_on_unconditional_model_is_refused(tiny_model_dir, run_cli, tmp_path):
+    code, _, err = run_cli("eval", tiny_model_dir, "--guidance-scale", "2", "-o", tmp_path, "--device", "cpu")
+    assert "unconditional" in assert_one_line_error(code, err, 2)
+
+
+def test_export_loads_and_samples_with_stock_dit_pipeline(dit_distilled, tmp_path):
+    info = export(str(dit_distilled[0]), tmp_path / "export")
+    assert info["autoencoder"] == "AutoencoderKL"
+    pipe = DiTPipeline.from_pretrained(tmp_path / "export")
+    images = pipe(class_labels=[0, 1], guidance_scale=1.0, num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 16, 16, 3)
+    assert "DiTPipeline.from_pretrained" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_class_conditional_data_without_labels_is_refused(dit_student, tmp_path):
+    from PIL import Image
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(flat / f"{i}.png")
+    with pytest.raises(UserError, match="no class labels"):
+        distill(str(dit_student[0]), tmp_path / "run", loss="task", data=str(flat), steps=1, batch_size=2,
+                device="cpu", show_progress=False, latent_cache=tmp_path / "cache")
+
+
+def test_pixel_dit_saves_without_vae(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from difcompress.families.dit import DiTFamily
+
+    model = build_tiny_dit(in_channels=1, out_channels=1, sample_size=8)
+    DiTFamily().pipeline(model, DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "pixel")
+    report = prune(str(tmp_path / "pixel"), 0.5, tmp_path / "pruned", device="cpu")
+    assert report["latent"] is False
+    pipe = DiTPipeline.from_pretrained(tmp_path / "pruned", vae=None)
+    assert pipe.vae is None and pipe.transformer.config.num_attention_heads == 2
+    loaded = load_model(str(tmp_path / "pruned"))
+    assert loaded.autoencoder is None and loaded.image_shape() == (1, 8, 8)
+    shutil.rmtree(tmp_path / "pixel")

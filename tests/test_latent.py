@@ -1,0 +1,88 @@
+"""Latent pipelines: the latent cache (encoded once, reused), the U-Net over VQ latents
+(LDMPipeline) through the whole chain, and a latent pipeline missing its autoencoder."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import assert_one_line_error
+from diffusers import LDMPipeline
+
+from difcompress.builtin import builtin_data
+from difcompress.data import TensorImageDataset
+from difcompress.distill import distill
+from difcompress.errors import UserError
+from difcompress.evaluate import evaluate
+from difcompress.export import export
+from difcompress.latents import Autoencoder, cached_latents
+from difcompress.loading import load_model
+from difcompress.prune import prune
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_latent_cache_encodes_once_and_is_reused(tiny_dit_dir, tmp_path, monkeypatch):
+    loaded = load_model(str(tiny_dit_dir))
+    data = builtin_data("digits", 16, 3)
+    calls = []
+    real_encode = Autoencoder.encode
+    monkeypatch.setattr(Autoencoder, "encode", lambda self, x: calls.append(len(x)) or real_encode(self, x))
+
+    first, report = cached_latents(data, loaded.autoencoder, image_size=16, cache_root=tmp_path, show_progress=False)
+    assert sum(calls) == len(data) and not report["reused"]
+    shards = sorted((tmp_path / "latents").rglob("shard-*.safetensors"))
+    assert shards and json.loads((shards[0].parent / "index.json").read_text())["scaling_factor"] == 0.18215
+
+    calls.clear()
+    again, report = cached_latents(data, loaded.autoencoder, image_size=16, cache_root=tmp_path, show_progress=False)
+    assert calls == [] and report["reused"]
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, data.labels)
+    # The latents are the scaled posterior means the stock pipeline's decode expects.
+    expected = loaded.autoencoder.model.encode(data.images[:2]).latent_dist.mean * 0.18215
+    assert torch.allclose(first.images[:2], expected, atol=1e-5)
+
+    other = TensorImageDataset(data.images[:10], data.labels[:10])
+    _, report = cached_latents(other, loaded.autoencoder, image_size=16, cache_root=tmp_path, show_progress=False)
+    assert not report["reused"]  # different data, different cache
+
+
+def test_distill_runs_share_the_cache(tiny_dit_dir, tmp_path):
+    pruned = tmp_path / "pruned"
+    prune(str(tiny_dit_dir), 0.5, pruned, device="cpu")
+    kwargs = dict(loss="mse", data="digits", steps=1, batch_size=4, checkpoint_every=0, device="cpu",
+                  show_progress=False, latent_cache=tmp_path / "cache")
+    assert distill(str(pruned), tmp_path / "a", **kwargs)["latent_cache"]["reused"] is False
+    assert distill(str(pruned), tmp_path / "b", **kwargs)["latent_cache"]["reused"] is True
+
+
+def test_ldm_chain_prune_distill_eval_export(tiny_ldm_dir, tmp_path):
+    report = prune(str(tiny_ldm_dir), 0.5, tmp_path / "pruned", device="cpu")
+    assert report["latent"] and report["params"][1] < report["params"][0]
+    assert (tmp_path / "pruned" / "vqvae" / "config.json").is_file()
+    distill(str(tmp_path / "pruned"), tmp_path / "student", loss="place", data="digits", steps=2, batch_size=4,
+            checkpoint_every=0, device="cpu", show_progress=False, latent_cache=tmp_path / "cache")
+    result = evaluate([str(tiny_ldm_dir), str(tmp_path / "student")], sampler_steps=2, grid_size=2,
+                      latency_batch_size=2, output=tmp_path / "eval", device="cpu")
+    assert all(r["latent"] and "guidance_scale" not in r for r in result["models"])
+    export(str(tmp_path / "student"), tmp_path / "export")
+    pipe = LDMPipeline.from_pretrained(tmp_path / "export")
+    # Only the denoiser changed; the autoencoder is the teacher's, bit for bit.
+    teacher_vq = load_model(str(tiny_ldm_dir)).autoencoder.model.state_dict()
+    assert all(torch.equal(v, pipe.vqvae.state_dict()[k]) for k, v in teacher_vq.items())
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize("damage", ["folder", "weights"])
+def test_latent_pipeline_without_its_vae_is_a_clear_error(tiny_dit_dir, tmp_path, run_cli, damage):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dit_dir, broken)
+    if damage == "folder":
+        shutil.rmtree(broken / "vae")
+    else:
+        (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(UserError, match="latent pipeline"):
+        load_model(str(broken))
+    code, _, err = run_cli("prune", broken, "-o", tmp_path / "out", "--ratio", "0.5", "--device", "cpu")
+    assert "vae" in assert_one_line_error(code, err, 1)
