@@ -96,6 +96,7 @@ def distill_command(
     antithetic: Annotated[bool, typer.Option(help="Antithetic timestep pairs (t, T-1-t).")] = False,
     feature_layer: Annotated[Optional[list[str]], typer.Option(help="Module for feature KD, NAME or STUDENT=TEACHER (repeatable; default: stage outputs, or DiT blocks mapped to the teacher blocks they came from).")] = None,
     feature_mask_std: Annotated[float, typer.Option(help="Zero teacher activations beyond this many std from the mean in feature KD (TinyFusion: 2; 0 disables).")] = 0.0,
+    w_feat_schedule: Annotated[str, typer.Option(help="constant, or linear (decays the feature weight to 0 by the last step).")] = "constant",
     class_dropout: Annotated[float, typer.Option(help="Class-conditional models: label dropout for classifier-free guidance.")] = 0.1,
     teacher_samples: Annotated[int, typer.Option(help="Images the teacher generates for --data teacher.")] = 512,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16.")] = "no",
@@ -112,7 +113,7 @@ def distill_command(
         ema_decay=ema_decay, grad_clip=grad_clip or None, seed=seed, checkpoint_every=checkpoint_every,
         resume=resume, antithetic=antithetic, feature_layers=feature_layer, teacher_samples=teacher_samples,
         device=device, mixed_precision=mixed_precision, show_progress=not json_output,
-        feature_mask_std=feature_mask_std, class_dropout=class_dropout, latent_cache=latent_cache,
+        feature_mask_std=feature_mask_std, w_feat_schedule=w_feat_schedule, class_dropout=class_dropout, latent_cache=latent_cache,
     )
     if json_output:
         print_json(summary)

@@ -34,10 +34,11 @@ from difcompress.folders import MANIFEST, read_manifest, save_model_folder, writ
 from difcompress.loading import LoadedModel, load_model
 from difcompress.runtime import seed_everything, versions
 
+FEATURE_SCHEDULES = ("constant", "linear")
 # Settings that define a run: a checkpoint only resumes a run with the same ones.
 RUN_IDENTITY = ("student", "teacher", "loss", "data", "batch_size", "lr", "w_task", "w_kd", "w_feat",
                 "group_size", "coarse_norm", "ema_decay", "grad_clip", "seed", "antithetic", "feature_layers",
-                "feature_mask_std", "class_dropout")
+                "feature_mask_std", "w_feat_schedule", "class_dropout")
 
 
 def distill(
@@ -63,6 +64,7 @@ def distill(
     antithetic: bool = False,
     feature_layers: list[str] | None = None,
     feature_mask_std: float = 0.0,
+    w_feat_schedule: str = "constant",
     class_dropout: float = 0.1,
     teacher_samples: int = 512,
     sampler_steps: int = 50,
@@ -209,7 +211,7 @@ def distill(
                         feature_pairs.student_outputs(), feature_pairs.teacher_outputs(), extra_modules["adapters"],
                         mask_std=feature_mask_std,
                     )
-                    total = total + w_feat * terms["feature"].loss
+                    total = total + _feature_weight(w_feat, w_feat_schedule, step, steps) * terms["feature"].loss
             if not torch.isfinite(total):
                 ckpt = latest_checkpoint(output)
                 raise UserError(
@@ -281,6 +283,8 @@ def _validate(settings: dict[str, Any]) -> None:
         raise UserError("--coarse-norm must be l1 or l2", 2)
     if not 0 <= settings["class_dropout"] < 1:
         raise UserError("--class-dropout must lie in [0, 1)", 2)
+    if settings["w_feat_schedule"] not in FEATURE_SCHEDULES:
+        raise UserError(f"--w-feat-schedule must be one of {', '.join(FEATURE_SCHEDULES)}", 2)
     if settings["feature_mask_std"] < 0:
         raise UserError("--feature-mask-std must be >= 0 (0 disables masking)", 2)
 
@@ -299,6 +303,12 @@ def _prepare_run_folder(output: Path, resume: bool) -> None:
     output.mkdir(parents=True, exist_ok=True)
     if manifest is None:
         write_json(output / MANIFEST, {"stage": "distill", "status": "running"})
+
+
+def _feature_weight(w_feat: float, schedule: str, step: int, steps: int) -> float:
+    """constant, or linear: from w_feat at the first step down to 0 at the last (the DiT
+    recipes' decaying feature weight)."""
+    return w_feat if schedule == "constant" else w_feat * (1 - (step - 1) / max(1, steps - 1))
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
@@ -323,8 +333,8 @@ def _training_data(data, student_loaded, teacher_loaded, output, teacher_samples
             return TensorImageDataset(saved["images"], saved.get("labels")), None
         classes = family.num_classes(student)
         labels = balanced_labels(teacher_samples, classes) if classes else None
-        images = family.sample(teacher_loaded.model, teacher_loaded.scheduler, teacher_samples,
-                               seed=seed + 1_000_003, steps=sampler_steps, class_labels=labels)
+        images = teacher_loaded.sample(teacher_samples, seed=seed + 1_000_003, steps=sampler_steps,
+                                       class_labels=labels)
         if accelerator.is_main_process:
             tensors = {"images": images.contiguous()}
             if labels is not None:

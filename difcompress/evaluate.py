@@ -129,8 +129,8 @@ def _measure_all(models, loaded, progress, *, fid, num_samples, sampler, sampler
         row.update(model_size(item.model, item.family))
         row.update(sampling_cost(item.model, item.family, batch_size=latency_batch_size, steps=sampler_steps))
         task = progress.add_task(f"sampling {Path(spec).name or spec}", total=count) if fid else None
-        samples = item.family.sample(
-            item.model, item.scheduler, count, seed=seed, steps=sampler_steps, sampler=sampler,
+        samples = item.sample(
+            count, seed=seed, steps=sampler_steps, sampler=sampler,
             batch_size=batch_size, class_labels=labels, guidance_scale=guidance,
             on_batch=(lambda n, task=task: progress.advance(task, n)) if fid else None,
         )

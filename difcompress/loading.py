@@ -42,6 +42,10 @@ class LoadedModel:
         f = self.autoencoder.downscale
         return self.autoencoder.image_channels, h * f, w * f
 
+    def sample(self, num_samples: int, **kwargs) -> torch.Tensor:
+        """The family's sampler on this model, in its space (latents stay unclamped)."""
+        return self.family.sample(self.model, self.scheduler, num_samples, clamp=self.autoencoder is None, **kwargs)
+
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples in the denoiser's space -> images in [-1, 1] (decoded for latent models)."""
         return samples if self.autoencoder is None else self.autoencoder.decode(samples)

@@ -37,7 +37,7 @@ def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, late
     from difcompress.sampling import balanced_labels
 
     labels = balanced_labels(batch_size, classes) if classes else None
-    return family.sample(model, loaded.scheduler, batch_size, seed=seed, steps=50, class_labels=labels), labels
+    return loaded.sample(batch_size, seed=seed, steps=50, class_labels=labels), labels
 
 
 def check_labels(labels, num_classes: int, where: str):

@@ -61,6 +61,7 @@ class DistillStage(_Stage):
     antithetic: bool = False
     feature_layers: Optional[list[str]] = None
     feature_mask_std: float = 0.0
+    w_feat_schedule: Literal["constant", "linear"] = "constant"
     class_dropout: float = 0.1
     latent_cache: Optional[str] = None
     teacher_samples: int = 512

@@ -16,11 +16,13 @@ from difcompress.errors import UserError
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
-def make_sampler(scheduler: Any, sampler: str, steps: int):
+def make_sampler(scheduler: Any, sampler: str, steps: int, learned_variance: bool = False):
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}", exit_code=2)
     # A DDIM sampler built from a DDPM training config keeps betas and prediction type.
-    out = SAMPLERS[sampler].from_config(scheduler.config)
+    # Ancestral sampling uses a learned variance where the model predicts one (DiT).
+    extra = {"variance_type": "learned_range"} if learned_variance and sampler == "ddpm" else {}
+    out = SAMPLERS[sampler].from_config(scheduler.config, **extra)
     out.set_timesteps(steps)
     return out
 
@@ -30,20 +32,22 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_samples) % num_classes
 
 
-def guided_prediction(family, model, x, t, labels, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance: eps_null + s * (eps_label - eps_null), in one batched call."""
+def guided_prediction(family, model, x, t, labels, guidance_scale: float):
+    """(eps, learned variance or None). With guidance, eps = eps_null + s * (eps_label -
+    eps_null) from one batched call, and the variance is the labelled branch's."""
     if labels is None or guidance_scale == 1.0:
-        return family.predict(model, x, t, labels)
+        return family.predict_split(model, x, t, labels)
     null = torch.full_like(labels, family.null_class(model))
-    eps = family.predict(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+    eps, variance = family.predict_split(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
     cond, uncond = eps.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    return uncond + guidance_scale * (cond - uncond), (variance.chunk(2)[0] if variance is not None else None)
 
 
 @torch.no_grad()
 def sample_images(family, model, scheduler, num_samples: int, *, seed: int, steps: int, sampler: str = "ddim",
                   batch_size: int = 64, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                  on_batch=None) -> torch.Tensor:
+                  clamp: bool = True, on_batch=None) -> torch.Tensor:
+    """Samples in the denoiser's space; pixels are clamped to [-1, 1], latents are not."""
     model_device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     c, h, w = family.sample_shape(model)
@@ -53,14 +57,15 @@ def sample_images(family, model, scheduler, num_samples: int, *, seed: int, step
         gens = [torch.Generator().manual_seed(seed + i) for i in idx]
         x = torch.stack([torch.randn(c, h, w, generator=g) for g in gens]).to(model_device, model_dtype)
         labels = class_labels[idx.start:idx.stop].to(model_device) if class_labels is not None else None
-        sched = make_sampler(scheduler, sampler, steps)
+        sched = make_sampler(scheduler, sampler, steps, learned_variance=family.learns_variance(model))
         x = x * sched.init_noise_sigma
         for t in sched.timesteps:
             tt = torch.full((len(idx),), int(t), device=model_device, dtype=torch.long)
-            eps = guided_prediction(family, model, sched.scale_model_input(x, t), tt, labels, guidance_scale)
+            eps, variance = guided_prediction(family, model, sched.scale_model_input(x, t), tt, labels, guidance_scale)
+            prediction = torch.cat([eps, variance], 1) if variance is not None and sampler == "ddpm" else eps
             kwargs = {"generator": gens} if sampler == "ddpm" else {"eta": 0.0}
-            x = sched.step(eps.float(), t, x.float(), **kwargs).prev_sample.to(model_dtype)
-        out.append(x.float().clamp(-1, 1).cpu())
+            x = sched.step(prediction.float(), t, x.float(), **kwargs).prev_sample.to(model_dtype)
+        out.append(x.float().clamp(-1, 1).cpu() if clamp else x.float().cpu())
         if on_batch is not None:
             on_batch(len(idx))
     return torch.cat(out) if out else torch.empty(0, c, h, w)

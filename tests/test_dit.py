@@ -142,17 +142,20 @@ def test_student_label_embedder_never_drops_labels_itself(dit_student):
 
 def test_guidance_formula():
     class Linear:
-        def predict(self, model, x, t, labels):
-            return x * (labels[:, None, None, None].float() + 1)
+        def predict_split(self, model, x, t, labels):
+            return x * (labels[:, None, None, None].float() + 1), -labels[:, None, None, None].float() * x
 
         def null_class(self, model):
             return 9
 
     x, t, labels = torch.ones(2, 1, 2, 2), torch.zeros(2), torch.tensor([1, 2])
     fam = Linear()
-    assert torch.equal(guided_prediction(fam, None, x, t, labels, 1.0), fam.predict(None, x, t, labels))
-    expected = 10 + 3.0 * (fam.predict(None, x, t, labels) - 10)
-    assert torch.allclose(guided_prediction(fam, None, x, t, labels, 3.0), expected)
+    eps, var = fam.predict_split(None, x, t, labels)
+    unguided = guided_prediction(fam, None, x, t, labels, 1.0)
+    assert torch.equal(unguided[0], eps) and torch.equal(unguided[1], var)
+    guided, guided_var = guided_prediction(fam, None, x, t, labels, 3.0)
+    assert torch.allclose(guided, 10 + 3.0 * (eps - 10))
+    assert torch.equal(guided_var, var)  # the labelled branch's variance
 
 
 def test_eval_samples_with_guidance_and_decodes(tiny_dit_dir, dit_distilled, tmp_path):
@@ -212,3 +215,19 @@ def test_pixel_dit_saves_without_vae(tmp_path):
     loaded = load_model(str(tmp_path / "pruned"))
     assert loaded.autoencoder is None and loaded.image_shape() == (1, 8, 8)
     shutil.rmtree(tmp_path / "pixel")
+
+
+def test_ancestral_sampling_uses_the_learned_variance(tiny_dit_dir, monkeypatch):
+    """DDPM steps get (eps, variance) with variance_type learned_range; DDIM gets eps only."""
+    from diffusers import DDPMScheduler
+
+    loaded = load_model(str(tiny_dit_dir))
+    seen = []
+    real_step = DDPMScheduler.step
+    monkeypatch.setattr(DDPMScheduler, "step", lambda self, out, t, x, **kw: seen.append(
+        (out.shape[1], self.config.variance_type)) or real_step(self, out, t, x, **kw))
+    labels = torch.tensor([0, 1])
+    loaded.family.sample(loaded.model, loaded.scheduler, 2, seed=0, steps=2, sampler="ddpm", class_labels=labels)
+    assert seen and all(s == (8, "learned_range") for s in seen)
+    images = loaded.family.sample(loaded.model, loaded.scheduler, 2, seed=0, steps=2, class_labels=labels)
+    assert images.shape == (2, 4, 4, 4)

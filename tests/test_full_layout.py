@@ -1,4 +1,5 @@
-"""The 0.9 numbers on the full google/ddpm-cifar10-32 layout (random weights)."""
+"""Sizes on full published layouts (random weights): google/ddpm-cifar10-32 at 0.9 and
+facebook/DiT-XL-2-256 halved in depth (TinyDiT-D14) or in heads."""
 
 import pytest
 import torch
@@ -50,3 +51,33 @@ def test_stock_config_rebuilds_the_pruned_model(pruned_090):
     inputs = family.example_inputs(model, 2)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(**inputs).sample, model(**inputs).sample, atol=1e-5, rtol=1e-4)
+
+
+def test_dit_xl_d14_and_half_heads():
+    """DiT paper: 675M params, 118.6 GFLOPs (fvcore, which counts MACs). diffusers gives every
+    block its own timestep/label embedder (2,777,472 params each), so the stock model has
+    27 x 2.78M = 75M more: 749.8M. TinyFusion's D14 has 340M; ours carries 14 embedders."""
+    from diffusers import DiTTransformer2DModel
+
+    from difcompress.families.base import PruneRequest
+    from difcompress.layouts import DIT_XL_2_256
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**DIT_XL_2_256).eval()
+    family = family_for_model(model)
+    before = model_size(model, family)
+    per_block_embedder = sum(p.numel() for p in model.transformer_blocks[0].norm1.emb.parameters())
+    assert per_block_embedder == 2_777_472
+    assert before["params"] == 749_826_464
+    assert before["params"] - 27 * per_block_embedder == pytest.approx(675e6, rel=0.001)
+    assert 0.96 * 118.6e9 < before["macs"] < 118.6e9  # attention and linears; fvcore adds a little more
+
+    d14 = family.prune(model, PruneRequest(ratio=0.0, importance="magnitude", depth=14))
+    after = model_size(d14.model, family)
+    assert d14.details["kept_blocks"] == list(range(1, 28, 2))
+    assert after["params"] - 13 * per_block_embedder == pytest.approx(340e6, rel=0.01)  # TinyDiT-D14: 340M
+    assert after["macs"] == pytest.approx(before["macs"] / 2, rel=0.01)
+
+    half = family.prune(model, PruneRequest(ratio=0.5, importance="magnitude"))
+    assert half.model.config.num_attention_heads == 8 and half.model.config.num_layers == 28
+    assert model_size(half.model, family)["macs"] < 0.26 * before["macs"]  # width^2: about a quarter

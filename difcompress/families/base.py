@@ -80,6 +80,11 @@ class ModelFamily(ABC):
             "timestep": torch.full((batch_size,), 10, dtype=torch.long, device=device),
         }
 
+    def learns_variance(self, model: nn.Module) -> bool:
+        """True when the output carries a learned variance beside epsilon (out = 2 x in)."""
+        config = model.config
+        return (config.get("out_channels") or config.in_channels) == 2 * config.in_channels
+
     @abstractmethod
     def predict_split(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                       class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -124,15 +129,16 @@ class ModelFamily(ABC):
         batch_size: int = 64,
         class_labels: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        clamp: bool = True,
         on_batch=None,
     ) -> torch.Tensor:
         """Draw samples in the denoiser's space as (N, C, H, W) on CPU; sample i depends only
-        on (seed, i) and its class label."""
+        on (seed, i) and its class label. Pixels are clamped to [-1, 1], latents (clamp=False) not."""
         from difcompress.sampling import sample_images
 
         return sample_images(
             self, model, scheduler, num_samples, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size,
-            class_labels=class_labels, guidance_scale=guidance_scale, on_batch=on_batch,
+            class_labels=class_labels, guidance_scale=guidance_scale, clamp=clamp, on_batch=on_batch,
         )
 
 
