@@ -1,12 +1,15 @@
-"""The objectives benchmark on the embedded digits teacher.
+"""The objectives benchmark on an embedded digits teacher.
 
 Prunes the teacher at each ratio, distills every student with every objective under the
 same steps, lr, batch and seed (several seeds at the highest ratio), and reports
 digits-FID (mean +- std over seeds) with the teacher's FID as the floor, params and MACs.
-Every run folder keeps its metrics.jsonl and curves.png; finished runs are skipped, so
-the benchmark resumes after an interruption.
+For the DiT teacher (`--teacher digits-dit`) `--ratios` removes attention heads (width)
+and `--depth-ratios` removes blocks (depth). Every run folder keeps its metrics.jsonl and
+curves.png; finished runs are skipped, so the benchmark resumes after an interruption.
 
     .venv/bin/python benchmarks/objectives.py -o runs/objectives --steps 1000
+    .venv/bin/python benchmarks/objectives.py --teacher digits-dit --ratios 0.5 --depth-ratios 0.5 \
+        --seeds-at-max 1 -o runs/objectives-dit
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from difcompress.builtin import TEACHER_NAME
+from difcompress.builtin import TEACHER_NAME, TEACHERS
 from difcompress.evaluate import evaluate
+from difcompress.loading import load_model
 from difcompress.prune import prune
 from difcompress.run import distill_resumable, stage_complete
 
@@ -38,7 +42,11 @@ def fid_of(models, out, args, seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=Path("runs/objectives"))
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    parser.add_argument("--teacher", default=TEACHER_NAME, choices=sorted(TEACHERS))
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9],
+                        help="Channel (U-Net) or head (DiT) ratios.")
+    parser.add_argument("--depth-ratios", type=float, nargs="*", default=[],
+                        help="DiT: fractions of blocks removed (kept blocks: the uniform map).")
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -52,29 +60,34 @@ def main():
     root = args.output
     started = time.time()
 
-    teacher_row = fid_of([TEACHER_NAME], root / "teacher-eval", args, 0)[0]
+    teacher = args.teacher
+    teacher_row = fid_of([teacher], root / "teacher-eval", args, 0)[0]
+    settings = [(f"{r}", {"ratio": r}) for r in args.ratios]
+    for r in args.depth_ratios:
+        blocks = load_model(teacher).model.config.num_layers
+        settings.append((f"depth {r}", {"ratio": 0.0, "depth": max(1, round(blocks * (1 - r)))}))
     rows = []
-    for ratio in args.ratios:
-        pruned = root / f"pruned-{ratio}"
+    for label, prune_args in settings:
+        pruned = root / f"pruned-{label.replace(' ', '-')}"
         if not stage_complete("prune", pruned):
-            prune(TEACHER_NAME, ratio, pruned, seed=0, device=args.device)
-        seeds = range(args.seeds_at_max) if ratio == max(args.ratios) else range(1)
+            prune(teacher, prune_args.pop("ratio"), pruned, seed=0, device=args.device, **prune_args)
+        seeds = range(args.seeds_at_max) if label == str(max(args.ratios)) else range(1)
         for loss in args.objectives:
             fids, kids, size = [], [], None
             for seed in seeds:
-                run = root / f"r{ratio}-{loss}-s{seed}"
+                run = root / f"r{label.replace(' ', '-')}-{loss}-s{seed}"
                 if not stage_complete("distill", run):
-                    distill_resumable(str(pruned), run, teacher=TEACHER_NAME, loss=loss, data="digits",
+                    distill_resumable(str(pruned), run, teacher=teacher, loss=loss, data="digits",
                                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
                                       seed=seed, checkpoint_every=500, device=args.device, show_progress=False)
                 row = fid_of([str(run)], run / "eval", args, seed)[0]
                 fids.append(row["fid"])
                 kids.append(row["kid"])
                 size = (row["params"], row["macs"])
-            rows.append({"ratio": ratio, "loss": loss, "seeds": len(fids), "fid": fids, "kid": kids,
+            rows.append({"ratio": label, "loss": loss, "seeds": len(fids), "fid": fids, "kid": kids,
                          "fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
                          "params": size[0], "macs": size[1]})
-            print(f"ratio {ratio} {loss:8s} FID {rows[-1]['fid_mean']:.2f} +- {rows[-1]['fid_std']:.2f}", flush=True)
+            print(f"ratio {label} {loss:8s} FID {rows[-1]['fid_mean']:.2f} +- {rows[-1]['fid_std']:.2f}", flush=True)
 
     result = {"teacher": {"fid": teacher_row["fid"], "params": teacher_row["params"], "macs": teacher_row["macs"]},
               "rows": rows, "settings": vars(args) | {"output": str(root)},
@@ -87,7 +100,7 @@ def main():
 
 def markdown_table(result) -> str:
     rows = result["rows"]
-    ratios = sorted({r["ratio"] for r in rows})
+    ratios = list(dict.fromkeys(r["ratio"] for r in rows))
     losses = list(dict.fromkeys(r["loss"] for r in rows))
     by_key = {(r["ratio"], r["loss"]): r for r in rows}
     lines = [f"Teacher digits-FID (floor): {result['teacher']['fid']:.2f}, "

@@ -231,3 +231,31 @@ def test_ancestral_sampling_uses_the_learned_variance(tiny_dit_dir, monkeypatch)
     assert seen and all(s == (8, "learned_range") for s in seen)
     images = loaded.family.sample(loaded.model, loaded.scheduler, 2, seed=0, steps=2, class_labels=labels)
     assert images.shape == (2, 4, 4, 4)
+
+
+def test_recipe_runs_the_dit_chain_and_resumes(tiny_dit_dir, tmp_path):
+    import yaml
+
+    from difcompress.run import run_recipe
+
+    recipe = tmp_path / "dit.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny-dit", "output_dir": str(tmp_path / "out"), "seed": 0, "device": "cpu",
+        "prune": {"model": str(tiny_dit_dir), "ratio": 0.5, "depth": 2, "latent_cache": str(tmp_path / "cache")},
+        "distill": {"loss": "place", "data": "digits", "steps": 2, "batch_size": 4, "checkpoint_every": 1,
+                    "w_feat": 0.1, "w_feat_schedule": "linear", "feature_mask_std": 2.0,
+                    "latent_cache": str(tmp_path / "cache")},
+        "eval": {"sampler_steps": 2, "grid_size": 2, "latency_batch_size": 2, "guidance_scale": 1.5,
+                 "class_labels": [4]},
+        "export": {"dtype": "fp16"},
+    }))
+    first = run_recipe(recipe)
+    assert [e["status"] for e in first] == ["ran"] * 4
+    assert [e["status"] for e in run_recipe(recipe)] == ["complete (skipped)"] * 4
+    from safetensors import safe_open
+
+    for part in ("transformer", "vae"):  # one dtype for the whole pipeline
+        with safe_open(tmp_path / "out" / "export" / part / "diffusion_pytorch_model.safetensors", "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    pipe = DiTPipeline.from_pretrained(tmp_path / "out" / "export", torch_dtype=torch.float16)
+    assert pipe.transformer.config.num_layers == 2
