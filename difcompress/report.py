@@ -36,10 +36,13 @@ def print_prune_report(report: dict[str, Any]) -> None:
         before, after = report[key]
         table.add_row(key, human(before), f"{human(after)} ({after / before:.1%})")
     console.print(table)
+    unit = "head" if report["family"] == "dit" else "channel"
     console.print(
-        f"requested channel reduction {report['requested_channel_reduction']:.0%}; "
+        f"requested {unit} reduction {report['requested_channel_reduction']:.0%}; "
         f"achieved params -{report['params_reduction']:.1%}, MACs -{report['macs_reduction']:.1%}"
     )
+    if "kept_blocks" in report and report["kept_blocks"] != list(range(report["blocks"])):
+        console.print(f"kept blocks ({report['depth_criterion']}): {report['kept_blocks']}")
     for warning in report["warnings"]:
         err_console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"saved to {report['output']}")
@@ -59,6 +62,8 @@ def print_eval_report(result: dict[str, Any]) -> None:
         (f"throughput (batch {first['batch_size']})", lambda r: f"{r['throughput_img_s']:.2f} img/s"),
         (f"peak memory ({first['peak_memory_kind']})", lambda r: human(r["peak_memory_bytes"], "B")),
     ]
+    if any("guidance_scale" in r for r in rows):
+        lines.append(("guidance scale", lambda r: f"{r['guidance_scale']:g}" if "guidance_scale" in r else "-"))
     if "fid" in first:
         lines += [("FID", lambda r: f"{r['fid']:.2f}"), ("KID", lambda r: f"{r['kid']:.4f}")]
     for label, fmt in lines:
