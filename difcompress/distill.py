@@ -437,7 +437,7 @@ def _write_student(output, model, scheduler, family, student_loaded: LoadedModel
         "distill": summary,
     }
     save_model_folder(tmp, model.to("cpu"), scheduler, family, manifest, student_loaded.structure,
-                      autoencoder=student_loaded.autoencoder)
+                      autoencoder=student_loaded.autoencoder, pipeline_settings=student_loaded.pipeline_settings)
     for item in tmp.iterdir():
         if item.name == MANIFEST:
             continue

@@ -52,7 +52,8 @@ def export(model: str, output: Path, *, dtype: str = "fp32") -> dict[str, Any]:
             tmp, net if dtype == "fp32" else net.to(DTYPES[dtype]), loaded.scheduler, family,
             {"stage": "export", "family": family.name, "teacher": manifest.get("teacher"), "versions": versions(),
              "export": info},
-            structure, autoencoder=_in_dtype(loaded.autoencoder, DTYPES[dtype]), top_level_model=False,
+            structure, autoencoder=_in_dtype(loaded.autoencoder, DTYPES[dtype]),
+            pipeline_settings=loaded.pipeline_settings, top_level_model=False,
         )
         (tmp / "README.md").write_text(model_card(info, family))
     info["output"] = str(output)

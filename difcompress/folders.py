@@ -78,7 +78,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_model_folder(folder: Path, model, scheduler, family, manifest: dict[str, Any],
-                      structure: dict[str, Any] | None = None, *, autoencoder=None, top_level_model: bool = True) -> None:
+                      structure: dict[str, Any] | None = None, *, autoencoder=None,
+                      pipeline_settings: dict[str, Any] | None = None, top_level_model: bool = True) -> None:
     """Write pipeline (with a latent model's autoencoder, unchanged) + manifest into `folder`
     (normally the temp folder of atomic_folder)."""
     from diffusers.utils import logging as diffusers_logging
@@ -90,6 +91,9 @@ def save_model_folder(folder: Path, model, scheduler, family, manifest: dict[str
         pipeline.save_pretrained(folder, safe_serialization=True)
     finally:
         diffusers_logging.set_verbosity(level)
+    if pipeline_settings:  # e.g. DiT's id2label (ImageNet class names), which the pipeline takes as an argument
+        index = json.loads((folder / "model_index.json").read_text())
+        write_json(folder / "model_index.json", {**index, **pipeline_settings})
     component = folder / family.component
     if structure is not None:
         write_json(component / STRUCTURE, structure)

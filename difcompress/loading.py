@@ -33,6 +33,7 @@ class LoadedModel:
     manifest: dict[str, Any] | None  # difcompress.json when the folder is ours
     structure: dict[str, Any] | None = None  # the --global pruning record, when there is one
     autoencoder: Autoencoder | None = None  # latent pipelines: the frozen VAE / VQ-VAE
+    pipeline_settings: dict[str, Any] | None = None  # model_index.json entries that are not components (id2label)
 
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the images this model generates."""
@@ -108,16 +109,22 @@ def _load_folder(path: Path, source: str) -> LoadedModel:
         model_dir = path / component
         scheduler_dir = path / "scheduler"
         autoencoder = _load_autoencoder(path, index)
+        settings = {k: v for k, v in index.items() if not k.startswith("_") and not _is_component(v)}
     elif (path / "config.json").is_file():
         family = family_for_class_name(_read_json(path / "config.json").get("_class_name", "?"))
         model_dir = path
         scheduler_dir = path if (path / "scheduler_config.json").is_file() else path.parent / "scheduler"
-        autoencoder = None
+        autoencoder, settings = None, None
     else:
         raise UserError(f"{path} is not a diffusers model or pipeline folder (no model_index.json or config.json)")
     model = _load_weights(family, model_dir)
     structure = _read_json(model_dir / STRUCTURE) if (model_dir / STRUCTURE).is_file() else None
-    return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest, structure, autoencoder)
+    return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest, structure, autoencoder,
+                       settings or None)
+
+
+def _is_component(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
 
 
 def _load_autoencoder(path: Path, index: dict[str, Any]) -> Autoencoder | None:

@@ -133,7 +133,7 @@ def prune(
     }
     with atomic_folder(output) as tmp:
         save_model_folder(tmp, student.to("cpu"), loaded.scheduler, family, manifest, structure,
-                          autoencoder=loaded.autoencoder)
+                          autoencoder=loaded.autoencoder, pipeline_settings=loaded.pipeline_settings)
     report["output"] = str(output)
     return report
 

@@ -42,6 +42,8 @@ def test_teacher_and_extractor_load_offline_from_package_data(tmp_path):
         "from difcompress.builtin import digits_extractor\n"
         "m = load_model('digits')\n"
         "assert m.model.config.sample_size == 16 and m.family.name == 'unet2d'\n"
+        "d = load_model('digits-dit')\n"
+        "assert d.family.name == 'dit' and d.model.config.patch_size == 2 and d.autoencoder is None\n"
         "digits_extractor()\n"
         "print('ok')\n"
     )
@@ -74,3 +76,21 @@ def test_eval_digits_fid_against_an_image_folder_and_saved_stats(tmp_path, capsy
         row = json.loads(capsys.readouterr().out)["models"][0]
         assert row["fid"] > 0 and row["protocol"]["feature_extractor"] == "digits"
         assert row["protocol"]["reference"] == str(ref) and row["protocol"]["num_samples"] == 8
+
+
+def test_dit_teacher_draws_the_digit_it_is_asked_for():
+    """The embedded pixel DiT is class-conditional: guided samples of label k are classified
+    as k by the (independently trained) digits classifier."""
+    from difcompress.builtin import DIT_TEACHER_NAME
+    from difcompress.loading import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(DIT_TEACHER_NAME)
+    assert loaded.family.name == "dit" and loaded.autoencoder is None
+    assert loaded.family.num_classes(loaded.model) == 10 and loaded.image_shape() == (1, 16, 16)
+    labels = torch.arange(40) % 10
+    images = loaded.sample(40, seed=0, steps=25, class_labels=labels, guidance_scale=1.5)
+    extractor = digits_extractor()
+    with torch.no_grad():
+        predicted = extractor.model(images).argmax(1)
+    assert (predicted == labels).float().mean() >= 0.8

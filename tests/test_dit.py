@@ -180,6 +180,17 @@ def test_guidance_on_unconditional_model_is_refused(tiny_model_dir, run_cli, tmp
     assert "unconditional" in assert_one_line_error(code, err, 2)
 
 
+def test_class_names_travel_through_every_stage(tiny_dit_dir, tmp_path):
+    """The hub DiT's model_index.json carries id2label (ImageNet names); outputs keep it."""
+    source = tmp_path / "named"
+    shutil.copytree(tiny_dit_dir, source)
+    index = json.loads((source / "model_index.json").read_text())
+    (source / "model_index.json").write_text(json.dumps({**index, "id2label": {"0": "zero, nought", "1": "one"}}))
+    prune(str(source), 0.5, tmp_path / "pruned", device="cpu")
+    export(str(tmp_path / "pruned"), tmp_path / "export")
+    assert DiTPipeline.from_pretrained(tmp_path / "export").get_label_ids(["nought", "one"]) == [0, 1]
+
+
 def test_export_loads_and_samples_with_stock_dit_pipeline(dit_distilled, tmp_path):
     info = export(str(dit_distilled[0]), tmp_path / "export")
     assert info["autoencoder"] == "AutoencoderKL"
