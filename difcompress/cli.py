@@ -55,7 +55,6 @@ def prune_command(
     batch_size: Annotated[int, typer.Option(help="Images for gradient criteria and output-change scoring.")] = 16,
     diff_threshold: Annotated[float, typer.Option(help="diff-pruning: stop once the loss falls below this fraction of its maximum.")] = 0.05,
     importance_timesteps: Annotated[Optional[int], typer.Option(help="Cap on timesteps visited by gradient criteria.")] = None,
-    latent_cache: LatentCache = None,
     device: Device = "auto",
     json_output: JsonFlag = False,
 ):
@@ -68,7 +67,7 @@ def prune_command(
             model, ratio, output, importance=importance, data=data, global_pruning=global_pruning, seed=seed,
             device=device, batch_size=batch_size, diff_threshold=diff_threshold,
             importance_timesteps=importance_timesteps, depth=depth, blocks=_int_list(blocks, "--blocks"),
-            depth_criterion=depth_criterion, latent_cache=latent_cache,
+            depth_criterion=depth_criterion,
         )
     print_json(report) if json_output else print_prune_report(report)
 

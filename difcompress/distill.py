@@ -87,10 +87,12 @@ def distill(
     seed_everything(seed)
     student_loaded = load_model(student, accelerator.device)
     family = student_loaded.family
-    needs_teacher = loss not in ("task", "feature") or w_feat > 0 or data == "teacher"
+    teacher_ref = teacher or (student_loaded.manifest or {}).get("teacher")
+    # A learned-variance student's variance channels learn from the teacher whenever there is one.
+    needs_teacher = (loss not in ("task", "feature") or w_feat > 0 or data == "teacher"
+                     or (family.learns_variance(student_loaded.model) and teacher_ref is not None))
     teacher_loaded = None
     if needs_teacher:
-        teacher_ref = teacher or (student_loaded.manifest or {}).get("teacher")
         if not teacher_ref:
             raise UserError(f"{student} does not record its teacher; pass --teacher MODEL")
         teacher_loaded = load_model(teacher_ref, accelerator.device)
@@ -113,13 +115,10 @@ def distill(
 
     dataset, latent_report = _training_data(data, student_loaded, teacher_loaded, output, teacher_samples,
                                             sampler_steps, seed, accelerator, latent_cache, show_progress)
-    if num_classes and getattr(dataset, "labels", None) is None:
-        raise UserError(f"the student is class-conditional ({num_classes} classes) but {data} has no class labels "
-                        "(use class subfolders, a saved dataset with a label column, or --data teacher)")
     if num_classes:
-        from difcompress.prune import check_labels
+        from difcompress.prune import check_class_data
 
-        check_labels(dataset.labels, num_classes, data)
+        check_class_data(dataset, num_classes, data)
     stream = BatchStream(dataset, batch_size, seed=seed, num_shards=accelerator.num_processes,
                          shard_index=accelerator.process_index)
 
@@ -127,8 +126,8 @@ def distill(
     extra_modules: dict[str, nn.Module] = {}
     if w_feat > 0:
         pairs = _parse_feature_layers(feature_layers) or family.feature_layer_pairs(
-            model, teacher_loaded.model, (student_loaded.manifest or {}).get("report"))
-        settings["feature_layers"] = [f"{s}={t}" for s, t in pairs]
+            model, teacher_loaded.model, _pruning_report(student_loaded.manifest))
+        settings["feature_layers"] = [s if s == t else f"{s}={t}" for s, t in pairs]
         feature_pairs = _FeatureTaps(model, teacher_loaded.model, pairs)
         adapters = feature_pairs.build_adapters(family, model, teacher_loaded.model, accelerator.device)
         extra_modules["adapters"] = adapters
@@ -146,7 +145,8 @@ def distill(
             raise UserError(f"--resume: no checkpoint in {output}/checkpoints; start without --resume")
         info = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
         if info.get("fingerprint") != fingerprint:
-            diff = [k for k in RUN_IDENTITY if info.get("settings", {}).get(k) != settings.get(k)]
+            keys = (*RUN_IDENTITY, "steps") if w_feat_schedule == "linear" else RUN_IDENTITY
+            diff = [k for k in keys if info.get("settings", {}).get(k) != settings.get(k)]
             raise UserError(
                 f"checkpoint {ckpt} belongs to another run (differs in: {', '.join(diff) or 'settings'}); "
                 "resume with the same settings or choose another -o"
@@ -192,21 +192,22 @@ def distill(
                 if w_task > 0:
                     terms["task"] = objectives.task_loss(pred.float(), target)
                     total = total + w_task * terms["task"].loss
-                teacher_pred = None
-                if loss not in ("task", "feature") and w_kd > 0:
+                teacher_pred = teacher_variance = None
+                kd = loss not in ("task", "feature") and w_kd > 0
+                if variance is not None and teacher_loaded is None:
+                    variance = None  # no teacher to learn the variance from (training from scratch)
+                if kd or variance is not None or feature_pairs is not None:  # one teacher call serves all three
                     with torch.no_grad():
                         teacher_pred, teacher_variance = family.predict_split(teacher_loaded.model, noisy, t, labels)
+                if kd:
                     terms["kd"] = objectives.kd_loss(loss, pred.float(), teacher_pred.float(),
                                                      group_size=group_size, coarse_norm=coarse_norm)
                     total = total + w_kd * terms["kd"].loss
-                    if variance is not None and teacher_variance is not None:
-                        # Learned variance: a plain MSE to the teacher's, beside KD on epsilon.
-                        terms["variance"] = objectives.task_loss(variance.float(), teacher_variance.float())
-                        total = total + w_kd * terms["variance"].loss
+                if variance is not None:
+                    # Learned variance: a plain MSE to the teacher's, beside whatever trains epsilon.
+                    terms["variance"] = objectives.task_loss(variance.float(), teacher_variance.float())
+                    total = total + _variance_weight(loss, w_kd) * terms["variance"].loss
                 if feature_pairs is not None:
-                    if teacher_pred is None:
-                        with torch.no_grad():
-                            family.predict(teacher_loaded.model, noisy, t, labels)
                     terms["feature"] = objectives.feature_loss(
                         feature_pairs.student_outputs(), feature_pairs.teacher_outputs(), extra_modules["adapters"],
                         mask_std=feature_mask_std,
@@ -305,14 +306,27 @@ def _prepare_run_folder(output: Path, resume: bool) -> None:
         write_json(output / MANIFEST, {"stage": "distill", "status": "running"})
 
 
+def _variance_weight(loss: str, w_kd: float) -> float:
+    """The variance MSE weighs like KD when a KD objective runs, else 1."""
+    return w_kd if loss not in ("task", "feature") and w_kd > 0 else 1.0
+
+
 def _feature_weight(w_feat: float, schedule: str, step: int, steps: int) -> float:
     """constant, or linear: from w_feat at the first step down to 0 at the last (the DiT
     recipes' decaying feature weight)."""
     return w_feat if schedule == "constant" else w_feat * (1 - (step - 1) / max(1, steps - 1))
 
 
+# Settings added later, left out of the identity at their neutral value so that older
+# checkpoints still resume.
+NEUTRAL_SETTINGS = {"feature_mask_std": 0.0, "w_feat_schedule": "constant", "class_dropout": 0.0}
+
+
 def _fingerprint(settings: dict[str, Any]) -> str:
-    identity = {k: settings.get(k) for k in RUN_IDENTITY}
+    identity = {k: settings.get(k) for k in RUN_IDENTITY
+                if k not in NEUTRAL_SETTINGS or settings.get(k) != NEUTRAL_SETTINGS[k]}
+    if settings.get("w_feat_schedule") == "linear":
+        identity["steps"] = settings["steps"]  # the decay spans the run: more steps is another run
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -332,7 +346,7 @@ def _training_data(data, student_loaded, teacher_loaded, output, teacher_samples
             saved = load_file(cache)
             return TensorImageDataset(saved["images"], saved.get("labels")), None
         classes = family.num_classes(student)
-        labels = balanced_labels(teacher_samples, classes) if classes else None
+        labels = balanced_labels(teacher_samples, classes, seed) if classes else None
         images = teacher_loaded.sample(teacher_samples, seed=seed + 1_000_003, steps=sampler_steps,
                                        class_labels=labels)
         if accelerator.is_main_process:
@@ -345,8 +359,7 @@ def _training_data(data, student_loaded, teacher_loaded, output, teacher_samples
     builtin = builtin_data(data, h, c)
     dataset = builtin if builtin is not None else open_image_data(data, h, c)
     return latent_training_data(dataset, student_loaded.autoencoder, h, cache_root=latent_cache,
-                                is_main=accelerator.is_main_process, wait=accelerator.wait_for_everyone,
-                                show_progress=show_progress)
+                                is_main=accelerator.is_local_main_process, show_progress=show_progress)
 
 
 def _timesteps(batch: int, num_train: int, generator: torch.Generator, antithetic: bool) -> torch.Tensor:
@@ -432,7 +445,7 @@ def _write_student(output, model, scheduler, family, student_loaded: LoadedModel
         "student_source": settings["student"],
         "teacher": settings.get("teacher") or (student_loaded.manifest or {}).get("teacher"),
         "structure": (student_loaded.manifest or {}).get("structure", "config"),
-        "pruning": (student_loaded.manifest or {}).get("report"),
+        "pruning": _pruning_report(student_loaded.manifest),
         "versions": versions(),
         "distill": summary,
     }
@@ -447,6 +460,12 @@ def _write_student(output, model, scheduler, family, student_loaded: LoadedModel
         item.replace(dest)
     (tmp / MANIFEST).replace(output / MANIFEST)
     tmp.rmdir()
+
+
+def _pruning_report(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A pruned folder keeps its report as "report"; a distilled one as "pruning"."""
+    manifest = manifest or {}
+    return manifest.get("report") if manifest.get("stage") == "prune" else manifest.get("pruning")
 
 
 def _parse_feature_layers(layers: list[str] | None) -> list[tuple[str, str]] | None:

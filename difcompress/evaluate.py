@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from difcompress.errors import UserError
 from difcompress.folders import read_manifest, write_json
 from difcompress.loading import load_model
@@ -91,7 +93,7 @@ def evaluate(
     return result
 
 
-def conditioning(item, count: int, guidance_scale: float | None, class_labels: list[int] | None):
+def conditioning(item, count: int, guidance_scale: float | None, class_labels: list[int] | None, seed: int):
     """Labels (given ones cycled, else balanced over classes) and guidance for one model."""
     import torch
 
@@ -113,7 +115,7 @@ def conditioning(item, count: int, guidance_scale: float | None, class_labels: l
     if class_labels:
         given = check_labels(torch.tensor(class_labels), classes, "--class-label")
         return given[torch.arange(count) % len(given)], guidance
-    return balanced_labels(count, classes), guidance
+    return balanced_labels(count, classes, seed), guidance
 
 
 def _measure_all(models, loaded, progress, *, fid, num_samples, sampler, sampler_steps, seed, guidance_scale,
@@ -122,24 +124,37 @@ def _measure_all(models, loaded, progress, *, fid, num_samples, sampler, sampler
     for spec, item in zip(models, loaded):
         seed_everything(seed)
         count = num_samples if fid else grid_size
-        labels, guidance = conditioning(item, count, guidance_scale, class_labels)
+        labels, guidance = conditioning(item, count, guidance_scale, class_labels, seed)
         row: dict[str, Any] = {"model": spec, "family": item.family.name, "latent": item.autoencoder is not None}
         if labels is not None:
             row["guidance_scale"] = guidance
         row.update(model_size(item.model, item.family))
-        row.update(sampling_cost(item.model, item.family, batch_size=latency_batch_size, steps=sampler_steps))
+        # With guidance every step evaluates the denoiser on a doubled batch.
+        row.update(sampling_cost(item.model, item.family, batch_size=latency_batch_size, steps=sampler_steps,
+                                 calls_per_step=2 if labels is not None and guidance != 1.0 else 1))
         task = progress.add_task(f"sampling {Path(spec).name or spec}", total=count) if fid else None
-        samples = item.sample(
-            count, seed=seed, steps=sampler_steps, sampler=sampler,
-            batch_size=batch_size, class_labels=labels, guidance_scale=guidance,
-            on_batch=(lambda n, task=task: progress.advance(task, n)) if fid else None,
-        )
-        images = item.to_images(samples)
-        if fid:
-            from difcompress.metrics import features_of_images, fid_kid
+        features, shown = [], []
+        # A batch at a time: decoded images go to the feature extractor and are dropped, so
+        # memory does not grow with --num-samples. Sample i still depends only on seed + i.
+        for start in range(0, count, batch_size):
+            end = min(count, start + batch_size)
+            images = item.to_images(item.sample(
+                end - start, seed=seed + start, steps=sampler_steps, sampler=sampler, batch_size=batch_size,
+                class_labels=labels[start:end] if labels is not None else None, guidance_scale=guidance))
+            if fid:
+                from difcompress.metrics import features_of_images
 
-            row.update(fid_kid(features_of_images(images, extractor, batch_size=batch_size), reference, seed=seed))
+                features.append(features_of_images(images, extractor, batch_size=batch_size))
+                progress.advance(task, end - start)
+            if sum(len(x) for x in shown) < grid_size:
+                shown.append(images[: grid_size - sum(len(x) for x in shown)])
+        if fid:
+            import numpy as np
+
+            from difcompress.metrics import fid_kid
+
+            row.update(fid_kid(np.concatenate(features), reference, seed=seed))
             row["protocol"] = protocol
-        grid.append((Path(spec).name or spec, images[:grid_size]))
+        grid.append((Path(spec).name or spec, torch.cat(shown)))
         rows.append(row)
     return rows, grid

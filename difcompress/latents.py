@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +32,7 @@ from difcompress.data import HFDiskDataset, ImageFolderDataset, TensorImageDatas
 from difcompress.errors import UserError
 
 SHARD_ITEMS = 4096
+POLL_SECONDS = 2.0
 AUTOENCODER_CLASSES = ("AutoencoderKL", "VQModel")
 
 
@@ -70,7 +72,9 @@ class Autoencoder:
         return torch.cat(out)
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(json.dumps(dict(self.model.config), sort_keys=True, default=str).encode())
+        # Private config keys (_name_or_path, _diffusers_version) say where it was loaded from, not what it is.
+        config = {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
@@ -110,33 +114,42 @@ def cached_latents(dataset: Dataset, autoencoder: Autoencoder, *, image_size: in
     """The dataset's latents, encoded once and read back from the cache afterwards.
 
     Returns the latent dataset and a report (cache folder, whether it was reused). With
-    `encode_here=False` (non-main processes) a missing cache is an error: the main process
-    must have written it.
+    `encode_here=False` (the other processes of a multi-process run) it waits for the
+    process that encodes: polling the folder, not a collective barrier, which would time out
+    during a long encode. If that process fails, the launcher stops this one.
     """
     key = hashlib.sha256(
         f"{autoencoder.fingerprint()}:{dataset_identity(dataset)}:{image_size}".encode()
     ).hexdigest()[:20]
     folder = Path(cache_root or default_cache_root()) / "latents" / key
     index_path = folder / "index.json"
-    reused = index_path.is_file() and json.loads(index_path.read_text()).get("complete", False)
-    if not reused:
-        if not encode_here:
-            raise UserError(f"latent cache {folder} is missing; the main process should have written it")
+    reused = index_path.is_file()
+    if not reused and encode_here:
         _encode_to_shards(dataset, autoencoder, folder, batch_size, show_progress)
+    while not index_path.is_file():
+        time.sleep(POLL_SECONDS)
     index = json.loads(index_path.read_text())
     shards = [load_file(folder / name) for name in index["shards"]]
     latents = torch.cat([s["latents"] for s in shards])
     labels = torch.cat([s["labels"] for s in shards]) if index["labels"] else None
     report = {"folder": str(folder), "reused": reused, "items": len(latents),
               "scaling_factor": index["scaling_factor"], "shape": list(latents.shape[1:])}
-    return TensorImageDataset(latents, labels), report
+    latent_dataset = TensorImageDataset(latents, labels)
+    latent_dataset.class_names = getattr(dataset, "class_names", None)  # for the class-folder check
+    return latent_dataset, report
 
 
-def _encode_to_shards(dataset: Dataset, autoencoder: Autoencoder, folder: Path, batch_size: int,
+def _encode_to_shards(dataset: Dataset, autoencoder: Autoencoder, target: Path, batch_size: int,
                       show_progress: bool) -> None:
+    """Encode into a private temporary folder and rename it into place when complete, so
+    concurrent runs (or machines sharing the cache) never read half-written shards."""
+    import shutil
+    import tempfile
+
     from difcompress.report import progress_bar
 
-    folder.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     labels = getattr(dataset, "labels", None)
     n = len(dataset)
     shards, buffer = [], []
@@ -163,22 +176,22 @@ def _encode_to_shards(dataset: Dataset, autoencoder: Autoencoder, folder: Path, 
     index = {"complete": True, "items": n, "shards": shards, "labels": labels is not None,
              "scaling_factor": autoencoder.scaling_factor, "dataset": repr(dataset),
              "autoencoder": type(autoencoder.model).__name__}
-    tmp = folder / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(folder / "index.json")  # written last: a crash never leaves a "complete" cache
+    (folder / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if (target / "index.json").is_file():  # another process finished the same cache first
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    shutil.rmtree(target, ignore_errors=True)  # an interrupted older attempt, never a complete one
+    try:
+        folder.rename(target)
+    except OSError:  # another process finished the same cache first: use theirs
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def latent_training_data(dataset: Dataset, autoencoder: Autoencoder | None, image_size: int, *,
-                         cache_root: Path | None, is_main: bool, wait: Callable[[], None] = lambda: None,
+                         cache_root: Path | None, is_main: bool = True,
                          show_progress: bool = True) -> tuple[Dataset, dict[str, Any] | None]:
-    """Pixel data as is, or its cached latents (encoded by the main process, read by all)."""
+    """Pixel data as is, or its cached latents (encoded by one process per machine, read by all)."""
     if autoencoder is None:
         return dataset, None
-    if is_main:
-        result = cached_latents(dataset, autoencoder, image_size=image_size, cache_root=cache_root,
-                                show_progress=show_progress)
-        wait()
-        return result
-    wait()
     return cached_latents(dataset, autoencoder, image_size=image_size, cache_root=cache_root,
-                          show_progress=False, encode_here=False)
+                          show_progress=show_progress and is_main, encode_here=is_main)

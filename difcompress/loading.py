@@ -45,7 +45,7 @@ class LoadedModel:
 
     def sample(self, num_samples: int, **kwargs) -> torch.Tensor:
         """The family's sampler on this model, in its space (latents stay unclamped)."""
-        return self.family.sample(self.model, self.scheduler, num_samples, clamp=self.autoencoder is None, **kwargs)
+        return self.family.sample(self.model, self.scheduler, num_samples, pixels=self.autoencoder is None, **kwargs)
 
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples in the denoiser's space -> images in [-1, 1] (decoded for latent models)."""

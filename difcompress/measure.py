@@ -29,15 +29,18 @@ def model_size(model: nn.Module, family) -> dict[str, int]:
     return {"params": count_params(model), "macs": count_macs(model, family)}
 
 
-def sampling_cost(model: nn.Module, family, *, batch_size: int, steps: int, calls: int = 3) -> dict[str, float]:
-    """Sampling latency per image and throughput at `batch_size`, from timed denoiser calls.
+def sampling_cost(model: nn.Module, family, *, batch_size: int, steps: int, calls: int = 3,
+                  calls_per_step: int = 1) -> dict[str, float]:
+    """Sampling latency per image and throughput at `batch_size`, from timed denoiser calls
+    (`calls_per_step` = 2 under classifier-free guidance: each step runs a doubled batch).
 
     A sampler's cost is `steps` denoiser calls (the scheduler update is negligible), so we
     time `calls` calls after a warm-up and scale to `steps`. Peak memory is the CUDA
     allocator's peak on GPU; on CPU, weights plus every activation of one call (an upper bound).
     """
     device = next(model.parameters()).device
-    inputs = family.example_inputs(model, batch_size)
+    evaluated = batch_size * calls_per_step  # what one sampling step really feeds the denoiser
+    inputs = family.example_inputs(model, evaluated)
     with torch.no_grad():
         model(**inputs)  # warm-up
         if device.type == "cuda":
@@ -50,7 +53,7 @@ def sampling_cost(model: nn.Module, family, *, batch_size: int, steps: int, call
             torch.cuda.synchronize(device)
     per_call = (time.perf_counter() - start) / calls
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else peak_activation_bytes_estimate(model, family, batch_size))
+            else peak_activation_bytes_estimate(model, family, evaluated))
     return {
         "latency_s_per_image": per_call * steps / batch_size,
         "throughput_img_s": batch_size / (per_call * steps),
@@ -58,6 +61,7 @@ def sampling_cost(model: nn.Module, family, *, batch_size: int, steps: int, call
         "peak_memory_kind": "cuda allocator" if device.type == "cuda" else "cpu estimate",
         "batch_size": batch_size,
         "steps": steps,
+        "denoiser_calls_per_step": calls_per_step,
     }
 
 

@@ -11,7 +11,6 @@ from difcompress.data import BatchStream, open_image_data
 from difcompress.errors import UserError
 from difcompress.families.base import PruneRequest
 from difcompress.folders import atomic_folder, check_output_folder, save_model_folder
-from difcompress.latents import latent_training_data
 from difcompress.loading import load_model
 from difcompress.measure import model_size
 from difcompress.pruning import IMPORTANCE_CRITERIA, accumulate_gradients, groupnorm_groups
@@ -20,7 +19,7 @@ from difcompress.runtime import resolve_device, seed_everything, versions
 GRADIENT_CRITERIA = ("taylor", "diff-pruning")
 
 
-def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, latent_cache: Path | None = None):
+def calibration_batch(loaded, data: str | None, batch_size: int, seed: int):
     """A batch in the denoiser's space, with class labels for conditional models: real data
     from --data (encoded through the cached VAE for latent models), or the teacher's samples."""
     family, model = loaded.family, loaded.model
@@ -28,16 +27,30 @@ def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, late
     if data and data != "teacher":
         c, h, _ = loaded.image_shape()
         dataset = builtin_data(data, h, c) or open_image_data(data, h, c)
-        dataset, _ = latent_training_data(dataset, loaded.autoencoder, h, cache_root=latent_cache, is_main=True)
+        if classes:
+            check_class_data(dataset, classes, data)
         images, labels = BatchStream(dataset, batch_size, seed=seed).next_labeled_batch()
-        if classes and labels is None:
-            raise UserError(f"{model.__class__.__name__} is class-conditional but {data} has no class labels "
-                            "(use class subfolders, a label column, or --data teacher)")
-        return images, check_labels(labels, classes, data) if classes else None
+        if loaded.autoencoder is not None:  # one batch: encode it directly, no need to cache the dataset
+            images = loaded.autoencoder.encode(images)
+        return images, labels if classes else None
     from difcompress.sampling import balanced_labels
 
-    labels = balanced_labels(batch_size, classes) if classes else None
+    labels = balanced_labels(batch_size, classes, seed) if classes else None
     return loaded.sample(batch_size, seed=seed, steps=50, class_labels=labels), labels
+
+
+def check_class_data(dataset, num_classes: int, where: str) -> None:
+    """Class-conditional training data: labels present, in range, and class folders that
+    map one to one onto the model's classes (ids come from sorted folder names)."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise UserError(f"the model is class-conditional ({num_classes} classes) but {where} has no class labels "
+                        "(use class subfolders, a saved dataset with a label column, or --data teacher)")
+    names = getattr(dataset, "class_names", None)
+    if names is not None and len(names) != num_classes:
+        raise UserError(f"{where} has {len(names)} class folders but the model has {num_classes} classes; class ids "
+                        "come from the sorted folder names, so every class needs its folder (ImageNet: the train/ folder)")
+    check_labels(labels, num_classes, where)
 
 
 def check_labels(labels, num_classes: int, where: str):
@@ -63,7 +76,6 @@ def prune(
     batch_size: int = 16,
     diff_threshold: float = 0.05,
     importance_timesteps: int | None = None,
-    latent_cache: Path | None = None,
 ) -> dict[str, Any]:
     depth_pruning = depth is not None or blocks is not None
     if not (0 < ratio < 1 or (ratio == 0 and depth_pruning)):
@@ -77,13 +89,17 @@ def prune(
     if loaded.structure is not None and not global_pruning:
         raise UserError(f"{model} was pruned with --global (its widths are not uniform); prune it again with --global")
     family, student = loaded.family, loaded.model
+    if depth_pruning and not family.supports_depth:
+        raise UserError(f"depth pruning (--depth/--blocks) applies to transformer models, not {family.name}", 2)
     teacher_size = model_size(student, family)
     widths_before = family.stage_widths(student)
     base_config = {k: v for k, v in dict(student.config).items() if not k.startswith("_")}
 
     timesteps_used = calibration = None
+    if depth_criterion != "uniform" and depth is None:
+        raise UserError(f"--depth-criterion {depth_criterion} chooses which blocks --depth keeps; give --depth", 2)
     if importance in GRADIENT_CRITERIA or depth_criterion == "output-change":
-        x0, labels = calibration_batch(loaded, data, batch_size, seed, latent_cache)
+        x0, labels = calibration_batch(loaded, data, batch_size, seed)
         calibration = (x0, labels, loaded.scheduler)
     if importance in GRADIENT_CRITERIA:
         timesteps_used = accumulate_gradients(
@@ -93,6 +109,11 @@ def prune(
     request = PruneRequest(ratio=ratio, importance=importance, global_pruning=global_pruning, depth=depth,
                            blocks=blocks, depth_criterion=depth_criterion, calibration=calibration, seed=seed)
     outcome = family.prune(student, request)
+    earlier = (loaded.manifest or {}).get("report") or (loaded.manifest or {}).get("pruning") or {}
+    if "kept_blocks" in outcome.details and "kept_blocks" in earlier:
+        # Pruned again: record blocks of the original teacher, which stays the teacher.
+        outcome.details["kept_blocks"] = [earlier["kept_blocks"][i] for i in outcome.details["kept_blocks"]]
+        outcome.details["blocks"] = earlier["blocks"]
     student.zero_grad(set_to_none=True)
     student = outcome.model
     family.check_pruned(student)

@@ -5,11 +5,17 @@ export); each stage's settings are the parameters of the stage function. Stage o
 are `<output_dir>/<stage>` and feed the next stage. A stage whose output is complete is
 skipped, and an interrupted distill resumes from its last checkpoint, so re-running a
 recipe after a crash continues where it stopped.
+
+Under `accelerate launch` every process runs the recipe: distill runs data-parallel on
+all of them, the other stages on the main process only while the rest wait for its
+output folder to be complete.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -36,7 +42,6 @@ class PruneStage(_Stage):
     depth: Optional[int] = None
     blocks: Optional[list[int]] = None
     depth_criterion: Literal["uniform", "output-change"] = "uniform"
-    latent_cache: Optional[str] = None
     batch_size: int = 16
     diff_threshold: float = 0.05
     importance_timesteps: Optional[int] = None
@@ -169,6 +174,7 @@ def stage_complete(name: str, out: Path) -> bool:
 def run_recipe(path: str | Path, *, dry_run: bool = False, on_stage=None) -> list[dict[str, Any]]:
     recipe = load_recipe(path)
     plan = resolve_stages(recipe)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch set RANK
     results = []
     for name, args, out in plan:
         done = stage_complete(name, out)
@@ -177,9 +183,19 @@ def run_recipe(path: str | Path, *, dry_run: bool = False, on_stage=None) -> lis
         if on_stage:
             on_stage(entry)
         if not dry_run and not done:
-            entry["result"] = _run_stage(name, args, out)
+            if name == "distill" or main_process:
+                entry["result"] = _run_stage(name, args, out)
+            else:
+                _wait_until_complete(name, out)
         results.append(entry)
     return results
+
+
+def _wait_until_complete(name: str, out: Path, poll_seconds: float = 5.0) -> None:
+    """Other processes wait for the main one by polling (a collective barrier would time out
+    during a long prune or eval); if the main process fails, the launcher stops them."""
+    while not stage_complete(name, out):
+        time.sleep(poll_seconds)
 
 
 def _run_stage(name: str, args: dict[str, Any], out: Path) -> dict[str, Any]:

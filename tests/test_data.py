@@ -356,6 +356,12 @@ def test_class_subfolders_give_labels_and_flat_folders_none(tmp_path):
     images, labels = BatchStream(ds, 4, seed=0).next_labeled_batch()
     assert images.shape == (4, 3, 8, 8) and sorted(labels.tolist()) == [0, 0, 1, 1]
 
+    (tmp_path / "classes" / ".ipynb_checkpoints").mkdir()  # hidden: neither a class nor data
+    Image.new("RGB", (8, 8)).save(tmp_path / "classes" / ".ipynb_checkpoints" / "x.png")
+    (tmp_path / "classes" / "dog").mkdir()  # empty: still a class, as in torchvision
+    ds = ImageFolderDataset(tmp_path / "classes", 8, 3)
+    assert ds.class_names == ["ant", "cat", "dog"] and len(ds) == 4
+
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
     assert ImageFolderDataset(tmp_path / "flat", 8, 3).labels is None

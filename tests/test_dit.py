@@ -81,7 +81,7 @@ def test_width_pruning_keeps_the_stock_position_embedding(dit_student, tiny_dit_
 
 def test_output_change_criterion_keeps_the_most_influential_blocks(tiny_dit_dir, tmp_path):
     report = prune(str(tiny_dit_dir), 0.0, tmp_path / "scored", depth=2, depth_criterion="output-change",
-                   data="digits", batch_size=8, device="cpu", latent_cache=tmp_path / "cache")
+                   data="digits", batch_size=8, device="cpu")
     scores = report["block_scores"]
     assert len(scores) == 4 and all(s >= 0 for s in scores)
     assert report["kept_blocks"] == sorted(sorted(range(4), key=lambda i: -scores[i])[:2])
@@ -252,7 +252,7 @@ def test_recipe_runs_the_dit_chain_and_resumes(tiny_dit_dir, tmp_path):
     recipe = tmp_path / "dit.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "tiny-dit", "output_dir": str(tmp_path / "out"), "seed": 0, "device": "cpu",
-        "prune": {"model": str(tiny_dit_dir), "ratio": 0.5, "depth": 2, "latent_cache": str(tmp_path / "cache")},
+        "prune": {"model": str(tiny_dit_dir), "ratio": 0.5, "depth": 2},
         "distill": {"loss": "place", "data": "digits", "steps": 2, "batch_size": 4, "checkpoint_every": 1,
                     "w_feat": 0.1, "w_feat_schedule": "linear", "feature_mask_std": 2.0,
                     "latent_cache": str(tmp_path / "cache")},
@@ -268,7 +268,7 @@ def test_recipe_runs_the_dit_chain_and_resumes(tiny_dit_dir, tmp_path):
     for part in ("transformer", "vae"):  # one dtype for the whole pipeline
         with safe_open(tmp_path / "out" / "export" / part / "diffusion_pytorch_model.safetensors", "pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    pipe = DiTPipeline.from_pretrained(tmp_path / "out" / "export", torch_dtype=torch.float16)
+    pipe = DiTPipeline.from_pretrained(tmp_path / "out" / "export", dtype=torch.float16)
     assert pipe.transformer.config.num_layers == 2
 
 
@@ -291,3 +291,59 @@ def test_dit_resume_is_bit_identical(dit_student, tmp_path, monkeypatch):
     full = load_file(tmp_path / "full" / "transformer" / "diffusion_pytorch_model.safetensors")
     resumed = load_file(tmp_path / "crashed" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_balanced_labels_cover_all_classes_even_with_few_samples():
+    from difcompress.sampling import balanced_labels
+
+    few = balanced_labels(512, 1000, seed=0)
+    assert len(set(few.tolist())) == 512 and few.max() > 600  # not just classes 0..511
+    many = balanced_labels(25, 10, seed=3)
+    assert sorted(many.bincount().tolist()) == [2] * 5 + [3] * 5
+    assert torch.equal(many, balanced_labels(25, 10, seed=3))
+
+
+def test_pruning_a_pruned_dit_records_blocks_of_the_original_teacher(dit_student, tmp_path):
+    """28 -> 14 -> 7 style chains: kept_blocks always index the teacher feature KD pairs with."""
+    again = prune(str(dit_student[0]), 0.0, tmp_path / "again", blocks=[1], device="cpu")
+    assert again["kept_blocks"] == [3] and again["blocks"] == 4
+    student = load_model(str(tmp_path / "again"))
+    teacher = load_model(student.manifest["teacher"])
+    pairs = student.family.feature_layer_pairs(student.model, teacher.model, student.manifest["report"])
+    assert pairs == [("transformer_blocks.0", "transformer_blocks.3")]
+
+
+def test_variance_channels_learn_from_the_teacher_under_every_objective(dit_student, tmp_path):
+    summary = distill(str(dit_student[0]), tmp_path / "task", loss="task", data="digits", steps=1, batch_size=4,
+                      checkpoint_every=0, device="cpu", show_progress=False, latent_cache=tmp_path / "cache")
+    assert "variance" in summary["final"] and "kd" not in summary["final"]
+
+
+def test_latent_sampling_never_clips(tiny_dit_dir):
+    from difcompress.sampling import make_sampler
+
+    scheduler = load_model(str(tiny_dit_dir)).scheduler
+    assert scheduler.config.clip_sample  # the fixture's DDIM default clips x0 to [-1, 1]
+    assert not make_sampler(scheduler, "ddim", 2, pixels=False).config.clip_sample
+    assert make_sampler(scheduler, "ddim", 2).config.clip_sample
+
+
+def test_class_folders_must_match_the_model_classes(dit_student, tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b", "c"):
+        (tmp_path / "three" / cls).mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(tmp_path / "three" / cls / "x.png")
+    with pytest.raises(UserError, match="3 class folders but the model has 10"):
+        distill(str(dit_student[0]), tmp_path / "run", loss="task", data=str(tmp_path / "three"), steps=1,
+                batch_size=2, device="cpu", show_progress=False, latent_cache=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--ratio", "0", "--depth", "2", "--blocks", "0,1"], "not both"),
+    (["--ratio", "0.5", "--depth-criterion", "output-change"], "give --depth"),
+    (["--ratio", "0", "--depth", "2", "--depth-criterion", "best"], "--depth-criterion"),
+])
+def test_depth_option_mistakes(tiny_dit_dir, tmp_path, run_cli, args, expected):
+    code, _, err = run_cli("prune", tiny_dit_dir, "-o", tmp_path / "x", "--device", "cpu", *args)
+    assert expected in assert_one_line_error(code, err, 2)

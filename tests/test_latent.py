@@ -53,7 +53,10 @@ def test_distill_runs_share_the_cache(tiny_dit_dir, tmp_path):
     kwargs = dict(loss="mse", data="digits", steps=1, batch_size=4, checkpoint_every=0, device="cpu",
                   show_progress=False, latent_cache=tmp_path / "cache")
     assert distill(str(pruned), tmp_path / "a", **kwargs)["latent_cache"]["reused"] is False
-    assert distill(str(pruned), tmp_path / "b", **kwargs)["latent_cache"]["reused"] is True
+    # The same VAE read from another folder (a copy, a later run) is the same cache key.
+    shutil.copytree(pruned, tmp_path / "elsewhere")
+    assert distill(str(tmp_path / "elsewhere"), tmp_path / "b", **kwargs)["latent_cache"]["reused"] is True
+    assert distill(str(tmp_path / "a"), tmp_path / "c", **kwargs)["latent_cache"]["reused"] is True
 
 
 def test_ldm_chain_prune_distill_eval_export(tiny_ldm_dir, tmp_path):

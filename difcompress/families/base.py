@@ -44,6 +44,7 @@ class ModelFamily(ABC):
     model_class: type[nn.Module]
     pipeline_class: type
     component: str  # the denoiser's folder inside a pipeline ("unet", "transformer")
+    supports_depth: bool = False  # whether whole blocks can be removed (--depth / --blocks)
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_class)
@@ -129,16 +130,16 @@ class ModelFamily(ABC):
         batch_size: int = 64,
         class_labels: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
-        clamp: bool = True,
+        pixels: bool = True,
         on_batch=None,
     ) -> torch.Tensor:
         """Draw samples in the denoiser's space as (N, C, H, W) on CPU; sample i depends only
-        on (seed, i) and its class label. Pixels are clamped to [-1, 1], latents (clamp=False) not."""
+        on (seed, i) and its class label. Pixels are clamped to [-1, 1]; latents (pixels=False) are never clipped."""
         from difcompress.sampling import sample_images
 
         return sample_images(
             self, model, scheduler, num_samples, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size,
-            class_labels=class_labels, guidance_scale=guidance_scale, clamp=clamp, on_batch=on_batch,
+            class_labels=class_labels, guidance_scale=guidance_scale, pixels=pixels, on_batch=on_batch,
         )
 
 
@@ -177,11 +178,8 @@ class GraphPrunedFamily(ModelFamily):
         """The stock config that rebuilds the pruned model; raise ValueError if impossible."""
 
     def prune(self, model, request):
-        from difcompress.errors import UserError
         from difcompress.pruning import make_importance, prune_channels
 
-        if request.depth is not None or request.blocks is not None:
-            raise UserError(f"depth pruning (--depth/--blocks) applies to transformer models, not {self.name}", 2)
         outcome = prune_channels(model, self, request.ratio, make_importance(request.importance),
                                  global_pruning=request.global_pruning)
         if not request.global_pruning:

@@ -43,6 +43,7 @@ class DiTFamily(ModelFamily):
     model_class = DiTTransformer2DModel
     pipeline_class = DiTPipeline
     component = "transformer"
+    supports_depth = True
 
     def pipeline(self, model, scheduler, autoencoder=None):
         # A pixel-space DiT has no VAE: the folder lists vae as null and loads with
@@ -83,10 +84,14 @@ class DiTFamily(ModelFamily):
         if request.global_pruning:
             raise UserError("DiT pruning is uniform (every block keeps the same heads, so the stock config "
                             "expresses it); drop --global", exit_code=2)
+        _check_prunable(model, request)
         layers = model.config.num_layers
         kept_blocks, block_scores = self._choose_blocks(model, request)
         heads = model.config.num_attention_heads
         keep_heads = max(1, round(heads * (1 - request.ratio)))
+        warnings = []
+        if request.ratio > 0 and keep_heads == heads:
+            warnings.append(f"--ratio {request.ratio} of {heads} heads rounds to removing none; widths are unchanged")
         config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
         config.update(num_layers=len(kept_blocks), num_attention_heads=keep_heads)
         width = keep_heads * model.config.attention_head_dim
@@ -96,7 +101,6 @@ class DiTFamily(ModelFamily):
         index = _WidthIndex(model, kept_blocks, keep_heads, _scorer(request))
         pruned = DiTTransformer2DModel.from_config(config).to(next(model.parameters()).device)
         _copy_slices(pruned, model, kept_blocks, index)
-        warnings = []
         if kept_blocks[0] != 0 and not _same_embedders(model, 0, kept_blocks[0]):
             warnings.append(f"block 0 was removed: the final layer now reads block {kept_blocks[0]}'s "
                             "conditioning embedding, which differs from block 0's (distillation adapts it)")
@@ -118,9 +122,6 @@ class DiTFamily(ModelFamily):
             raise UserError(f"--depth must lie between 1 and {layers} (the model has {layers} blocks)", exit_code=2)
         if request.depth_criterion == "uniform" or keep == layers:
             return uniform_blocks(layers, keep), None
-        if request.depth_criterion != "output-change":
-            raise UserError(f"unknown --depth-criterion '{request.depth_criterion}'; choose one of "
-                            f"{', '.join(DEPTH_CRITERIA)}", exit_code=2)
         scores = block_removal_scores(self, model, request.calibration, request.seed)
         ranked = sorted(range(layers), key=lambda i: -scores[i])
         return sorted(ranked[:keep]), scores
@@ -144,6 +145,21 @@ class DiTFamily(ModelFamily):
         if len(kept) != k or kept[-1] >= layers:
             kept = uniform_blocks(layers, k)
         return [(f"transformer_blocks.{i}", f"transformer_blocks.{t}") for i, t in enumerate(kept)]
+
+
+def _check_prunable(model, request: PruneRequest) -> None:
+    """The index maps cover the DiT-XL layout; refuse variants they would mis-slice."""
+    config = model.config
+    if config.norm_type != "ada_norm_zero" or config.norm_elementwise_affine:
+        raise UserError("difcompress prunes DiTs with adaLN-Zero and affine-free LayerNorms (the DiT-XL/2 layout); "
+                        f"this one has norm_type={config.norm_type}, norm_elementwise_affine={config.norm_elementwise_affine}")
+    if config.activation_fn not in ("gelu", "gelu-approximate"):
+        raise UserError(f"difcompress prunes DiT feed-forwards with gelu / gelu-approximate, not {config.activation_fn}")
+    if request.blocks is not None and request.depth is not None:
+        raise UserError("give either --depth or --blocks, not both", exit_code=2)
+    if request.depth_criterion not in DEPTH_CRITERIA:
+        raise UserError(f"unknown --depth-criterion '{request.depth_criterion}'; choose one of "
+                        f"{', '.join(DEPTH_CRITERIA)}", exit_code=2)
 
 
 def uniform_blocks(layers: int, keep: int) -> list[int]:
