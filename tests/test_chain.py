@@ -131,3 +131,24 @@ def test_cli_reference_is_current(tmp_path):
     subprocess.run([sys.executable, "-m", "typer", "difcompress.cli", "utils", "docs", "--name", "difcompress",
                     "--output", str(out)], check=True, capture_output=True)
     assert out.read_text() == (REPO / "docs" / "cli.md").read_text(), "regenerate docs/cli.md (see docs/README)"
+
+
+def test_under_a_launcher_only_the_main_process_runs_non_distill_stages(teacher, tmp_path, monkeypatch):
+    """Rank 1 does not prune itself: it waits until the main process's folder is complete."""
+    import threading
+
+    import difcompress.run as run_module
+    from difcompress.prune import prune
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "output_dir": str(tmp_path / "out"), "device": "cpu",
+                                      "prune": {"model": str(teacher), "ratio": 0.5}}))
+    calls = []
+    monkeypatch.setattr(run_module, "_run_stage", lambda *a: calls.append(a))
+    monkeypatch.setenv("RANK", "1")
+    main_process = threading.Timer(0.2, lambda: prune(str(teacher), 0.5, tmp_path / "out" / "prune", device="cpu"))
+    main_process.start()
+    results = run_module.run_recipe(recipe)
+    main_process.join()
+    assert calls == [] and results[0]["status"] == "ran"
+    assert run_module.stage_complete("prune", tmp_path / "out" / "prune")
