@@ -42,19 +42,15 @@ class PruneOutcome:
 class ModelFamily(ABC):
     name: str
     model_class: type[nn.Module]
-    pipeline_class: type
     component: str  # the denoiser's folder inside a pipeline ("unet", "transformer")
     supports_depth: bool = False  # whether whole blocks can be removed (--depth / --blocks)
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_class)
 
+    @abstractmethod
     def pipeline(self, model: nn.Module, scheduler: Any, autoencoder=None):
         """The stock diffusers pipeline that holds this denoiser (and its autoencoder)."""
-        parts = {self.component: model, "scheduler": scheduler}
-        if autoencoder is not None:
-            parts[autoencoder.component] = autoencoder.model
-        return self.pipeline_class(**parts)
 
     # ---- shapes, conditioning and forward --------------------------------------------------
     @abstractmethod

@@ -41,7 +41,6 @@ DEPTH_CRITERIA = ("uniform", "output-change")
 class DiTFamily(ModelFamily):
     name = "dit"
     model_class = DiTTransformer2DModel
-    pipeline_class = DiTPipeline
     component = "transformer"
     supports_depth = True
 

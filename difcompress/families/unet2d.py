@@ -44,7 +44,6 @@ class PixelUNetFamily(GraphPrunedFamily):
 
     name = "unet2d"
     model_class = UNet2DModel
-    pipeline_class = DDPMPipeline
     component = "unet"
 
     def pipeline(self, model, scheduler, autoencoder=None):
