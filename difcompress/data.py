@@ -142,7 +142,7 @@ class ImageFolderDataset(Dataset):
         self.paths: list[Path] = []
         self.skipped_paths: list[Path] = []
         for p in files:
-            hidden = any(part.startswith(".") for part in p.relative_to(self.root).parts)
+            hidden = any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(self.root).parts)
             if not hidden and p.suffix.lower() in IMAGE_SUFFIXES and _readable_image(p):
                 self.paths.append(p)
             else:
@@ -170,12 +170,13 @@ class ImageFolderDataset(Dataset):
 
 def _folder_classes(root: Path, paths: list[Path]) -> tuple[list[str] | None, torch.Tensor | None]:
     """Class labels from one level of subfolders (root/<class>/img.png), as torchvision's
-    ImageFolder does: the sorted names of all (non-hidden) subfolders, empty ones included,
-    are classes 0..K-1. None when any image sits directly in root."""
+    ImageFolder does: the sorted names of the (non-hidden) subfolders that hold images are
+    classes 0..K-1, so stray folders (__MACOSX, metadata) shift nothing. None when any image
+    sits directly in root. Callers check the class count against the model's."""
     parents = [p.relative_to(root).parts for p in paths]
     if not paths or any(len(parts) < 2 for parts in parents):
         return None, None
-    names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names = sorted({parts[0] for parts in parents})
     index = {n: i for i, n in enumerate(names)}
     return names, torch.tensor([index[parts[0]] for parts in parents], dtype=torch.long)
 

@@ -88,14 +88,22 @@ def distill(
     student_loaded = load_model(student, accelerator.device)
     family = student_loaded.family
     teacher_ref = teacher or (student_loaded.manifest or {}).get("teacher")
-    # A learned-variance student's variance channels learn from the teacher whenever there is one.
-    needs_teacher = (loss not in ("task", "feature") or w_feat > 0 or data == "teacher"
-                     or (family.learns_variance(student_loaded.model) and teacher_ref is not None))
+    needs_teacher = loss not in ("task", "feature") or w_feat > 0 or data == "teacher"
+    # A learned-variance student's variance channels learn from the teacher whenever it can be had.
+    wants_teacher = family.learns_variance(student_loaded.model) and teacher_ref is not None
     teacher_loaded = None
-    if needs_teacher:
-        if not teacher_ref:
-            raise UserError(f"{student} does not record its teacher; pass --teacher MODEL")
-        teacher_loaded = load_model(teacher_ref, accelerator.device)
+    if needs_teacher and not teacher_ref:
+        raise UserError(f"{student} does not record its teacher; pass --teacher MODEL")
+    if needs_teacher or wants_teacher:
+        try:
+            teacher_loaded = load_model(teacher_ref, accelerator.device)
+        except UserError as err:
+            if needs_teacher:
+                raise
+            from difcompress.report import err_console
+
+            err_console.print(f"[yellow]warning:[/] the variance channels stay untrained: {err}")
+    if teacher_loaded is not None:
         if teacher_loaded.family is not family:
             raise UserError(
                 f"teacher is a {teacher_loaded.family.name} model but the student is a {family.name} model; "
@@ -103,6 +111,8 @@ def distill(
             )
         teacher_loaded.model.requires_grad_(False).eval()
         settings["teacher"] = teacher_ref
+        if not family.learns_variance(teacher_loaded.model) and not needs_teacher:
+            teacher_loaded = None  # a fixed-variance teacher has no variance to learn from
     model = student_loaded.model.train()
     family.disable_label_dropout(model)
     scheduler = student_loaded.scheduler
@@ -115,10 +125,6 @@ def distill(
 
     dataset, latent_report = _training_data(data, student_loaded, teacher_loaded, output, teacher_samples,
                                             sampler_steps, seed, accelerator, latent_cache, show_progress)
-    if num_classes:
-        from difcompress.prune import check_class_data
-
-        check_class_data(dataset, num_classes, data)
     stream = BatchStream(dataset, batch_size, seed=seed, num_shards=accelerator.num_processes,
                          shard_index=accelerator.process_index)
 
@@ -194,8 +200,8 @@ def distill(
                     total = total + w_task * terms["task"].loss
                 teacher_pred = teacher_variance = None
                 kd = loss not in ("task", "feature") and w_kd > 0
-                if variance is not None and teacher_loaded is None:
-                    variance = None  # no teacher to learn the variance from (training from scratch)
+                if variance is not None and (teacher_loaded is None or not family.learns_variance(teacher_loaded.model)):
+                    variance = None  # no teacher variance to learn from (from scratch, or a fixed-variance teacher)
                 if kd or variance is not None or feature_pairs is not None:  # one teacher call serves all three
                     with torch.no_grad():
                         teacher_pred, teacher_variance = family.predict_split(teacher_loaded.model, noisy, t, labels)
@@ -358,6 +364,11 @@ def _training_data(data, student_loaded, teacher_loaded, output, teacher_samples
     c, h, _ = student_loaded.image_shape()
     builtin = builtin_data(data, h, c)
     dataset = builtin if builtin is not None else open_image_data(data, h, c)
+    classes = family.num_classes(student)
+    if classes:  # before a possibly long encode
+        from difcompress.prune import check_class_data
+
+        check_class_data(dataset, classes, data)
     return latent_training_data(dataset, student_loaded.autoencoder, h, cache_root=latent_cache,
                                 is_main=accelerator.is_local_main_process, show_progress=show_progress)
 

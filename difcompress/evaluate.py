@@ -46,6 +46,8 @@ def evaluate(
 ) -> dict[str, Any]:
     if not models:
         raise UserError("name at least one model to evaluate", exit_code=2)
+    if grid_size < 1:
+        raise UserError("--grid-size must be at least 1", exit_code=2)
     if fid and num_samples < 2:
         raise UserError("--num-samples must be at least 2 for FID", exit_code=2)
     dev = resolve_device(device)

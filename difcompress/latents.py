@@ -126,8 +126,9 @@ def cached_latents(dataset: Dataset, autoencoder: Autoencoder, *, image_size: in
     reused = index_path.is_file()
     if not reused and encode_here:
         _encode_to_shards(dataset, autoencoder, folder, batch_size, show_progress)
-    while not index_path.is_file():
-        time.sleep(POLL_SECONDS)
+    elif not reused:
+        while not index_path.is_file():  # the encoding process renames the finished folder into place
+            time.sleep(POLL_SECONDS)
     index = json.loads(index_path.read_text())
     shards = [load_file(folder / name) for name in index["shards"]]
     latents = torch.cat([s["latents"] for s in shards])
@@ -146,10 +147,47 @@ def _encode_to_shards(dataset: Dataset, autoencoder: Autoencoder, target: Path, 
     import shutil
     import tempfile
 
-    from difcompress.report import progress_bar
-
     target.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_shards(dataset, autoencoder, folder, batch_size, show_progress)
+        folder.chmod(0o755)  # mkdtemp makes it private; a shared cache must stay readable
+    except BaseException:  # interrupted or failed: leave nothing behind
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    _publish(folder, target)
+
+
+def _publish(folder: Path, target: Path) -> None:
+    """Rename the finished cache into place. A complete cache already there wins; anything
+    else there (an older interrupted attempt) is moved aside first."""
+    import shutil
+
+    for _ in range(2):
+        try:
+            folder.rename(target)
+            return
+        except OSError:
+            if (target / "index.json").is_file():  # another process finished the same cache first
+                shutil.rmtree(folder, ignore_errors=True)
+                return
+            stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
+            try:
+                target.rename(stale)
+            except OSError:
+                break
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    raise UserError(f"cannot write the latent cache at {target}; remove that path or pass another --latent-cache")
+
+
+def _write_shards(dataset: Dataset, autoencoder: Autoencoder, folder: Path, batch_size: int,
+                  show_progress: bool) -> None:
+    from difcompress.report import progress_bar
+
     labels = getattr(dataset, "labels", None)
     n = len(dataset)
     shards, buffer = [], []
@@ -177,14 +215,6 @@ def _encode_to_shards(dataset: Dataset, autoencoder: Autoencoder, target: Path, 
              "scaling_factor": autoencoder.scaling_factor, "dataset": repr(dataset),
              "autoencoder": type(autoencoder.model).__name__}
     (folder / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if (target / "index.json").is_file():  # another process finished the same cache first
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    shutil.rmtree(target, ignore_errors=True)  # an interrupted older attempt, never a complete one
-    try:
-        folder.rename(target)
-    except OSError:  # another process finished the same cache first: use theirs
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def latent_training_data(dataset: Dataset, autoencoder: Autoencoder | None, image_size: int, *,

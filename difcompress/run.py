@@ -174,7 +174,9 @@ def stage_complete(name: str, out: Path) -> bool:
 def run_recipe(path: str | Path, *, dry_run: bool = False, on_stage=None) -> list[dict[str, Any]]:
     recipe = load_recipe(path)
     plan = resolve_stages(recipe)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch set RANK
+    # torchrun / accelerate launch set WORLD_SIZE and RANK; a lone RANK (some job pods) is not a launch.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    main_process = not launched or int(os.environ.get("RANK", "0")) == 0
     results = []
     for name, args, out in plan:
         done = stage_complete(name, out)
@@ -186,6 +188,8 @@ def run_recipe(path: str | Path, *, dry_run: bool = False, on_stage=None) -> lis
             if name == "distill" or main_process:
                 entry["result"] = _run_stage(name, args, out)
             else:
+                if on_stage:
+                    on_stage({**entry, "status": "waiting for the main process"})
                 _wait_until_complete(name, out)
         results.append(entry)
     return results

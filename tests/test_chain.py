@@ -146,6 +146,7 @@ def test_under_a_launcher_only_the_main_process_runs_non_distill_stages(teacher,
     calls = []
     monkeypatch.setattr(run_module, "_run_stage", lambda *a: calls.append(a))
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     main_process = threading.Timer(0.2, lambda: prune(str(teacher), 0.5, tmp_path / "out" / "prune", device="cpu"))
     main_process.start()
     results = run_module.run_recipe(recipe)

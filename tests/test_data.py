@@ -358,9 +358,11 @@ def test_class_subfolders_give_labels_and_flat_folders_none(tmp_path):
 
     (tmp_path / "classes" / ".ipynb_checkpoints").mkdir()  # hidden: neither a class nor data
     Image.new("RGB", (8, 8)).save(tmp_path / "classes" / ".ipynb_checkpoints" / "x.png")
-    (tmp_path / "classes" / "dog").mkdir()  # empty: still a class, as in torchvision
+    (tmp_path / "classes" / "__MACOSX").mkdir()  # archive debris: not a class
+    Image.new("RGB", (8, 8)).save(tmp_path / "classes" / "__MACOSX" / "._x.png")
+    (tmp_path / "classes" / "notes").mkdir()  # no images: not a class
     ds = ImageFolderDataset(tmp_path / "classes", 8, 3)
-    assert ds.class_names == ["ant", "cat", "dog"] and len(ds) == 4
+    assert ds.class_names == ["ant", "cat"] and len(ds) == 4
 
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")

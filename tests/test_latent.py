@@ -89,3 +89,34 @@ def test_latent_pipeline_without_its_vae_is_a_clear_error(tiny_dit_dir, tmp_path
         load_model(str(broken))
     code, _, err = run_cli("prune", broken, "-o", tmp_path / "out", "--ratio", "0.5", "--device", "cpu")
     assert "vae" in assert_one_line_error(code, err, 1)
+
+
+def test_cache_publishing_replaces_debris_and_keeps_a_finished_cache(tmp_path):
+    from difcompress.latents import _publish
+
+    def finished(name, marker):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "index.json").write_text(marker)
+        return folder
+
+    target = tmp_path / "key"
+    target.write_text("stray file")  # debris where the cache belongs
+    _publish(finished("mine", "1"), target)
+    assert (target / "index.json").read_text() == "1"
+    _publish(finished("late", "2"), target)  # another process finished first: theirs stays
+    assert (target / "index.json").read_text() == "1" and not (tmp_path / "late").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key"]
+
+
+def test_interrupted_encoding_leaves_nothing_behind(tiny_dit_dir, tmp_path, monkeypatch):
+    loaded = load_model(str(tiny_dit_dir))
+
+    def interrupted(self, images):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Autoencoder, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cached_latents(builtin_data("digits", 16, 3), loaded.autoencoder, image_size=16, cache_root=tmp_path,
+                       show_progress=False)
+    assert list((tmp_path / "latents").iterdir()) == []
