@@ -63,8 +63,8 @@ def main():
     teacher = args.teacher
     teacher_row = fid_of([teacher], root / "teacher-eval", args, 0)[0]
     settings = [(f"{r}", {"ratio": r}) for r in args.ratios]
+    blocks = load_model(teacher).model.config.num_layers if args.depth_ratios else None
     for r in args.depth_ratios:
-        blocks = load_model(teacher).model.config.num_layers
         settings.append((f"depth {r}", {"ratio": 0.0, "depth": max(1, round(blocks * (1 - r)))}))
     rows = []
     for label, prune_args in settings:

@@ -119,6 +119,28 @@ def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- datasets
 
 
+def check_class_data(dataset, num_classes: int, where: str) -> None:
+    """Class-conditional training data: labels present, in range, and class folders that
+    map one to one onto the model's classes (ids come from sorted folder names)."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise UserError(f"the model is class-conditional ({num_classes} classes) but {where} has no class labels "
+                        "(use class subfolders, a saved dataset with a label column, or --data teacher)")
+    names = getattr(dataset, "class_names", None)
+    if names is not None and len(names) != num_classes:
+        raise UserError(f"{where} has {len(names)} class folders but the model has {num_classes} classes; class ids "
+                        "come from the sorted folder names, so every class needs its folder (ImageNet: the train/ folder)")
+    check_labels(labels, num_classes, where)
+
+
+def check_labels(labels, num_classes: int, where: str):
+    if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"class label {int(labels.max())} in {where} is out of range: the model has "
+                        f"{num_classes} classes (0..{num_classes - 1})", exit_code=2)
+    return labels
+
+
+
 class ImageFolderDataset(Dataset):
     """All readable images under ``root`` (recursively), in sorted path order.
 

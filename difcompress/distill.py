@@ -28,9 +28,9 @@ from torch import nn
 
 from difcompress import objectives
 from difcompress.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from difcompress.data import BatchStream, TensorImageDataset, open_image_data
+from difcompress.data import BatchStream, TensorImageDataset, check_class_data, open_image_data
 from difcompress.errors import UserError
-from difcompress.folders import MANIFEST, read_manifest, save_model_folder, write_json
+from difcompress.folders import MANIFEST, pruning_report, read_manifest, save_model_folder, write_json
 from difcompress.loading import LoadedModel, load_model
 from difcompress.runtime import seed_everything, versions
 
@@ -113,6 +113,8 @@ def distill(
         settings["teacher"] = teacher_ref
         if not family.learns_variance(teacher_loaded.model) and not needs_teacher:
             teacher_loaded = None  # a fixed-variance teacher has no variance to learn from
+    # The student's variance channels train only against a teacher that has them.
+    learn_variance = teacher_loaded is not None and family.learns_variance(teacher_loaded.model)
     model = student_loaded.model.train()
     family.disable_label_dropout(model)
     scheduler = student_loaded.scheduler
@@ -132,7 +134,7 @@ def distill(
     extra_modules: dict[str, nn.Module] = {}
     if w_feat > 0:
         pairs = _parse_feature_layers(feature_layers) or family.feature_layer_pairs(
-            model, teacher_loaded.model, _pruning_report(student_loaded.manifest))
+            model, teacher_loaded.model, pruning_report(student_loaded.manifest))
         settings["feature_layers"] = [s if s == t else f"{s}={t}" for s, t in pairs]
         feature_pairs = _FeatureTaps(model, teacher_loaded.model, pairs)
         adapters = feature_pairs.build_adapters(family, model, teacher_loaded.model, accelerator.device)
@@ -200,8 +202,8 @@ def distill(
                     total = total + w_task * terms["task"].loss
                 teacher_pred = teacher_variance = None
                 kd = loss not in ("task", "feature") and w_kd > 0
-                if variance is not None and (teacher_loaded is None or not family.learns_variance(teacher_loaded.model)):
-                    variance = None  # no teacher variance to learn from (from scratch, or a fixed-variance teacher)
+                if not learn_variance:
+                    variance = None
                 if kd or variance is not None or feature_pairs is not None:  # one teacher call serves all three
                     with torch.no_grad():
                         teacher_pred, teacher_variance = family.predict_split(teacher_loaded.model, noisy, t, labels)
@@ -366,8 +368,6 @@ def _training_data(data, student_loaded, teacher_loaded, output, teacher_samples
     dataset = builtin if builtin is not None else open_image_data(data, h, c)
     classes = family.num_classes(student)
     if classes:  # before a possibly long encode
-        from difcompress.prune import check_class_data
-
         check_class_data(dataset, classes, data)
     return latent_training_data(dataset, student_loaded.autoencoder, h, cache_root=latent_cache,
                                 is_main=accelerator.is_local_main_process, show_progress=show_progress)
@@ -456,7 +456,7 @@ def _write_student(output, model, scheduler, family, student_loaded: LoadedModel
         "student_source": settings["student"],
         "teacher": settings.get("teacher") or (student_loaded.manifest or {}).get("teacher"),
         "structure": (student_loaded.manifest or {}).get("structure", "config"),
-        "pruning": _pruning_report(student_loaded.manifest),
+        "pruning": pruning_report(student_loaded.manifest),
         "versions": versions(),
         "distill": summary,
     }
@@ -471,12 +471,6 @@ def _write_student(output, model, scheduler, family, student_loaded: LoadedModel
         item.replace(dest)
     (tmp / MANIFEST).replace(output / MANIFEST)
     tmp.rmdir()
-
-
-def _pruning_report(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A pruned folder keeps its report as "report"; a distilled one as "pruning"."""
-    manifest = manifest or {}
-    return manifest.get("report") if manifest.get("stage") == "prune" else manifest.get("pruning")
 
 
 def _parse_feature_layers(layers: list[str] | None) -> list[tuple[str, str]] | None:

@@ -99,7 +99,7 @@ def conditioning(item, count: int, guidance_scale: float | None, class_labels: l
     """Labels (given ones cycled, else balanced over classes) and guidance for one model."""
     import torch
 
-    from difcompress.prune import check_labels
+    from difcompress.data import check_labels
     from difcompress.sampling import balanced_labels
 
     classes = item.family.num_classes(item.model)

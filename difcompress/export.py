@@ -10,7 +10,7 @@ import torch
 
 from difcompress.errors import UserError
 from difcompress.evaluate import EVAL_FILE
-from difcompress.folders import atomic_folder, check_output_folder, folder_size_bytes, save_model_folder
+from difcompress.folders import atomic_folder, check_output_folder, folder_size_bytes, pruning_report, save_model_folder
 from difcompress.loading import load_model
 from difcompress.measure import model_size, peak_activation_bytes_estimate
 from difcompress.report import human
@@ -35,7 +35,7 @@ def export(model: str, output: Path, *, dtype: str = "fp32") -> dict[str, Any]:
         "source": model,
         "teacher": manifest.get("teacher"),
         "family": family.name,
-        "pruning": manifest.get("report") or manifest.get("pruning"),
+        "pruning": pruning_report(manifest),
         "distill": (manifest.get("distill") or {}).get("settings"),
         "distill_steps": (manifest.get("distill") or {}).get("steps"),
         "params": size["params"],

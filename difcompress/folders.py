@@ -42,6 +42,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         raise UserError(f"{path} is not valid JSON ({err.msg}); the folder is damaged") from None
 
 
+def pruning_report(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The prune report a folder carries: "report" in a pruned folder, "pruning" in a
+    distilled or exported one."""
+    manifest = manifest or {}
+    return manifest.get("report") if manifest.get("stage") == "prune" else manifest.get("pruning")
+
+
 def check_output_folder(out: str | Path) -> Path:
     """An output may be new, empty, or an earlier difcompress folder (replaced)."""
     out = Path(out)

@@ -7,10 +7,10 @@ from typing import Any
 
 
 from difcompress.builtin import builtin_data
-from difcompress.data import BatchStream, open_image_data
+from difcompress.data import BatchStream, check_class_data, open_image_data
 from difcompress.errors import UserError
 from difcompress.families.base import PruneRequest
-from difcompress.folders import atomic_folder, check_output_folder, save_model_folder
+from difcompress.folders import atomic_folder, check_output_folder, pruning_report, save_model_folder
 from difcompress.loading import load_model
 from difcompress.measure import model_size
 from difcompress.pruning import IMPORTANCE_CRITERIA, accumulate_gradients, groupnorm_groups
@@ -37,27 +37,6 @@ def calibration_batch(loaded, data: str | None, batch_size: int, seed: int):
 
     labels = balanced_labels(batch_size, classes, seed) if classes else None
     return loaded.sample(batch_size, seed=seed, steps=50, class_labels=labels), labels
-
-
-def check_class_data(dataset, num_classes: int, where: str) -> None:
-    """Class-conditional training data: labels present, in range, and class folders that
-    map one to one onto the model's classes (ids come from sorted folder names)."""
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        raise UserError(f"the model is class-conditional ({num_classes} classes) but {where} has no class labels "
-                        "(use class subfolders, a saved dataset with a label column, or --data teacher)")
-    names = getattr(dataset, "class_names", None)
-    if names is not None and len(names) != num_classes:
-        raise UserError(f"{where} has {len(names)} class folders but the model has {num_classes} classes; class ids "
-                        "come from the sorted folder names, so every class needs its folder (ImageNet: the train/ folder)")
-    check_labels(labels, num_classes, where)
-
-
-def check_labels(labels, num_classes: int, where: str):
-    if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise UserError(f"class label {int(labels.max())} in {where} is out of range: the model has "
-                        f"{num_classes} classes (0..{num_classes - 1})", exit_code=2)
-    return labels
 
 
 def prune(
@@ -109,7 +88,7 @@ def prune(
     request = PruneRequest(ratio=ratio, importance=importance, global_pruning=global_pruning, depth=depth,
                            blocks=blocks, depth_criterion=depth_criterion, calibration=calibration, seed=seed)
     outcome = family.prune(student, request)
-    earlier = (loaded.manifest or {}).get("report") or (loaded.manifest or {}).get("pruning") or {}
+    earlier = pruning_report(loaded.manifest) or {}
     if "kept_blocks" in outcome.details and "kept_blocks" in earlier:
         # Pruned again: record blocks of the original teacher, which stays the teacher.
         outcome.details["kept_blocks"] = [earlier["kept_blocks"][i] for i in outcome.details["kept_blocks"]]
