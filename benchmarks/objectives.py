@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from difcompress.builtin import TEACHER_NAME, TEACHERS
-from difcompress.evaluate import evaluate
-from difcompress.loading import load_model
-from difcompress.prune import prune
-from difcompress.run import distill_resumable, stage_complete
+from difcompress.commands.evaluate import evaluate
+from difcompress.commands.prune import prune
+from difcompress.commands.run import run_stage, stage_complete
+from difcompress.config import DistillConfig, EvalConfig, PruneConfig
+from difcompress.io.loading import load_model
 
 OBJECTIVES = ("task", "mse", "feature", "dist", "lift", "place")
 
@@ -35,8 +36,8 @@ OBJECTIVES = ("task", "mse", "feature", "dist", "lift", "place")
 def fid_of(models, out, args, seed):
     if (out / "eval.json").is_file():
         return json.loads((out / "eval.json").read_text())["models"]
-    return evaluate(models, fid=True, num_samples=args.fid_samples, sampler_steps=args.sampler_steps,
-                    seed=seed, output=out, device=args.device, grid_size=8)["models"]
+    return evaluate(EvalConfig(models=models, fid=True, num_samples=args.fid_samples, sampler_steps=args.sampler_steps,
+                               seed=seed, output=out, device=args.device, grid_size=8))["models"]
 
 
 def main():
@@ -70,16 +71,17 @@ def main():
     for label, prune_args in settings:
         pruned = root / f"pruned-{label.replace(' ', '-')}"
         if not stage_complete("prune", pruned):
-            prune(teacher, prune_args.pop("ratio"), pruned, seed=0, device=args.device, **prune_args)
+            prune(PruneConfig(model=teacher, output=pruned, seed=0, device=args.device, **prune_args))
         seeds = range(args.seeds_at_max) if label == str(max(args.ratios)) else range(1)
         for loss in args.objectives:
             fids, kids, size = [], [], None
             for seed in seeds:
                 run = root / f"r{label.replace(' ', '-')}-{loss}-s{seed}"
                 if not stage_complete("distill", run):
-                    distill_resumable(str(pruned), run, teacher=teacher, loss=loss, data="digits",
-                                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
-                                      seed=seed, checkpoint_every=500, device=args.device, show_progress=False)
+                    run_stage("distill", DistillConfig(
+                        student=str(pruned), output=run, teacher=teacher, loss=loss, data="digits", steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=seed,
+                        checkpoint_every=500, device=args.device))
                 row = fid_of([str(run)], run / "eval", args, seed)[0]
                 fids.append(row["fid"])
                 kids.append(row["kid"])

@@ -1,26 +1,31 @@
-"""The embedded default: real handwritten digits, a teacher trained on them, and a digits
+"""The embedded default: real handwritten digits, teachers trained on them, and a digits
 feature extractor for FID, all shipped in the package so everything runs offline.
 
 Data: scikit-learn's `load_digits` (1,797 real 8x8 scans inside the scikit-learn wheel),
-upsampled to 16x16 and scaled to [-1, 1]. `difcompress build-digits` trains the
-classifier and the teacher (seeded) and writes them to `difcompress/assets/digits/`.
+upsampled to 16x16 and scaled to [-1, 1]. `difcompress build-digits`
+(difcompress/commands/build_assets.py) trains the classifier and the teachers (seeded) and
+writes them to `difcompress/assets/digits/`. This module is a leaf: it reads the assets and
+imports no stage.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from sklearn.datasets import load_digits
 from torch import nn
 
-from difcompress.data import TensorImageDataset
+from difcompress.data.datasets import TensorImageDataset
 from difcompress.errors import UserError
-from difcompress.layouts import DIGITS_DIT_CONFIG, DIGITS_TEACHER_CONFIG
+from difcompress.layouts import DIGITS_TEACHER_CONFIG
+from difcompress.metrics.extractors import (
+    known_feature_extractors,
+    register_feature_extractor,
+)
 
 ASSETS = Path(__file__).parent / "assets" / "digits"
 # Short name -> (asset folder, family): the pixel U-Net and the pixel DiT digits teachers.
@@ -30,8 +35,6 @@ DIGITS_SIZE = DIGITS_TEACHER_CONFIG["sample_size"]
 
 def digits_images(size: int = DIGITS_SIZE, channels: int = 1) -> torch.Tensor:
     """All 1,797 digits as (N, channels, size, size) in [-1, 1], bilinearly upsampled."""
-    from sklearn.datasets import load_digits
-
     pixels = torch.tensor(load_digits().images, dtype=torch.float32) / 16.0  # values 0..16
     images = pixels.unsqueeze(1)
     if size != 8:
@@ -40,8 +43,7 @@ def digits_images(size: int = DIGITS_SIZE, channels: int = 1) -> torch.Tensor:
 
 
 def digits_labels() -> torch.Tensor:
-    from sklearn.datasets import load_digits
-
+    """The digit (0-9) each image shows."""
     return torch.tensor(load_digits().target, dtype=torch.long)
 
 
@@ -138,8 +140,7 @@ def digits_extractor(weights_path=None, device="cpu") -> DigitsFeatureExtractor:
 
 
 def register_digits_extractor() -> None:
-    from difcompress.metrics import known_feature_extractors, register_feature_extractor
-
+    """Make "digits" a feature extractor name (--feature-extractor digits)."""
     if "digits" not in known_feature_extractors():
         register_feature_extractor("digits", digits_extractor)
 
@@ -149,64 +150,3 @@ def is_digits_model(loaded) -> bool:
     refs = [loaded.source, str(loaded.path), (loaded.manifest or {}).get("teacher") or ""]
     folders = {(ASSETS / folder).resolve() for folder, _ in TEACHERS.values()}
     return any(r in TEACHERS or Path(r).resolve() in folders for r in refs if r)
-
-
-# ---- building the assets ------------------------------------------------------------------
-
-def create_untrained_teacher(folder: Path, seed: int, config: dict[str, Any] = DIGITS_TEACHER_CONFIG,
-                             family: str = "unet2d") -> None:
-    """A freshly initialised pipeline folder: the starting point the trainer trains."""
-    from diffusers import DDPMScheduler
-
-    from difcompress.families import FAMILIES
-    from difcompress.folders import atomic_folder, write_json
-
-    torch.manual_seed(seed)
-    adapter = FAMILIES[family]
-    with atomic_folder(folder) as tmp:
-        adapter.pipeline(adapter.model_class(**config), DDPMScheduler(num_train_timesteps=1000)).save_pretrained(
-            tmp, safe_serialization=True
-        )
-        write_json(tmp / "difcompress.json", {"stage": "init", "status": "complete", "config": config})
-
-
-def build_digits_assets(output: Path = ASSETS, *, family: str = "unet2d", teacher_steps: int = 5000,
-                        batch_size: int = 64, lr: float = 5e-4, seed: int = 0, device: str = "auto",
-                        work_dir: Path = Path("runs/build-digits")) -> dict[str, Any]:
-    """Train the digits classifier (with the U-Net) and a digits teacher; write them to `output`."""
-    from difcompress.run import distill_resumable
-
-    folder_name = next((folder for folder, fam in TEACHERS.values() if fam == family), None)
-    if folder_name is None:
-        raise UserError(f"--family must be one of {', '.join(f for _, f in TEACHERS.values())}", exit_code=2)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    report = None
-    if family == "unet2d":
-        classifier, report = train_digits_classifier(seed)
-        save_file(classifier.state_dict(), output / "classifier.safetensors")
-        (output / "classifier.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    work_dir = Path(work_dir)
-    init = work_dir / f"{folder_name}-init"
-    if not init.is_dir():
-        config = DIGITS_DIT_CONFIG if family == "dit" else DIGITS_TEACHER_CONFIG
-        create_untrained_teacher(init, seed, config, family)
-    summary = distill_resumable(
-        str(init), work_dir / folder_name, loss="task", data="digits", steps=teacher_steps, batch_size=batch_size,
-        lr=lr, ema_decay=0.999, seed=seed, checkpoint_every=500, device=device,
-    )
-    target = output / folder_name
-    shutil.rmtree(target, ignore_errors=True)
-    run = work_dir / folder_name
-
-    def leave_out(folder, names):
-        # Training state stays in the run; the top-level copies of unet/ are only a convenience.
-        dropped = {"checkpoints", "metrics.jsonl", "teacher_samples.safetensors"}
-        if Path(folder) == run:
-            dropped |= {"config.json", "diffusion_pytorch_model.safetensors"}
-        return [n for n in names if n in dropped]
-
-    shutil.copytree(run, target, ignore=leave_out)
-    return {"classifier": report, "teacher_steps": teacher_steps, "final_loss": summary["final"].get("loss"),
-            "output": str(output)}

@@ -100,11 +100,9 @@ def tiny_heads_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pruned_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny model uniformly pruned at 0.5 (magnitude): a student for distillation."""
-    from difcompress.prune import prune
-
     out = tmp_path_factory.mktemp("pruned") / "tiny-pruned-050"
     with one_thread():
-        prune(str(tiny_model_dir), 0.5, out, importance="magnitude", device="cpu")
+        run_prune(tiny_model_dir, 0.5, out, importance="magnitude", device="cpu")
     return out
 
 
@@ -243,3 +241,35 @@ def tiny_ldm_dir(tmp_path_factory) -> Path:
                     scheduler=DDIMScheduler(num_train_timesteps=TINY_NUM_TRAIN_TIMESTEPS)).save_pretrained(
             path, safe_serialization=True)
     return path
+
+
+# ---- the stage functions with the old positional shape, for short test calls ----------------
+
+def run_prune(model, ratio, output, **settings):
+    from difcompress.commands.prune import prune
+    from difcompress.config import PruneConfig
+
+    return prune(PruneConfig(model=str(model), ratio=ratio, output=output, **settings))
+
+
+def run_distill(student, output, **settings):
+    from difcompress.commands.distill import distill
+    from difcompress.config import DistillConfig
+
+    show_progress = settings.pop("show_progress", False)
+    return distill(DistillConfig(student=str(student), output=output, **settings), show_progress=show_progress)
+
+
+def run_eval(models, **settings):
+    from difcompress.commands.evaluate import evaluate
+    from difcompress.config import EvalConfig
+
+    show_progress = settings.pop("show_progress", False)
+    return evaluate(EvalConfig(models=[str(m) for m in models], **settings), show_progress=show_progress)
+
+
+def run_export(model, output, **settings):
+    from difcompress.commands.export import export
+    from difcompress.config import ExportConfig
+
+    return export(ExportConfig(model=str(model), output=output, **settings))

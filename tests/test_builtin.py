@@ -8,7 +8,8 @@ import sys
 import torch
 
 from difcompress.builtin import ASSETS, digits_extractor, digits_images, digits_labels
-from difcompress.metrics import features_of_images, fid_kid
+from difcompress.metrics.extractors import features_of_images
+from difcompress.metrics.fid import fid_kid
 
 
 def test_digits_are_real_scans_scaled_to_unit_range():
@@ -38,7 +39,7 @@ def test_digits_fid_real_vs_real_is_near_zero_and_noise_is_far():
 
 def test_teacher_and_extractor_load_offline_from_package_data(tmp_path):
     code = (
-        "from difcompress.loading import load_model\n"
+        "from difcompress.io.loading import load_model\n"
         "from difcompress.builtin import digits_extractor\n"
         "m = load_model('digits')\n"
         "assert m.model.config.sample_size == 16 and m.family.name == 'unet2d'\n"
@@ -58,7 +59,7 @@ def test_eval_digits_fid_against_an_image_folder_and_saved_stats(tmp_path, capsy
 
     from difcompress.builtin import digits_extractor
     from difcompress.cli import main
-    from difcompress.metrics import save_reference_stats
+    from difcompress.metrics.fid import save_reference_stats
 
     real = digits_images()[:64]
     folder = tmp_path / "ref"
@@ -82,7 +83,7 @@ def test_dit_teacher_draws_the_digit_it_is_asked_for():
     """The embedded pixel DiT is class-conditional: guided samples of label k are classified
     as k by the (independently trained) digits classifier."""
     from difcompress.builtin import DIT_TEACHER_NAME
-    from difcompress.loading import load_model
+    from difcompress.io.loading import load_model
 
     torch.set_num_threads(1)
     loaded = load_model(DIT_TEACHER_NAME)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_prune
 from safetensors import safe_open
 
 from difcompress.cli import main
-from difcompress.builtin import create_untrained_teacher
+from difcompress.commands.build_assets import create_untrained_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_every_recipe_validates(recipe, capsys):
 def test_recipe_with_unknown_setting_is_one_line_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\noutput_dir: out\nprune:\n  model: m\n  ratio: 0.5\n  ratoi: 3\n")
-    assert cli("run", bad, "--dry-run") == 1
+    assert cli("run", bad, "--dry-run") == 2
     err = capsys.readouterr().err
     assert "prune.ratoi" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -122,8 +123,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     teacher_row, student_row = result["eval"]["models"]
     assert student_row["params"] < 0.05 * teacher_row["params"]
-    for part in ("student/curves.png", "eval/samples.png", "export/model_index.json", "export/README.md"):
+    for part in ("student/curves.png", "student/eval/samples.png", "export/model_index.json", "export/README.md"):
         assert (tmp_path / "demo" / part).is_file(), part
+    # The evaluation sits beside the student, so the exported card carries its FID.
+    assert f"{student_row['fid']:.2f}" in (tmp_path / "demo" / "export" / "README.md").read_text()
 
 
 def test_cli_reference_is_current(tmp_path):
@@ -137,17 +140,16 @@ def test_under_a_launcher_only_the_main_process_runs_non_distill_stages(teacher,
     """Rank 1 does not prune itself: it waits until the main process's folder is complete."""
     import threading
 
-    import difcompress.run as run_module
-    from difcompress.prune import prune
+    import difcompress.commands.run as run_module
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"name": "r", "output_dir": str(tmp_path / "out"), "device": "cpu",
                                       "prune": {"model": str(teacher), "ratio": 0.5}}))
     calls = []
-    monkeypatch.setattr(run_module, "_run_stage", lambda *a: calls.append(a))
+    monkeypatch.setattr(run_module, "run_stage", lambda *a, **k: calls.append(a))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    main_process = threading.Timer(0.2, lambda: prune(str(teacher), 0.5, tmp_path / "out" / "prune", device="cpu"))
+    main_process = threading.Timer(0.2, lambda: run_prune(str(teacher), 0.5, tmp_path / "out" / "prune", device="cpu"))
     main_process.start()
     results = run_module.run_recipe(recipe)
     main_process.join()

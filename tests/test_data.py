@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from difcompress.data import (
-    BatchStream,
+from difcompress.data.datasets import (
     HFDiskDataset,
     ImageFolderDataset,
     TensorImageDataset,
     open_image_data,
 )
+from difcompress.data.stream import BatchStream
 from difcompress.errors import UserError
 
 # ----------------------------------------------------------------------------- helpers
@@ -69,8 +69,9 @@ def test_image_folder_finds_nested_skips_and_counts(tmp_path):
     _make_folder(tmp_path)
     ds = ImageFolderDataset(tmp_path, size=16, channels=3)
     assert len(ds) == 7
-    assert ds.skipped == 2
-    assert sorted(p.name for p in ds.skipped_paths) == ["broken.png", "notes.txt"]
+    assert [p.name for p in ds.scan.unreadable] == ["broken.png"]  # an image file PIL cannot read
+    assert [p.name for p in ds.scan.other] == ["notes.txt"]
+    assert "skipped 1 unreadable image(s)" in ds.scan.unreadable_note()
     rel = [p.relative_to(tmp_path).as_posix() for p in ds.paths]
     assert rel == sorted(rel)
     assert "a/deep/gray.bmp" in rel and "b/blue.JPG" in rel
@@ -274,32 +275,34 @@ def test_stream_epoch_covers_each_item_once(n, bs):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_shards_union_equals_unsharded(kind):
-    k, shards = 5, 3
-    full = _take(BatchStream(_dataset(kind, 14), 4, seed=11), k * shards)
-    parts = [
-        _take(BatchStream(_dataset(kind, 14), 4, seed=11, num_shards=shards, shard_index=i), k)
-        for i in range(shards)
-    ]
-    interleaved = [parts[j % shards][j // shards] for j in range(k * shards)]
-    assert interleaved == full
+def test_row_slices_of_the_global_batch_make_up_the_whole_batch(kind):
+    """Processes and accumulation micro-batches each take their rows of one global batch."""
+    full = _take(BatchStream(_dataset(kind, 14), 4, seed=11), 6)
+    halves = [BatchStream(_dataset(kind, 14), 4, seed=11) for _ in range(2)]
+    rows = [slice(0, 2), slice(2, 4)]
+    for expected in full:
+        got = [_ids(s.next_labeled_batch(r)[0]) for s, r in zip(halves, rows)]
+        assert got[0] + got[1] == expected
+    assert halves[0].state_dict() == halves[1].state_dict()
 
 
-def test_shard_state_from_one_rank_restores_all():
-    shards = 2
-    streams = [
-        BatchStream(_dataset("items", 9), 2, seed=4, num_shards=shards, shard_index=i)
-        for i in range(shards)
-    ]
-    for s in streams:
-        _take(s, 3)
-    assert streams[0].state_dict() == streams[1].state_dict()
-    state = streams[0].state_dict()
-    expected = [_take(s, 2) for s in streams]
-    for i in range(shards):
-        r = BatchStream(_dataset("items", 9), 2, seed=4, num_shards=shards, shard_index=i)
-        r.load_state_dict(state)
-        assert _take(r, 2) == expected[i]
+@pytest.mark.parametrize("workers", [0, 2])
+def test_worker_loader_gives_the_same_batches_and_resumes_exactly(tmp_path, workers):
+    """Decoding in DataLoader workers changes nothing about which items come when."""
+    _make_folder(tmp_path)
+    expected_stream = BatchStream(ImageFolderDataset(tmp_path, 8, 3), 3, seed=2)
+    expected = [expected_stream.next_batch() for _ in range(5)]
+    stream = BatchStream(ImageFolderDataset(tmp_path, 8, 3), 3, seed=2)
+    if workers:
+        batches = stream.loader(slice(None), workers)
+        got = [next(batches)[0] for _ in range(3)]
+    else:
+        got = [stream.next_batch() for _ in range(3)]
+    state = stream.state_dict()
+    resumed = BatchStream(ImageFolderDataset(tmp_path, 8, 3), 3, seed=0)
+    resumed.load_state_dict(state)
+    got += [next(resumed.loader(slice(None), workers or 1))[0] for _ in range(1)] + [resumed.next_batch()]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -342,8 +345,6 @@ def test_stream_bad_args():
         BatchStream(_dataset("items", 4), 0)
     with pytest.raises(UserError):
         BatchStream(_dataset("items", 0), 2)
-    with pytest.raises(ValueError):
-        BatchStream(_dataset("items", 4), 2, num_shards=2, shard_index=2)
 
 
 def test_class_subfolders_give_labels_and_flat_folders_none(tmp_path):

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NO_DIFCOMPRESS_CHECK, assert_one_line_error
+from conftest import NO_DIFCOMPRESS_CHECK, assert_one_line_error, run_distill, run_prune
 from safetensors.torch import load_file, save_file
 
-from difcompress import objectives
-from difcompress.distill import distill
 from difcompress.errors import UserError
-from difcompress.loading import load_model
-from difcompress.objectives import LOSS_NAMES, KDTerms
-from difcompress.prune import prune
+from difcompress.io.loading import load_model
+from difcompress.objectives import LOSS_NAMES
+from difcompress.training.trainer import Trainer
 
 FAST = dict(data="digits", batch_size=4, device="cpu", show_progress=False, seed=0)
 
@@ -121,7 +119,7 @@ import torch
 from safetensors.torch import load_file
 from diffusers import DDPMPipeline, UNet2DModel
 data = load_file({str(io)!r})
-for unet in (UNet2DModel.from_pretrained({str(run)!r}), DDPMPipeline.from_pretrained({str(run)!r}).unet):
+for unet in (UNet2DModel.from_pretrained({str(run)!r}, subfolder="unet"), DDPMPipeline.from_pretrained({str(run)!r}).unet):
     with torch.no_grad():
         got = unet.eval()(data["sample"], data["timestep"]).sample
     err = (got - data["expected"]).abs().max().item()
@@ -140,7 +138,7 @@ print("stock-ok")
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_every_loss_runs_and_stays_finite(loss, pruned_dir, tmp_path):
     run = tmp_path / "run"
-    summary = distill(str(pruned_dir), run, loss=loss, steps=3, checkpoint_every=0, **FAST)
+    summary = run_distill(str(pruned_dir), run, loss=loss, steps=3, checkpoint_every=0, **FAST)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
@@ -166,9 +164,9 @@ def test_every_loss_runs_and_stays_finite(loss, pruned_dir, tmp_path):
 
 def test_distill_a_globally_pruned_student_keeps_its_structure_record(tiny_model_dir, tmp_path):
     student = tmp_path / "global"
-    prune(str(tiny_model_dir), 0.5, student, importance="magnitude", global_pruning=True, device="cpu")
+    run_prune(str(tiny_model_dir), 0.5, student, importance="magnitude", global_pruning=True, device="cpu")
     run = tmp_path / "run"
-    distill(str(student), run, loss="place", steps=2, checkpoint_every=0, **FAST)
+    run_distill(str(student), run, loss="place", steps=2, checkpoint_every=0, **FAST)
     assert (run / "unet" / "difcompress_structure.json").is_file()
     loaded = load_model(run, "cpu").model
     original = load_model(student, "cpu").model
@@ -189,16 +187,15 @@ def crash_at(monkeypatch, step: int) -> None:
     1..step-1, checkpoints/ holds only the checkpoints written before (each written
     atomically), difcompress.json still says 'running', and no final student exists.
     """
-    import difcompress.distill as distill_module
+    real = Trainer.train_step
 
-    real = distill_module._step_metrics
-
-    def maybe_crash(current, *args, **kwargs):
-        if current == step:
+    def maybe_crash(self, batch):
+        result = real(self, batch)
+        if self.step == step:
             raise SimulatedCrash(f"killed at step {step}")
-        return real(current, *args, **kwargs)
+        return result
 
-    monkeypatch.setattr(distill_module, "_step_metrics", maybe_crash)
+    monkeypatch.setattr(Trainer, "train_step", maybe_crash)
 
 
 RESUME = dict(steps=8, checkpoint_every=4, lr=1e-3, **FAST)
@@ -213,11 +210,11 @@ def resume_runs(tmp_path_factory, pruned_dir):
         if loss not in _RUNS:
             root = tmp_path_factory.mktemp(f"resume-{loss}")
             full, crashed = root / "full", root / "crashed"
-            distill(str(pruned_dir), full, loss=loss, **RESUME)
+            run_distill(str(pruned_dir), full, loss=loss, **RESUME)
             with pytest.MonkeyPatch.context() as mp:
                 crash_at(mp, 6)
                 with pytest.raises(SimulatedCrash):
-                    distill(str(pruned_dir), crashed, loss=loss, **RESUME)
+                    run_distill(str(pruned_dir), crashed, loss=loss, **RESUME)
             _RUNS[loss] = (full, crashed)
         return _RUNS[loss]
 
@@ -243,11 +240,11 @@ def test_crash_leaves_a_resumable_running_folder(resume_runs):
 def test_resume_is_bit_identical_to_an_uninterrupted_run(loss, resume_runs, pruned_dir, tmp_path):
     full, crashed = resume_runs(loss)
     run = copy_run(crashed, tmp_path)
-    distill(str(pruned_dir), run, loss=loss, resume=True, **RESUME)
+    run_distill(str(pruned_dir), run, loss=loss, resume=True, **RESUME)
 
     assert manifest(run)["status"] == "complete"
-    for rel in ("unet/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors"):
-        assert_same_tensors(weights(full / rel), weights(run / rel), f"final student {rel}")
+    rel = "unet/diffusion_pytorch_model.safetensors"
+    assert_same_tensors(weights(full / rel), weights(run / rel), "final student")
     # The raw (non-EMA) weights, optimizer moments and adapters at the end agree too.
     for name in ("student", "optimizer") + (("adapters",) if loss == "feature" else ()):
         rel = f"checkpoints/step-0000008/{name}.safetensors"
@@ -265,7 +262,7 @@ def test_resume_after_a_torn_metrics_line(resume_runs, pruned_dir, tmp_path):
     run = copy_run(crashed, tmp_path)
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 6, "loss": 0.12')
-    distill(str(pruned_dir), run, loss="place", resume=True, **RESUME)
+    run_distill(str(pruned_dir), run, loss="place", resume=True, **RESUME)
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))
     assert_same_tensors(weights(full / "unet/diffusion_pytorch_model.safetensors"),
                         weights(run / "unet/diffusion_pytorch_model.safetensors"), "final student")
@@ -280,26 +277,33 @@ def test_resume_with_other_settings_is_refused(change, expected, resume_runs, pr
     settings = {**RESUME, "loss": "place", **change}
     loss = settings.pop("loss")
     with pytest.raises(UserError) as info:
-        distill(str(pruned_dir), run, loss=loss, resume=True, **settings)
+        run_distill(str(pruned_dir), run, loss=loss, resume=True, **settings)
     message = str(info.value)
     assert expected in message.split("differs in:")[-1], message
     assert "differs in" in message
     assert snapshot(run) == before  # refused before touching anything
 
 
-def test_resume_without_a_checkpoint_is_refused(resume_runs, pruned_dir, tmp_path):
-    _, crashed = resume_runs("place")
-    run = copy_run(crashed, tmp_path)
-    shutil.rmtree(run / "checkpoints")
-    before = snapshot(run)
-    with pytest.raises(UserError, match="no checkpoint"):
-        distill(str(pruned_dir), run, loss="place", resume=True, **RESUME)
-    assert snapshot(run) == before
+def test_a_run_killed_before_its_first_checkpoint_starts_over(resume_runs, pruned_dir, tmp_path, capsys):
+    """With no checkpoint and no live owner the folder is restartable, with or without
+    --resume (said once), and ends exactly like an uninterrupted run."""
+    full, crashed = resume_runs("place")
+    for resume in (False, True):
+        run = tmp_path / f"run-{resume}"
+        shutil.copytree(crashed, run)
+        shutil.rmtree(run / "checkpoints")
+        capsys.readouterr()
+        run_distill(str(pruned_dir), run, loss="place", resume=resume, **RESUME)
+        assert "starting it again from step 0" in capsys.readouterr().err
+        assert manifest(run)["status"] == "complete"
+        assert_same_tensors(weights(full / "unet/diffusion_pytorch_model.safetensors"),
+                            weights(run / "unet/diffusion_pytorch_model.safetensors"), "final student")
+        assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))
 
 
 def test_resume_of_a_folder_without_a_run_is_refused(pruned_dir, tmp_path):
     with pytest.raises(UserError, match="no run to resume"):
-        distill(str(pruned_dir), tmp_path / "nothing-here", loss="place", resume=True, **RESUME)
+        run_distill(str(pruned_dir), tmp_path / "nothing-here", loss="place", resume=True, **RESUME)
     assert not (tmp_path / "nothing-here" / "difcompress.json").exists()
 
 
@@ -308,7 +312,7 @@ def test_running_into_an_existing_run_without_resume_is_refused(resume_runs, pru
     run = copy_run(crashed, tmp_path)
     before = snapshot(run)
     with pytest.raises(UserError, match="--resume"):
-        distill(str(pruned_dir), run, loss="place", **RESUME)
+        run_distill(str(pruned_dir), run, loss="place", **RESUME)
     assert snapshot(run) == before
     code, _, stderr = run_cli("distill", "--student", pruned_dir, "-o", run, "--data", "digits", "--steps", "2",
                               "--batch-size", "4", "--device", "cpu", "--json")
@@ -329,7 +333,7 @@ def test_output_folder_that_is_not_a_run_is_refused(pruned_dir, tmp_path, run_cl
     shutil.copytree(pruned_dir, prune_result)
     before = snapshot(prune_result)
     with pytest.raises(UserError, match="not a difcompress distill run"):
-        distill(str(pruned_dir), prune_result, loss="place", steps=2, checkpoint_every=0, **FAST)
+        run_distill(str(pruned_dir), prune_result, loss="place", steps=2, checkpoint_every=0, **FAST)
     assert snapshot(prune_result) == before
 
 
@@ -350,20 +354,16 @@ def test_huge_learning_rate_stops_with_one_line_via_cli(pruned_dir, tmp_path, ru
 
 
 def test_nan_loss_names_the_step_and_last_good_checkpoint(pruned_dir, tmp_path, monkeypatch):
-    real = objectives.task_loss
-    calls = {"n": 0}
+    real = Trainer.compute_losses
 
-    def nan_on_third_call(prediction, target):
-        calls["n"] += 1
-        terms = real(prediction, target)
-        if calls["n"] == 3:
-            return KDTerms(loss=terms.loss * float("nan"), logs=terms.logs)
-        return terms
+    def nan_at_step_three(self, batch, step):
+        total, terms = real(self, batch, step)
+        return (total * float("nan") if step == 3 else total), terms
 
-    monkeypatch.setattr(objectives, "task_loss", nan_on_third_call)
+    monkeypatch.setattr(Trainer, "compute_losses", nan_at_step_three)
     run = tmp_path / "run"
     with pytest.raises(UserError) as info:
-        distill(str(pruned_dir), run, loss="place", steps=6, checkpoint_every=2, **FAST)
+        run_distill(str(pruned_dir), run, loss="place", steps=6, checkpoint_every=2, **FAST)
     message = str(info.value)
     assert "nan" in message.lower() and "at step 3" in message, message
     assert "step-0000002" in message, message
@@ -385,8 +385,8 @@ def test_unknown_loss_via_cli(pruned_dir, tmp_path, run_cli):
 
 
 def test_teacher_of_another_family_is_refused(pruned_dir, tiny_model_dir, tmp_path, monkeypatch):
-    """Only one family ships, so the teacher is relabelled as another family on load."""
-    import difcompress.distill as distill_module
+    """The teacher is relabelled as another family on load."""
+    import difcompress.commands.distill as distill_module
     from difcompress.families.unet2d import PixelUNetFamily
 
     class OtherFamily(PixelUNetFamily):
@@ -403,7 +403,7 @@ def test_teacher_of_another_family_is_refused(pruned_dir, tiny_model_dir, tmp_pa
     monkeypatch.setattr(distill_module, "load_model", load)
     run = tmp_path / "run"
     with pytest.raises(UserError) as info:
-        distill(str(pruned_dir), run, loss="place", steps=2, checkpoint_every=0, **FAST)
+        run_distill(str(pruned_dir), run, loss="place", steps=2, checkpoint_every=0, **FAST)
     message = str(info.value)
     assert "other-family" in message and "unet2d" in message
     assert manifest(run)["status"] == "running"

@@ -6,17 +6,21 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_DIT_CLASSES, assert_one_line_error, build_tiny_dit
+from conftest import (
+    TINY_DIT_CLASSES,
+    assert_one_line_error,
+    build_tiny_dit,
+    run_distill,
+    run_eval,
+    run_export,
+    run_prune,
+)
 from diffusers import DiTPipeline, DiTTransformer2DModel
 
-from difcompress.distill import distill
 from difcompress.errors import UserError
-from difcompress.evaluate import evaluate
-from difcompress.export import export
-from difcompress.families.dit import residual_channels, uniform_blocks
-from difcompress.loading import load_model
-from difcompress.prune import prune
-from difcompress.sampling import guided_prediction
+from difcompress.families.sampling import guided_prediction
+from difcompress.io.loading import load_model
+from difcompress.pruning.transformer import residual_channels, uniform_blocks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -25,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def dit_student(tiny_dit_dir, tmp_path_factory):
     """Half the heads and half the blocks of the tiny latent DiT."""
     out = tmp_path_factory.mktemp("dit") / "pruned"
-    report = prune(str(tiny_dit_dir), 0.5, out, depth=2, device="cpu")
+    report = run_prune(str(tiny_dit_dir), 0.5, out, depth=2, device="cpu")
     return out, report
 
 
@@ -50,7 +54,7 @@ def test_prune_writes_stock_config(dit_student):
 
 
 def test_keeping_everything_reproduces_the_teacher(tiny_dit_dir, tmp_path):
-    prune(str(tiny_dit_dir), 0.0, tmp_path / "same", depth=4, device="cpu")
+    run_prune(str(tiny_dit_dir), 0.0, tmp_path / "same", depth=4, device="cpu")
     teacher, copy = load_model(str(tiny_dit_dir)), load_model(str(tmp_path / "same"))
     inputs = teacher.family.example_inputs(teacher.model, 3)
     with torch.no_grad():
@@ -59,7 +63,7 @@ def test_keeping_everything_reproduces_the_teacher(tiny_dit_dir, tmp_path):
 
 def test_depth_only_keeps_the_chosen_blocks_exactly(tiny_dit_dir, tmp_path):
     """Blocks 0 and 2 kept: the pruned model equals the teacher with blocks 1 and 3 skipped."""
-    prune(str(tiny_dit_dir), 0.0, tmp_path / "depth", blocks=[0, 2], device="cpu")
+    run_prune(str(tiny_dit_dir), 0.0, tmp_path / "depth", blocks=[0, 2], device="cpu")
     teacher, student = load_model(str(tiny_dit_dir)), load_model(str(tmp_path / "depth"))
     inputs = teacher.family.example_inputs(teacher.model, 2)
     hooks = [teacher.model.transformer_blocks[i].register_forward_hook(lambda _m, args, _o: args[0]) for i in (1, 3)]
@@ -80,7 +84,7 @@ def test_width_pruning_keeps_the_stock_position_embedding(dit_student, tiny_dit_
 
 
 def test_output_change_criterion_keeps_the_most_influential_blocks(tiny_dit_dir, tmp_path):
-    report = prune(str(tiny_dit_dir), 0.0, tmp_path / "scored", depth=2, depth_criterion="output-change",
+    report = run_prune(str(tiny_dit_dir), 0.0, tmp_path / "scored", depth=2, depth_criterion="output-change",
                    data="digits", batch_size=8, device="cpu")
     scores = report["block_scores"]
     assert len(scores) == 4 and all(s >= 0 for s in scores)
@@ -88,7 +92,7 @@ def test_output_change_criterion_keeps_the_most_influential_blocks(tiny_dit_dir,
 
 
 def test_taylor_importance_on_dit(tiny_dit_dir, tmp_path):
-    report = prune(str(tiny_dit_dir), 0.5, tmp_path / "taylor", importance="taylor", data="teacher",
+    report = run_prune(str(tiny_dit_dir), 0.5, tmp_path / "taylor", importance="taylor", data="teacher",
                    batch_size=4, importance_timesteps=2, device="cpu")
     assert report["heads_kept"] == 2 and report["importance_timesteps"] == 2
 
@@ -112,7 +116,7 @@ def test_depth_options_are_refused_for_unets(tiny_model_dir, tmp_path, run_cli):
 @pytest.fixture(scope="module")
 def dit_distilled(dit_student, tmp_path_factory):
     out = tmp_path_factory.mktemp("dit") / "student"
-    summary = distill(str(dit_student[0]), out, loss="place", data="digits", steps=3, batch_size=4, w_feat=0.1,
+    summary = run_distill(str(dit_student[0]), out, loss="place", data="digits", steps=3, batch_size=4, w_feat=0.1,
                       feature_mask_std=2.0, checkpoint_every=0, device="cpu", show_progress=False,
                       latent_cache=tmp_path_factory.mktemp("cache"))
     return out, summary
@@ -161,7 +165,7 @@ def test_guidance_formula():
 def test_eval_samples_with_guidance_and_decodes(tiny_dit_dir, dit_distilled, tmp_path):
     from PIL import Image
 
-    result = evaluate([str(tiny_dit_dir), str(dit_distilled[0])], sampler_steps=2, grid_size=3,
+    result = run_eval([str(tiny_dit_dir), str(dit_distilled[0])], sampler_steps=2, grid_size=3,
                       latency_batch_size=2, guidance_scale=2.0, class_labels=[3, 7], output=tmp_path, device="cpu")
     assert [r["guidance_scale"] for r in result["models"]] == [2.0, 2.0]
     assert all(r["latent"] for r in result["models"])
@@ -186,13 +190,13 @@ def test_class_names_travel_through_every_stage(tiny_dit_dir, tmp_path):
     shutil.copytree(tiny_dit_dir, source)
     index = json.loads((source / "model_index.json").read_text())
     (source / "model_index.json").write_text(json.dumps({**index, "id2label": {"0": "zero, nought", "1": "one"}}))
-    prune(str(source), 0.5, tmp_path / "pruned", device="cpu")
-    export(str(tmp_path / "pruned"), tmp_path / "export")
+    run_prune(str(source), 0.5, tmp_path / "pruned", device="cpu")
+    run_export(str(tmp_path / "pruned"), tmp_path / "export")
     assert DiTPipeline.from_pretrained(tmp_path / "export").get_label_ids(["nought", "one"]) == [0, 1]
 
 
 def test_export_loads_and_samples_with_stock_dit_pipeline(dit_distilled, tmp_path):
-    info = export(str(dit_distilled[0]), tmp_path / "export")
+    info = run_export(str(dit_distilled[0]), tmp_path / "export")
     assert info["autoencoder"] == "AutoencoderKL"
     pipe = DiTPipeline.from_pretrained(tmp_path / "export")
     images = pipe(class_labels=[0, 1], guidance_scale=1.0, num_inference_steps=2, output_type="np").images
@@ -208,7 +212,7 @@ def test_class_conditional_data_without_labels_is_refused(dit_student, tmp_path)
     for i in range(4):
         Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(flat / f"{i}.png")
     with pytest.raises(UserError, match="no class labels"):
-        distill(str(dit_student[0]), tmp_path / "run", loss="task", data=str(flat), steps=1, batch_size=2,
+        run_distill(str(dit_student[0]), tmp_path / "run", loss="task", data=str(flat), steps=1, batch_size=2,
                 device="cpu", show_progress=False, latent_cache=tmp_path / "cache")
 
 
@@ -219,7 +223,7 @@ def test_pixel_dit_saves_without_vae(tmp_path):
 
     model = build_tiny_dit(in_channels=1, out_channels=1, sample_size=8)
     DiTFamily().pipeline(model, DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "pixel")
-    report = prune(str(tmp_path / "pixel"), 0.5, tmp_path / "pruned", device="cpu")
+    report = run_prune(str(tmp_path / "pixel"), 0.5, tmp_path / "pruned", device="cpu")
     assert report["latent"] is False
     pipe = DiTPipeline.from_pretrained(tmp_path / "pruned", vae=None)
     assert pipe.vae is None and pipe.transformer.config.num_attention_heads == 2
@@ -247,7 +251,7 @@ def test_ancestral_sampling_uses_the_learned_variance(tiny_dit_dir, monkeypatch)
 def test_recipe_runs_the_dit_chain_and_resumes(tiny_dit_dir, tmp_path):
     import yaml
 
-    from difcompress.run import run_recipe
+    from difcompress.commands.run import run_recipe
 
     recipe = tmp_path / "dit.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -281,12 +285,12 @@ def test_dit_resume_is_bit_identical(dit_student, tmp_path, monkeypatch):
     settings = dict(loss="place", data="digits", steps=6, batch_size=4, checkpoint_every=3, w_feat=0.1,
                     feature_mask_std=2.0, class_dropout=0.5, lr=1e-3, device="cpu", show_progress=False,
                     latent_cache=tmp_path / "cache")
-    distill(str(dit_student[0]), tmp_path / "full", **settings)
+    run_distill(str(dit_student[0]), tmp_path / "full", **settings)
     with monkeypatch.context() as mp:
         crash_at(mp, 5)
         with pytest.raises(SimulatedCrash):
-            distill(str(dit_student[0]), tmp_path / "crashed", **settings)
-    distill(str(dit_student[0]), tmp_path / "crashed", resume=True, **settings)
+            run_distill(str(dit_student[0]), tmp_path / "crashed", **settings)
+    run_distill(str(dit_student[0]), tmp_path / "crashed", resume=True, **settings)
 
     full = load_file(tmp_path / "full" / "transformer" / "diffusion_pytorch_model.safetensors")
     resumed = load_file(tmp_path / "crashed" / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -294,7 +298,7 @@ def test_dit_resume_is_bit_identical(dit_student, tmp_path, monkeypatch):
 
 
 def test_balanced_labels_cover_all_classes_even_with_few_samples():
-    from difcompress.sampling import balanced_labels
+    from difcompress.families.sampling import balanced_labels
 
     few = balanced_labels(512, 1000, seed=0)
     assert len(set(few.tolist())) == 512 and few.max() > 600  # not just classes 0..511
@@ -305,7 +309,7 @@ def test_balanced_labels_cover_all_classes_even_with_few_samples():
 
 def test_pruning_a_pruned_dit_records_blocks_of_the_original_teacher(dit_student, tmp_path):
     """28 -> 14 -> 7 style chains: kept_blocks always index the teacher feature KD pairs with."""
-    again = prune(str(dit_student[0]), 0.0, tmp_path / "again", blocks=[1], device="cpu")
+    again = run_prune(str(dit_student[0]), 0.0, tmp_path / "again", blocks=[1], device="cpu")
     assert again["kept_blocks"] == [3] and again["blocks"] == 4
     student = load_model(str(tmp_path / "again"))
     teacher = load_model(student.manifest["teacher"])
@@ -314,13 +318,13 @@ def test_pruning_a_pruned_dit_records_blocks_of_the_original_teacher(dit_student
 
 
 def test_variance_channels_learn_from_the_teacher_under_every_objective(dit_student, tmp_path):
-    summary = distill(str(dit_student[0]), tmp_path / "task", loss="task", data="digits", steps=1, batch_size=4,
+    summary = run_distill(str(dit_student[0]), tmp_path / "task", loss="task", data="digits", steps=1, batch_size=4,
                       checkpoint_every=0, device="cpu", show_progress=False, latent_cache=tmp_path / "cache")
     assert "variance" in summary["final"] and "kd" not in summary["final"]
 
 
 def test_latent_sampling_never_clips(tiny_dit_dir):
-    from difcompress.sampling import make_sampler
+    from difcompress.families.sampling import make_sampler
 
     scheduler = load_model(str(tiny_dit_dir)).scheduler
     assert scheduler.config.clip_sample  # the fixture's DDIM default clips x0 to [-1, 1]
@@ -335,7 +339,7 @@ def test_class_folders_must_match_the_model_classes(dit_student, tmp_path):
         (tmp_path / "three" / cls).mkdir(parents=True)
         Image.new("RGB", (16, 16)).save(tmp_path / "three" / cls / "x.png")
     with pytest.raises(UserError, match="3 class folders but the model has 10"):
-        distill(str(dit_student[0]), tmp_path / "run", loss="task", data=str(tmp_path / "three"), steps=1,
+        run_distill(str(dit_student[0]), tmp_path / "run", loss="task", data=str(tmp_path / "three"), steps=1,
                 batch_size=2, device="cpu", show_progress=False, latent_cache=tmp_path / "cache")
 
 

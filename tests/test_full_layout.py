@@ -6,10 +6,11 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from difcompress.families import family_for_model
+from difcompress.families.registry import family_for_model
 from difcompress.layouts import DDPM_CIFAR10_32
-from difcompress.measure import model_size
-from difcompress.pruning import make_importance, prune_channels
+from difcompress.metrics.cost import model_size
+from difcompress.pruning.graph import prune_channels
+from difcompress.pruning.importance import make_importance
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,18 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, run_distill, run_eval, run_export, run_prune
 from diffusers import LDMPipeline
 
 from difcompress.builtin import builtin_data
-from difcompress.data import TensorImageDataset
-from difcompress.distill import distill
+from difcompress.data.datasets import TensorImageDataset
+from difcompress.data.latents import Autoencoder, cached_latents
 from difcompress.errors import UserError
-from difcompress.evaluate import evaluate
-from difcompress.export import export
-from difcompress.latents import Autoencoder, cached_latents
-from difcompress.loading import load_model
-from difcompress.prune import prune
+from difcompress.io.loading import load_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,26 +46,26 @@ def test_latent_cache_encodes_once_and_is_reused(tiny_dit_dir, tmp_path, monkeyp
 
 def test_distill_runs_share_the_cache(tiny_dit_dir, tmp_path):
     pruned = tmp_path / "pruned"
-    prune(str(tiny_dit_dir), 0.5, pruned, device="cpu")
+    run_prune(str(tiny_dit_dir), 0.5, pruned, device="cpu")
     kwargs = dict(loss="mse", data="digits", steps=1, batch_size=4, checkpoint_every=0, device="cpu",
                   show_progress=False, latent_cache=tmp_path / "cache")
-    assert distill(str(pruned), tmp_path / "a", **kwargs)["latent_cache"]["reused"] is False
+    assert run_distill(str(pruned), tmp_path / "a", **kwargs)["latent_cache"]["reused"] is False
     # The same VAE read from another folder (a copy, a later run) is the same cache key.
     shutil.copytree(pruned, tmp_path / "elsewhere")
-    assert distill(str(tmp_path / "elsewhere"), tmp_path / "b", **kwargs)["latent_cache"]["reused"] is True
-    assert distill(str(tmp_path / "a"), tmp_path / "c", **kwargs)["latent_cache"]["reused"] is True
+    assert run_distill(str(tmp_path / "elsewhere"), tmp_path / "b", **kwargs)["latent_cache"]["reused"] is True
+    assert run_distill(str(tmp_path / "a"), tmp_path / "c", **kwargs)["latent_cache"]["reused"] is True
 
 
 def test_ldm_chain_prune_distill_eval_export(tiny_ldm_dir, tmp_path):
-    report = prune(str(tiny_ldm_dir), 0.5, tmp_path / "pruned", device="cpu")
+    report = run_prune(str(tiny_ldm_dir), 0.5, tmp_path / "pruned", device="cpu")
     assert report["latent"] and report["params"][1] < report["params"][0]
     assert (tmp_path / "pruned" / "vqvae" / "config.json").is_file()
-    distill(str(tmp_path / "pruned"), tmp_path / "student", loss="place", data="digits", steps=2, batch_size=4,
+    run_distill(str(tmp_path / "pruned"), tmp_path / "student", loss="place", data="digits", steps=2, batch_size=4,
             checkpoint_every=0, device="cpu", show_progress=False, latent_cache=tmp_path / "cache")
-    result = evaluate([str(tiny_ldm_dir), str(tmp_path / "student")], sampler_steps=2, grid_size=2,
+    result = run_eval([str(tiny_ldm_dir), str(tmp_path / "student")], sampler_steps=2, grid_size=2,
                       latency_batch_size=2, output=tmp_path / "eval", device="cpu")
     assert all(r["latent"] and "guidance_scale" not in r for r in result["models"])
-    export(str(tmp_path / "student"), tmp_path / "export")
+    run_export(str(tmp_path / "student"), tmp_path / "export")
     pipe = LDMPipeline.from_pretrained(tmp_path / "export")
     # Only the denoiser changed; the autoencoder is the teacher's, bit for bit.
     teacher_vq = load_model(str(tiny_ldm_dir)).autoencoder.model.state_dict()
@@ -91,22 +88,26 @@ def test_latent_pipeline_without_its_vae_is_a_clear_error(tiny_dit_dir, tmp_path
     assert "vae" in assert_one_line_error(code, err, 1)
 
 
-def test_cache_publishing_replaces_debris_and_keeps_a_finished_cache(tmp_path):
-    from difcompress.latents import _publish
-
-    def finished(name, marker):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "index.json").write_text(marker)
-        return folder
-
-    target = tmp_path / "key"
-    target.write_text("stray file")  # debris where the cache belongs
-    _publish(finished("mine", "1"), target)
-    assert (target / "index.json").read_text() == "1"
-    _publish(finished("late", "2"), target)  # another process finished first: theirs stays
-    assert (target / "index.json").read_text() == "1" and not (tmp_path / "late").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["key"]
+def test_cache_publishing_replaces_debris_and_keeps_a_finished_cache(tiny_dit_dir, tmp_path, monkeypatch):
+    """Whatever an interrupted or foreign writer left where the cache belongs is replaced
+    (under the cache's lock); a finished cache is read, never rewritten."""
+    loaded = load_model(str(tiny_dit_dir))
+    data = builtin_data("digits", 16, 3)
+    _, report = cached_latents(data, loaded.autoencoder, image_size=16, cache_root=tmp_path, show_progress=False)
+    folder = Path(report["folder"])
+    shutil.rmtree(folder)
+    folder.write_text("stray file")  # debris where the cache belongs
+    (folder.parent / f".{folder.name}.tmp-dead").mkdir()  # a killed writer's temporary folder
+    calls = []
+    real_encode = Autoencoder.encode
+    monkeypatch.setattr(Autoencoder, "encode", lambda self, x: calls.append(len(x)) or real_encode(self, x))
+    latents, report = cached_latents(data, loaded.autoencoder, image_size=16, cache_root=tmp_path,
+                                     show_progress=False)
+    assert not report["reused"] and sum(calls) == 1797 and len(latents) == 1797
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+    calls.clear()
+    _, report = cached_latents(data, loaded.autoencoder, image_size=16, cache_root=tmp_path, show_progress=False)
+    assert report["reused"] and calls == []
 
 
 def test_interrupted_encoding_leaves_nothing_behind(tiny_dit_dir, tmp_path, monkeypatch):

@@ -12,21 +12,23 @@ import torch
 from cleanfid.resize import make_resizer
 from PIL import Image
 
-from difcompress import metrics
 from difcompress.errors import UserError
-from difcompress.metrics import (
+from difcompress.io.plots import plot_metrics, save_sample_grid
+from difcompress.metrics import extractors as metrics
+from difcompress.metrics.extractors import (
     INCEPTION_URL,
     features_of_folder,
     features_of_images,
-    fid_kid,
     get_feature_extractor,
     inception_extractor,
+    register_feature_extractor,
+)
+from difcompress.metrics.fid import (
+    fid_kid,
     load_reference,
     read_reference_stats,
-    register_feature_extractor,
     save_reference_stats,
 )
-from difcompress.plots import plot_metrics, save_sample_grid
 
 
 class FakeExtractor:

@@ -6,12 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from difcompress.prune import prune
+from conftest import run_prune
 
 
 def test_two_process_distill_runs_and_checkpoints(tmp_path):
     pruned = tmp_path / "pruned"
-    prune("digits", 0.9, pruned, device="cpu")
+    run_prune("digits", 0.9, pruned, device="cpu")
     out = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
@@ -30,7 +30,7 @@ def test_two_process_distill_runs_and_checkpoints(tmp_path):
 def test_two_process_latent_dit_distill_encodes_once(tiny_dit_dir, tmp_path):
     """The main process fills the latent cache; the other waits and reads the same shards."""
     pruned = tmp_path / "pruned"
-    prune(str(tiny_dit_dir), 0.5, pruned, depth=2, device="cpu")
+    run_prune(str(tiny_dit_dir), 0.5, pruned, depth=2, device="cpu")
     out = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",

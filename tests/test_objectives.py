@@ -1,4 +1,5 @@
-"""Tests for difcompress.objectives: spec properties 1-7 of objectives.md, plus baselines."""
+"""Tests for difcompress.objectives: the properties LIFT/PLACE must have (docs/method.md),
+the baselines, feature KD and the registry."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ from torch import nn
 
 from difcompress.errors import UserError
 from difcompress.objectives import (
-    KD_OBJECTIVES,
     LOSS_NAMES,
+    OBJECTIVES,
     FeatureAdapters,
     KDTerms,
+    OutputOptions,
     affine_fit,
     coarse_term,
     dist_loss,
     feature_loss,
     fine_term,
+    group_sizes,
     kd_loss,
     lift_loss,
     mse_loss,
@@ -45,12 +48,17 @@ def _reference(s: torch.Tensor, t: torch.Tensor, G: int, norm="l2", eps=1e-4):
     t = t.detach().double().flatten(2)
     B, C, N = s.shape
     G = N if G is None else min(G, N)
+    # Consecutive groups of G; a remainder of one position joins the group before it.
+    starts = list(range(0, N, G))
+    if N % G == 1 and len(starts) > 1:
+        starts.pop()
+    bounds = list(zip(starts, starts[1:] + [N]))
     coarse, a_all, b_all, fine_all = [], [], [], []
     for i in range(B):
         for c in range(C):
             order = torch.argsort((t[i, c] - s[i, c]) ** 2)
-            for start in range(0, N, G):
-                idx = order[start : start + G]
+            for start, end in bounds:
+                idx = order[start:end]
                 x, y = s[i, c, idx], t[i, c, idx]
                 xc, yc = x - x.mean(), y - y.mean()
                 a = (xc * yc).sum() / ((xc**2).sum() + eps)
@@ -77,7 +85,7 @@ def _reference(s: torch.Tensor, t: torch.Tensor, G: int, norm="l2", eps=1e-4):
 
 def _assert_logs_match(terms: KDTerms, ref: dict, rel=1e-6, abs_=1e-9):
     for key in ("loss", "coarse", "fine", "w", "slope", "intercept"):
-        assert terms.logs[key] == pytest.approx(ref[key], rel=rel, abs=abs_), key
+        assert terms.floats()[key] == pytest.approx(ref[key], rel=rel, abs=abs_), key
     assert terms.loss.item() == pytest.approx(ref["loss"], rel=rel, abs=abs_)
 
 
@@ -106,51 +114,51 @@ def test_affine_fit_mask_ignores_invalid_elements():
     torch.testing.assert_close(b, b_ref)
 
 
-# ----------------------------------------------------------------- property 1
+# ----------------------------------------------------------------- identical outputs
 
 
 @pytest.mark.parametrize("name", ["lift", "place"])
-def test_p1_identical_outputs_give_zero_loss_and_unit_weight(name):
+def test_identical_outputs_give_zero_loss_and_unit_weight(name):
     _, t = _pair()
     s = t.clone().requires_grad_(True)
     terms = GROUPED[name](s, t)
     assert terms.loss.item() < 1e-6
-    assert terms.logs["coarse"] < 1e-6
-    assert terms.logs["fine"] < 1e-6
-    assert terms.logs["w"] == pytest.approx(1.0, abs=1e-3)
-    assert terms.logs["slope"] == pytest.approx(1.0, abs=1e-3)
-    assert terms.logs["intercept"] == pytest.approx(0.0, abs=1e-3)
+    assert terms.floats()["coarse"] < 1e-6
+    assert terms.floats()["fine"] < 1e-6
+    assert terms.floats()["w"] == pytest.approx(1.0, abs=1e-3)
+    assert terms.floats()["slope"] == pytest.approx(1.0, abs=1e-3)
+    assert terms.floats()["intercept"] == pytest.approx(0.0, abs=1e-3)
 
 
-# ----------------------------------------------------------------- property 2
+# ----------------------------------------------------------------- affine mismatch
 
 
 @pytest.mark.parametrize("name", ["lift", "place"])
-def test_p2_pure_affine_mismatch_is_all_coarse(name):
+def test_a_pure_affine_mismatch_is_all_coarse(name):
     _, t = _pair()
     alpha, beta = 2.0, 0.5
     s = alpha * t + beta
     terms = GROUPED[name](s, t)
-    assert terms.logs["fine"] < 1e-6
-    assert terms.logs["coarse"] > 0.1
+    assert terms.floats()["fine"] < 1e-6
+    assert terms.floats()["coarse"] > 0.1
     # teacher = (s - beta) / alpha: slope 1/alpha, intercept -beta/alpha on every group
-    assert terms.logs["slope"] == pytest.approx(1 / alpha, abs=1e-3)
-    assert terms.logs["intercept"] == pytest.approx(-beta / alpha, abs=1e-3)
+    assert terms.floats()["slope"] == pytest.approx(1 / alpha, abs=1e-3)
+    assert terms.floats()["intercept"] == pytest.approx(-beta / alpha, abs=1e-3)
     # the same mismatch is large under plain output MSE: it was moved, not hidden
-    assert mse_loss(s, t).logs["loss"] > 0.1
+    assert mse_loss(s, t).floats()["loss"] > 0.1
 
 
-# ----------------------------------------------------------------- property 3
+# ----------------------------------------------------------------- fine term
 
 
-def test_p3_fine_term_with_identity_fit_is_squared_error():
+def test_fine_term_with_identity_fit_is_squared_error():
     s, t = _pair()
     a = torch.ones(s.shape[:-1])
     b = torch.zeros(s.shape[:-1])
     torch.testing.assert_close(fine_term(s, t, a, b), (s - t) ** 2)
 
 
-def test_p3_identity_fit_on_real_groups_gives_mse():
+def test_identity_fit_on_real_groups_gives_mse():
     # t = s + r with r zero-mean and orthogonal to the centered student on each row:
     # the least-squares fit is then a = 1, b = 0 (up to eps) on every LIFT group.
     g = torch.Generator().manual_seed(3)
@@ -161,40 +169,40 @@ def test_p3_identity_fit_on_real_groups_gives_mse():
     r = r - (r * sc).sum(-1, keepdim=True) / (sc * sc).sum(-1, keepdim=True) * sc
     t = s + r
     for terms in (lift_loss(s, t), place_loss(s, t, group_size=64)):
-        assert terms.logs["slope"] == pytest.approx(1.0, abs=1e-4)
-        assert terms.logs["intercept"] == pytest.approx(0.0, abs=1e-4)
-        assert terms.logs["fine"] == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-4)
+        assert terms.floats()["slope"] == pytest.approx(1.0, abs=1e-4)
+        assert terms.floats()["intercept"] == pytest.approx(0.0, abs=1e-4)
+        assert terms.floats()["fine"] == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-4)
 
 
-# ----------------------------------------------------------------- property 4
+# ----------------------------------------------------------------- adaptive weight
 
 
-def test_p4_weight_in_unit_interval_and_follows_formula():
+def test_weight_in_unit_interval_and_follows_formula():
     _, t = _pair()
     for scale, shift in [(1.0, 0.0), (1.25, 0.1), (0.9, -0.05), (4.0, 2.0), (-1.0, 0.0)]:
         for name in ("lift", "place"):
             terms = GROUPED[name](scale * t + shift, t)
-            assert 0.0 <= terms.logs["w"] <= 1.0
+            assert 0.0 <= terms.floats()["w"] <= 1.0
     # exact value: slope error |1/1.25 - 1| = 0.2, intercept error 0.1/1.25 = 0.08
-    w = lift_loss(1.25 * t + 0.1, t).logs["w"]
+    w = lift_loss(1.25 * t + 0.1, t).floats()["w"]
     assert w == pytest.approx(1 - 0.2 - 0.08, abs=1e-3)
 
 
 @pytest.mark.parametrize("name", ["lift", "place"])
-def test_p4_weight_is_zero_when_coefficient_error_reaches_one(name):
+def test_weight_is_zero_when_coefficient_error_reaches_one(name):
     _, t = _pair()
     s = (t + 3.0).requires_grad_(True)  # intercept -3 on every group
     terms = GROUPED[name](s, t)
-    assert terms.logs["w"] == 0.0
+    assert terms.floats()["w"] == 0.0
     # with w = 0 the loss is the coarse term alone
-    assert terms.loss.item() == pytest.approx(terms.logs["coarse"], rel=1e-6)
+    assert terms.loss.item() == pytest.approx(terms.floats()["coarse"], rel=1e-6)
 
 
-# ----------------------------------------------------------------- property 5
+# ----------------------------------------------------------------- PLACE vs LIFT
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 2, 5, 5), (1, 4, 12)])
-def test_p5_place_with_full_group_equals_lift(shape):
+def test_place_with_one_full_group_equals_lift(shape):
     s, t = _pair(shape, seed=4)
     n = math.prod(shape[2:])
     s1 = s.clone().requires_grad_(True)
@@ -205,16 +213,16 @@ def test_p5_place_with_full_group_equals_lift(shape):
     place.loss.backward()
     torch.testing.assert_close(place.loss, lift.loss, rtol=1e-5, atol=1e-7)
     for key in lift.logs:
-        assert place.logs[key] == pytest.approx(lift.logs[key], rel=1e-5, abs=1e-7)
+        assert place.floats()[key] == pytest.approx(lift.floats()[key], rel=1e-5, abs=1e-7)
     torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-4, atol=1e-8)
     # a group larger than H*W is one group too
     torch.testing.assert_close(place_loss(s, t, group_size=10 * n).loss, lift.loss)
 
 
-# ----------------------------------------------------------------- property 6
+# ----------------------------------------------------------------- gradients
 
 
-def test_p6_fine_term_sends_no_gradient_through_fit():
+def test_fine_term_sends_no_gradient_through_fit():
     s, t = _pair(dtype=torch.float64)
     s = s.requires_grad_(True)
     a, b = affine_fit(s, t)
@@ -227,12 +235,12 @@ def test_p6_fine_term_sends_no_gradient_through_fit():
 
 
 @pytest.mark.parametrize("name", ["lift", "place"])
-def test_p6_total_gradient_is_coarse_plus_weighted_frozen_fit_residual(name):
+def test_total_gradient_is_coarse_plus_weighted_frozen_fit_residual(name):
     s0, t = _pair((2, 2, 8, 8), seed=5, dtype=torch.float64)
     s = s0.clone().requires_grad_(True)
     terms = GROUPED[name](s, t)
     terms.loss.backward()
-    assert 0.0 < terms.logs["w"] < 1.0  # both terms active
+    assert 0.0 < terms.floats()["w"] < 1.0  # both terms active
 
     # Rebuild the same groups by hand; fine gradient with a, b held constant.
     ref = s0.clone().requires_grad_(True)
@@ -246,9 +254,9 @@ def test_p6_total_gradient_is_coarse_plus_weighted_frozen_fit_residual(name):
     with torch.no_grad():
         fine_frozen = ((a[..., None] * gs + b[..., None] - gt) ** 2).mean()
     fine_manual = (a.detach()[..., None] * gs + b.detach()[..., None] - gt) ** 2
-    (coarse + terms.logs["w"] * fine_manual.mean()).backward()
+    (coarse + terms.floats()["w"] * fine_manual.mean()).backward()
     torch.testing.assert_close(s.grad, ref.grad)
-    assert terms.logs["fine"] == pytest.approx(fine_frozen.item(), rel=1e-9)
+    assert terms.floats()["fine"] == pytest.approx(fine_frozen.item(), rel=1e-9)
 
     # If the fit were NOT stopped in the fine term, the gradient would differ.
     alt = s0.clone().requires_grad_(True)
@@ -256,7 +264,7 @@ def test_p6_total_gradient_is_coarse_plus_weighted_frozen_fit_residual(name):
     gs2 = torch.gather(rows, -1, order).unflatten(-1, (-1, G))
     a2, b2 = affine_fit(gs2, gt)
     leaky_fine = ((a2[..., None] * gs2 + b2[..., None] - gt) ** 2).mean()
-    leaky = coarse_term(a2, b2).mean() + terms.logs["w"] * leaky_fine
+    leaky = coarse_term(a2, b2).mean() + terms.floats()["w"] * leaky_fine
     leaky.backward()
     assert not torch.allclose(alt.grad, s.grad)
 
@@ -276,7 +284,7 @@ def test_coarse_term_sends_gradient_into_student():
     # through lift_loss with w = 0, the only gradient is the coarse one and it is non-zero
     x = (t.unflatten(-1, (4, 4)) + 3.0).requires_grad_(True)
     terms = lift_loss(x, t.unflatten(-1, (4, 4)))
-    assert terms.logs["w"] == 0.0
+    assert terms.floats()["w"] == 0.0
     terms.loss.backward()
     assert x.grad.abs().sum() > 1e-3
 
@@ -288,15 +296,15 @@ def test_coarse_gradient_of_full_objective_gradcheck():
     s, t = _pair((1, 2, 4, 4), seed=7, dtype=torch.float64)
     x = (0.5 * s + 3.0).requires_grad_(True)
     for G in (4, 5, 16):
-        assert place_loss(x, t, group_size=G).logs["w"] == 0.0
+        assert place_loss(x, t, group_size=G).floats()["w"] == 0.0
         assert torch.autograd.gradcheck(lambda y: place_loss(y, t, group_size=G).loss, (x,))
     assert torch.autograd.gradcheck(lambda y: lift_loss(y, t).loss, (x,))
 
 
-# ----------------------------------------------------------------- property 7
+# ----------------------------------------------------------------- cost
 
 
-def test_p7_one_batched_argsort_per_call(monkeypatch):
+def test_one_batched_argsort_per_call(monkeypatch):
     calls = []
     real = torch.argsort
 
@@ -315,7 +323,7 @@ def test_p7_one_batched_argsort_per_call(monkeypatch):
     assert len(calls) == 2
 
 
-def test_p7_no_parameters_no_state_teacher_untouched(monkeypatch):
+def test_no_parameters_no_state_teacher_untouched(monkeypatch):
     created = []
     original_new = nn.Parameter.__new__
 
@@ -331,9 +339,11 @@ def test_p7_no_parameters_no_state_teacher_untouched(monkeypatch):
     s, t = _pair()
     s.requires_grad_(True)
     t.requires_grad_(True)  # even a teacher output that tracks grad gets none
-    for name, fn in KD_OBJECTIVES.items():
-        fn(s, t).loss.backward()
-        assert not isinstance(fn, nn.Module), name
+    for name, objective in OBJECTIVES.items():
+        if objective.output_fn is None:
+            continue
+        objective.output_fn(s, t, OutputOptions()).loss.backward()
+        assert not isinstance(objective.output_fn, nn.Module), name
     assert created == []
     assert t.grad is None
     assert s.grad is not None
@@ -362,20 +372,33 @@ def test_place_irregular_float32_finite(shape, G):
     s = s.requires_grad_(True)
     terms = place_loss(s, t, group_size=G)
     assert torch.isfinite(terms.loss)
-    assert all(math.isfinite(v) for v in terms.logs.values())
+    assert all(math.isfinite(v) for v in terms.floats().values())
     terms.loss.backward()
     assert torch.isfinite(s.grad).all()
     assert s.grad.abs().sum() > 0
 
 
 def test_singleton_group_has_zero_slope_and_absorbing_intercept():
-    # 7x7 = 49 = 12*4 + 1: the last group holds only the largest-error position.
     s, t = _pair((1, 1, 7, 7), seed=10, dtype=torch.float64)
     a, b = affine_fit(s.flatten()[:1].view(1, 1), t.flatten()[:1].view(1, 1))
     assert a.item() == 0.0
     assert b.item() == pytest.approx(t.flatten()[0].item())
-    # inside PLACE: finite and equal to the reference, which fits it on its own
-    _assert_logs_match(place_loss(s, t, group_size=4), _reference(s, t, 4))
+
+
+@pytest.mark.parametrize("n,G,sizes", [(49, 4, [4] * 11 + [5]), (17, 16, [17]), (50, 4, [4] * 12 + [2]),
+                                       (64, 16, [16] * 4), (5, 16, [5]), (1, 16, [1])])
+def test_a_remainder_of_one_joins_the_group_before_it(n, G, sizes):
+    assert group_sizes(n, G) == sizes
+
+
+@pytest.mark.parametrize("shape,G", [((1, 2, 7, 7), 4), ((2, 1, 17), 16), ((2, 2, 5, 5), 8)])
+def test_identical_outputs_give_zero_loss_at_every_size(shape, G):
+    """No one-element group (a = 0, b = t) can keep s == t from a zero loss."""
+    _, t = _pair(shape, seed=21, dtype=torch.float64)
+    terms = place_loss(t.clone(), t, group_size=G)
+    assert terms.loss.item() < 1e-6
+    assert terms.floats()["w"] == pytest.approx(1.0, abs=1e-3)
+    _assert_logs_match(terms, _reference(t.clone(), t, G))
 
 
 def test_lift_reference_and_3d_inputs():
@@ -400,8 +423,8 @@ def test_l1_coarse_norm(name, G):
     l1 = fn(s, t, coarse_norm="l1")
     l2 = fn(s, t)
     _assert_logs_match(l1, _reference(s, t, G, norm="l1"))
-    assert l1.logs["coarse"] != pytest.approx(l2.logs["coarse"], rel=1e-3)
-    assert l1.logs["w"] == pytest.approx(l2.logs["w"])  # w does not depend on the norm
+    assert l1.floats()["coarse"] != pytest.approx(l2.floats()["coarse"], rel=1e-3)
+    assert l1.floats()["w"] == pytest.approx(l2.floats()["w"])  # w does not depend on the norm
 
 
 def test_bad_options_raise_user_error():
@@ -478,13 +501,13 @@ def test_dist_matches_definition():
         [1 - torch.corrcoef(torch.stack([S[:, j], T[:, j]]))[0, 1] for j in range(S.shape[1])]
     )
     terms = dist_loss(s, t, beta=0.7, gamma=2.0)
-    assert terms.logs["inter"] == pytest.approx(inter.mean().item(), rel=1e-6)
-    assert terms.logs["intra"] == pytest.approx(intra.mean().item(), rel=1e-6)
+    assert terms.floats()["inter"] == pytest.approx(inter.mean().item(), rel=1e-6)
+    assert terms.floats()["intra"] == pytest.approx(intra.mean().item(), rel=1e-6)
     assert terms.loss.item() == pytest.approx(0.7 * inter.mean().item() + 2.0 * intra.mean().item())
     # a single sample has no batch to correlate over
     one = dist_loss(s[:1], t[:1])
-    assert one.logs["intra"] == 0.0
-    assert one.logs["loss"] == pytest.approx(one.logs["inter"])
+    assert one.floats()["intra"] == 0.0
+    assert one.floats()["loss"] == pytest.approx(one.floats()["inter"])
 
 
 def test_dist_invariant_to_positive_affine_student():
@@ -548,38 +571,30 @@ def test_feature_mismatches_raise_user_error():
 
 
 def test_registry_and_names():
-    assert set(KD_OBJECTIVES) == {"mse", "dist", "lift", "place"}
     assert LOSS_NAMES == ("task", "mse", "feature", "dist", "lift", "place")
+    assert {n for n, o in OBJECTIVES.items() if o.kind == "output"} == {"mse", "dist", "lift", "place"}
+    assert not OBJECTIVES["task"].needs_teacher and OBJECTIVES["feature"].needs_teacher
     s, t = _pair((2, 2, 8, 8), seed=17)
-    for name, fn in KD_OBJECTIVES.items():
+    for name, fn in (("mse", mse_loss), ("dist", dist_loss), ("lift", lift_loss), ("place", place_loss)):
         torch.testing.assert_close(kd_loss(name, s, t).loss, fn(s, t).loss)
 
 
-def test_kd_loss_unknown_name_raises_user_error():
+def test_kd_loss_unknown_or_non_output_name_raises_user_error():
     s, t = _pair()
     with pytest.raises(UserError, match="unknown loss 'fitnet'.*choose one of"):
         kd_loss("fitnet", s, t)
+    with pytest.raises(UserError, match="not an output objective"):
+        kd_loss("task", s, t)
 
 
-def test_kd_loss_passes_meaningful_options_and_ignores_others():
+def test_kd_loss_passes_the_options_each_objective_uses():
     s, t = _pair((2, 2, 8, 8), seed=18)
-    opts = dict(group_size=4, coarse_norm="l1", beta=0.5, gamma=0.0)
-    # ignored where meaningless
-    torch.testing.assert_close(kd_loss("mse", s, t, **opts).loss, mse_loss(s, t).loss)
-    torch.testing.assert_close(
-        kd_loss("lift", s, t, **opts).loss, lift_loss(s, t, coarse_norm="l1").loss
-    )
-    # used where meaningful
-    torch.testing.assert_close(
-        kd_loss("place", s, t, **opts).loss,
-        place_loss(s, t, group_size=4, coarse_norm="l1").loss,
-    )
-    assert kd_loss("place", s, t, **opts).loss.item() != pytest.approx(
-        place_loss(s, t).loss.item()
-    )
-    torch.testing.assert_close(
-        kd_loss("dist", s, t, **opts).loss, dist_loss(s, t, beta=0.5, gamma=0.0).loss
-    )
+    options = OutputOptions(group_size=4, coarse_norm="l1", eps=1e-6)
+    torch.testing.assert_close(kd_loss("mse", s, t, options).loss, mse_loss(s, t).loss)
+    torch.testing.assert_close(kd_loss("lift", s, t, options).loss, lift_loss(s, t, coarse_norm="l1", eps=1e-6).loss)
+    torch.testing.assert_close(kd_loss("place", s, t, options).loss,
+                               place_loss(s, t, group_size=4, coarse_norm="l1", eps=1e-6).loss)
+    assert kd_loss("place", s, t, options).loss.item() != pytest.approx(place_loss(s, t).loss.item())
 
 
 # ---- masked feature KD (TinyFusion) ----------------------------------------------------------

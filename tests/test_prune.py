@@ -14,16 +14,17 @@ from conftest import (
     TINY_GROUPS,
     assert_one_line_error,
     build_tiny_unet,
+    run_prune,
     save_pipeline,
 )
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from difcompress.environment import seed_everything
 from difcompress.errors import UserError
-from difcompress.loading import load_model
-from difcompress.prune import prune
-from difcompress.pruning import make_importance, prune_channels
-from difcompress.runtime import seed_everything
+from difcompress.io.loading import load_model
+from difcompress.pruning.graph import prune_channels
+from difcompress.pruning.importance import make_importance
 
 INT_STAGES = ("conv_in", "time_embedding") + tuple(f"down_blocks.{i}" for i in range(4)) + (
     "mid_block",
@@ -107,7 +108,7 @@ from safetensors.torch import load_file
 from diffusers import DDPMPipeline, UNet2DModel
 
 data = load_file({str(io)!r})
-unet = UNet2DModel.from_pretrained({str(out)!r}).eval()
+unet = UNet2DModel.from_pretrained({str(out)!r}, subfolder="unet").eval()
 pipe = DDPMPipeline.from_pretrained({str(out)!r})
 with torch.no_grad():
     a = unet(data["sample"], data["timestep"]).sample
@@ -144,21 +145,21 @@ def _one_thread(single_thread):
 @pytest.fixture(scope="module")
 def uniform_run(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("prune-uniform") / "out"
-    report = prune(str(tiny_model_dir), 0.5, out, importance="magnitude", device="cpu")
+    report = run_prune(str(tiny_model_dir), 0.5, out, importance="magnitude", device="cpu")
     return out, report
 
 
 @pytest.fixture(scope="module")
 def global_run(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("prune-global") / "out"
-    report = prune(str(tiny_model_dir), 0.5, out, importance="magnitude", global_pruning=True, device="cpu")
+    report = run_prune(str(tiny_model_dir), 0.5, out, importance="magnitude", global_pruning=True, device="cpu")
     return out, report
 
 
 @pytest.fixture(scope="module")
 def heads_run(tmp_path_factory, tiny_heads_model_dir):
     out = tmp_path_factory.mktemp("prune-heads") / "out"
-    report = prune(str(tiny_heads_model_dir), 0.5, out, importance="magnitude", device="cpu")
+    report = run_prune(str(tiny_heads_model_dir), 0.5, out, importance="magnitude", device="cpu")
     return out, report
 
 
@@ -245,14 +246,14 @@ def test_uniform_prune_folder_layout(uniform_run, tiny_model_dir):
     for rel in (
         "difcompress.json",
         "model_index.json",
-        "config.json",
-        "diffusion_pytorch_model.safetensors",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
         "scheduler/scheduler_config.json",
     ):
         assert (out / rel).is_file(), rel
     assert not (out / "unet" / "difcompress_structure.json").exists()
+    # One copy of the weights: no second model at the top level.
+    assert not (out / "config.json").exists() and not (out / "diffusion_pytorch_model.safetensors").exists()
     manifest = json.loads((out / "difcompress.json").read_text())
     assert manifest["stage"] == "prune"
     assert manifest["structure"] == "config"
@@ -265,7 +266,6 @@ def test_uniform_prune_folder_layout(uniform_run, tiny_model_dir):
     config = json.loads((out / "unet" / "config.json").read_text())
     assert list(config["block_out_channels"]) == [w // 2 for w in TINY_BLOCK_OUT]
     assert config["norm_num_groups"] == TINY_GROUPS // 2
-    assert json.loads((out / "config.json").read_text()) == config
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["num_train_timesteps"] == 100
     assert [p.name for p in out.parent.iterdir()] == ["out"]
@@ -282,7 +282,11 @@ def test_uniform_prune_loads_in_stock_diffusers_with_identical_outputs(uniform_r
 
 
 def _processor_outputs(model, inputs):
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        Attention,
+        AttnProcessor,
+        AttnProcessor2_0,
+    )
 
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     assert len(attentions) == 4
@@ -373,7 +377,7 @@ def test_pruned_folder_can_be_pruned_again(first, second, uniform_run, global_ru
     """A difcompress folder is a valid prune source, and pruning it again gives a loadable model."""
     out, _ = uniform_run if first == "uniform" else global_run
     again = tmp_path / "again"
-    report = prune(str(out), 0.5, again, importance="magnitude", global_pruning=second == "global", device="cpu")
+    report = run_prune(str(out), 0.5, again, importance="magnitude", global_pruning=second == "global", device="cpu")
     assert report["params"][0] == sum(p.numel() for p in load_model(out, "cpu").model.parameters())
     assert report["params"][1] < report["params"][0]
     reloaded = load_model(again, "cpu").model
@@ -410,7 +414,7 @@ def test_random_importance_is_seeded(tiny_model_dir, tmp_path):
     outs = {}
     for tag, seed in (("a", 0), ("b", 0), ("c", 1)):
         outs[tag] = tmp_path / tag
-        prune(str(tiny_model_dir), 0.5, outs[tag], importance="random", seed=seed, device="cpu")
+        run_prune(str(tiny_model_dir), 0.5, outs[tag], importance="random", seed=seed, device="cpu")
     weights = {tag: load_file(path / "unet" / "diffusion_pytorch_model.safetensors") for tag, path in outs.items()}
     assert_same_state(weights["a"], weights["b"])
     kept = {tag: _kept_sets(path, original) for tag, path in outs.items()}
@@ -434,7 +438,7 @@ def test_magnitude_keeps_the_largest_weights(tmp_path):
         model.conv_in.weight[chosen] *= 100.0
     source = save_pipeline(model, tmp_path / "skewed")
     out = tmp_path / "out"
-    report = prune(str(source), 0.5, out, importance="magnitude", device="cpu")
+    report = run_prune(str(source), 0.5, out, importance="magnitude", device="cpu")
     assert report["importance"] == "magnitude"
     pruned = load_model(out, "cpu").model
     assert kept_indices(model.conv_in.bias.detach(), pruned.conv_in.bias.detach()) == chosen
@@ -443,8 +447,8 @@ def test_magnitude_keeps_the_largest_weights(tmp_path):
 
 def test_magnitude_does_not_depend_on_the_seed(tiny_model_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    prune(str(tiny_model_dir), 0.5, a, importance="magnitude", seed=0, device="cpu")
-    prune(str(tiny_model_dir), 0.5, b, importance="magnitude", seed=7, device="cpu")
+    run_prune(str(tiny_model_dir), 0.5, a, importance="magnitude", seed=0, device="cpu")
+    run_prune(str(tiny_model_dir), 0.5, b, importance="magnitude", seed=7, device="cpu")
     assert_same_state(load_file(a / "unet" / "diffusion_pytorch_model.safetensors"),
                       load_file(b / "unet" / "diffusion_pytorch_model.safetensors"))
 
@@ -452,7 +456,7 @@ def test_magnitude_does_not_depend_on_the_seed(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("criterion, timesteps", [("taylor", 3), ("diff-pruning", 4)])
 def test_gradient_criteria_with_teacher_samples(criterion, timesteps, tiny_model_dir, uniform_run, tmp_path):
     out = tmp_path / "out"
-    report = prune(str(tiny_model_dir), 0.5, out, importance=criterion, data=None, batch_size=2,
+    report = run_prune(str(tiny_model_dir), 0.5, out, importance=criterion, data=None, batch_size=2,
                    importance_timesteps=timesteps, diff_threshold=0.0, device="cpu")
     # taylor visits exactly the capped number of timesteps; diff-pruning with threshold 0
     # never stops early, so it visits every strided timestep 0, 25, 50, 75.
@@ -470,7 +474,7 @@ def test_gradient_criteria_with_teacher_samples(criterion, timesteps, tiny_model
 
 def test_diff_pruning_stops_early_when_loss_drops(tiny_model_dir, tmp_path):
     """A threshold just below 1 stops at the first timestep whose loss is below the running max."""
-    report = prune(str(tiny_model_dir), 0.5, tmp_path / "out", importance="diff-pruning", batch_size=2,
+    report = run_prune(str(tiny_model_dir), 0.5, tmp_path / "out", importance="diff-pruning", batch_size=2,
                    importance_timesteps=10, diff_threshold=0.999999, device="cpu")
     used = report["importance_timesteps"]
     assert 1 <= used < 10
@@ -551,8 +555,9 @@ def test_cli_missing_path(tmp_path, run_cli):
 
 
 def test_cli_hub_id_not_cached_offline(tmp_path, monkeypatch, run_cli):
-    import huggingface_hub
     import socket
+
+    import huggingface_hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
@@ -646,7 +651,7 @@ def test_cli_output_that_is_a_file(tmp_path, run_cli, tiny_model_dir):
 
 def test_failed_write_leaves_nothing_half_written(tmp_path, monkeypatch, tiny_model_dir):
     """A crash while saving leaves no folder at -o (and a previous result intact)."""
-    import difcompress.prune as prune_module
+    import difcompress.commands.prune as prune_module
 
     real_save = prune_module.save_model_folder
 
@@ -657,18 +662,18 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, monkeypatch, tiny_mo
     monkeypatch.setattr(prune_module, "save_model_folder", save_then_crash)
     fresh = tmp_path / "fresh"
     with pytest.raises(OSError, match="disk full"):
-        prune(str(tiny_model_dir), 0.5, fresh, device="cpu")
+        run_prune(str(tiny_model_dir), 0.5, fresh, device="cpu")
     assert not fresh.exists()
     no_leftovers(fresh)
 
     monkeypatch.setattr(prune_module, "save_model_folder", real_save)
     earlier = tmp_path / "earlier"
-    prune(str(tiny_model_dir), 0.5, earlier, device="cpu")
+    run_prune(str(tiny_model_dir), 0.5, earlier, device="cpu")
     manifest_before = (earlier / "difcompress.json").read_text()
     weights_before = (earlier / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     monkeypatch.setattr(prune_module, "save_model_folder", save_then_crash)
     with pytest.raises(OSError, match="disk full"):
-        prune(str(tiny_model_dir), 0.3, earlier, device="cpu")
+        run_prune(str(tiny_model_dir), 0.3, earlier, device="cpu")
     assert (earlier / "difcompress.json").read_text() == manifest_before
     assert (earlier / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights_before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -676,5 +681,5 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, monkeypatch, tiny_mo
 
 def test_prune_api_raises_user_error_not_traceback_for_bad_ratio(tiny_model_dir, tmp_path):
     with pytest.raises(UserError) as info:
-        prune(str(tiny_model_dir), 1.0, tmp_path / "out", device="cpu")
+        run_prune(str(tiny_model_dir), 1.0, tmp_path / "out", device="cpu")
     assert info.value.exit_code == 2

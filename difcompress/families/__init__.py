@@ -1,31 +1,7 @@
-"""Model families: one adapter per architecture, so the stages stay family-agnostic."""
+"""Model families: one adapter per architecture, so the stages stay family-agnostic.
 
-from __future__ import annotations
-
-from torch import nn
-
-from difcompress.errors import UserError
-from difcompress.families.base import ModelFamily
-from difcompress.families.dit import DiTFamily
-from difcompress.families.unet2d import PixelUNetFamily
-
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PixelUNetFamily(), DiTFamily())}
-SUPPORTED_CLASSES = {f.model_class.__name__: f for f in FAMILIES.values()}
-
-
-def family_for_model(model: nn.Module) -> ModelFamily:
-    for family in FAMILIES.values():
-        if family.matches(model):
-            return family
-    raise UserError(
-        f"unsupported model class {type(model).__name__}; difcompress supports {', '.join(SUPPORTED_CLASSES)}"
-    )
-
-
-def family_for_class_name(class_name: str) -> ModelFamily:
-    try:
-        return SUPPORTED_CLASSES[class_name]
-    except KeyError:
-        raise UserError(
-            f"unsupported model class {class_name}; difcompress supports {', '.join(SUPPORTED_CLASSES)}"
-        ) from None
+``base`` is the interface; ``unet2d`` and ``dit`` are the adapters; ``registry`` finds the
+adapter for a model or a class name; ``sampling`` is the family-agnostic sampler.
+(Nothing is imported here: the adapters build on difcompress.pruning, which builds on
+``base``, so this package's namespace stays empty to keep that order one-way.)
+"""

@@ -1,4 +1,4 @@
-"""What a model family must tell the family-agnostic stages.
+"""The model-family interface: what a family must tell the family-agnostic stages.
 
 A family knows its model class's quirks: which layers never prune, how channels group
 (GroupNorm groups, attention heads), which attributes diffusers keeps beside the weights,
@@ -8,13 +8,14 @@ sample. The stages (prune, distill, evaluate, export) only talk to this interfac
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from difcompress.families.sampling import sample_images
 
 
 @dataclass
@@ -29,6 +30,7 @@ class PruneRequest:
     depth_criterion: str = "uniform"  # uniform or output-change
     calibration: Any = None  # (x0, labels, scheduler) for data-driven criteria
     seed: int = 0
+    round_to: int = 1  # every pruned width a multiple of this (tensor-core friendly)
 
 
 @dataclass
@@ -131,68 +133,7 @@ class ModelFamily(ABC):
     ) -> torch.Tensor:
         """Draw samples in the denoiser's space as (N, C, H, W) on CPU; sample i depends only
         on (seed, i) and its class label. Pixels are clamped to [-1, 1]; latents (pixels=False) are never clipped."""
-        from difcompress.sampling import sample_images
-
         return sample_images(
             self, model, scheduler, num_samples, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size,
             class_labels=class_labels, guidance_scale=guidance_scale, pixels=pixels, on_batch=on_batch,
         )
-
-
-class GraphPrunedFamily(ModelFamily):
-    """A family pruned channel-wise on torch-pruning's dependency graph (see pruning.py)."""
-
-    def tracing_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    @abstractmethod
-    def never_prune(self, model: nn.Module) -> list[nn.Module]:
-        """Layers whose output channels must keep their size (image channels, ...)."""
-
-    @abstractmethod
-    def channel_unit(self, group: Any, num_channels: int, names: dict[nn.Module, str], before: dict[str, Any]) -> int:
-        """How many consecutive root channels are removed together (a GroupNorm group, a head)."""
-
-    @abstractmethod
-    def record_structure(self, model: nn.Module) -> dict[str, Any]:
-        """Attributes kept beside the weights, read before pruning (to keep their ratios)."""
-
-    def time_embedding_subset(self, model: nn.Module, before: dict[str, Any]) -> tuple[nn.Linear, list[int]] | None:
-        """The timestep-embedding layer and input columns to keep so the stock config expresses it."""
-        return None
-
-    @abstractmethod
-    def sync_attributes(self, model: nn.Module, before: dict[str, Any], uniform_groups: int | None) -> None:
-        """Make every attribute diffusers keeps beside the weights match the pruned weights."""
-
-    @abstractmethod
-    def uniform_groups(self, model: nn.Module, ratio: float) -> tuple[int, float]:
-        """For uniform pruning: GroupNorm groups to keep and the resulting keep fraction."""
-
-    @abstractmethod
-    def pruned_config(self, model: nn.Module) -> dict[str, Any]:
-        """The stock config that rebuilds the pruned model; raise ValueError if impossible."""
-
-    def prune(self, model, request):
-        from difcompress.pruning import make_importance, prune_channels
-
-        outcome = prune_channels(model, self, request.ratio, make_importance(request.importance),
-                                 global_pruning=request.global_pruning)
-        if not request.global_pruning:
-            self._check_config_rebuild(model)
-        return PruneOutcome(model=model, history=outcome.history, warnings=outcome.warnings,
-                            details={"groupnorm_groups_kept": outcome.uniform_groups})
-
-    def _check_config_rebuild(self, model) -> None:
-        """The stock class built from the rewritten config must reproduce the pruned model."""
-        config = self.pruned_config(model)
-        rebuilt = self.model_class.from_config(config).to(next(model.parameters()).device)
-        missing = rebuilt.load_state_dict(model.state_dict(), strict=False)
-        inputs = self.example_inputs(model, 2)
-        with torch.no_grad():
-            same = not (missing.missing_keys or missing.unexpected_keys) and torch.allclose(
-                model(**inputs).sample, rebuilt(**inputs).sample, atol=1e-5
-            )
-        if not same:
-            raise RuntimeError("pruned widths are not expressible in the stock config; use --global")
-        model.register_to_config(**config)

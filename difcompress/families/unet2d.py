@@ -19,14 +19,18 @@ import math
 
 import torch
 from diffusers import DDPMPipeline, LDMPipeline, UNet2DModel
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+)
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from difcompress.families.base import GraphPrunedFamily
+from difcompress.pruning.graph import GraphPrunedFamily
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, Attention]]:

@@ -11,12 +11,19 @@ from typing import Any
 
 import diffusers
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors.torch import load_file
 from torch import nn
 
+from difcompress.builtin import builtin_model_path
+from difcompress.data.latents import AUTOENCODER_CLASSES, Autoencoder
 from difcompress.errors import UserError
-from difcompress.families import ModelFamily, family_for_class_name
-from difcompress.folders import STRUCTURE, read_manifest
-from difcompress.latents import AUTOENCODER_CLASSES, Autoencoder
+from difcompress.families.base import ModelFamily
+from difcompress.families.registry import family_for_class_name
+from difcompress.io.folders import STRUCTURE, read_manifest
+from difcompress.pruning.graph import replay_history
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -53,8 +60,8 @@ class LoadedModel:
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    from difcompress.builtin import builtin_model_path
-
+    """Load the denoiser (with its scheduler and, for latent pipelines, its autoencoder) that
+    `source` names: a built-in name, a folder, or a Hugging Face hub id (cache only when offline)."""
     source = str(source)
     path = builtin_model_path(source) or Path(source).expanduser()
     if not path.exists():
@@ -71,9 +78,6 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> Loaded
 def _from_hub(source: str) -> Path:
     if not HUB_ID.match(source):
         raise UserError(f"model not found: {source} is neither a folder nor a Hugging Face hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     try:
         # Only configs and safetensors: the project never reads pickled weights.
@@ -100,6 +104,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _load_folder(path: Path, source: str) -> LoadedModel:
     manifest = read_manifest(path)
+    if manifest and manifest.get("status") == "running":
+        raise UserError(f"{path} is an unfinished {manifest.get('stage', 'difcompress')} run (its manifest says "
+                        "running); finish it with --resume, or use a complete folder")
     if (path / "model_index.json").is_file():
         index = _read_json(path / "model_index.json")
         component = next((c for c in DENOISER_COMPONENTS if c in index), None)
@@ -170,10 +177,6 @@ def _load_weights(family: ModelFamily, model_dir: Path) -> nn.Module:
 
 def _rebuild_from_record(family: ModelFamily, model_dir: Path) -> nn.Module:
     """Base architecture from the record's config, pruned by replaying the history."""
-    from safetensors.torch import load_file
-
-    from difcompress.pruning import replay_history
-
     record = _read_json(model_dir / STRUCTURE)
     model = family.model_class.from_config(record["base_config"])
     replay_history(model, family, record["history"], record.get("groupnorm_groups"))
@@ -182,11 +185,17 @@ def _rebuild_from_record(family: ModelFamily, model_dir: Path) -> nn.Module:
 
 
 def load_scheduler(folder: Path):
+    """The folder's noise scheduler; only diffusers scheduler classes are accepted."""
     config_path = folder / "scheduler_config.json"
     if not config_path.is_file():
         return diffusers.DDPMScheduler(num_train_timesteps=1000)
     config = _read_json(config_path)
-    cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), None)
-    if cls is None:
-        raise UserError(f"unknown scheduler {config.get('_class_name')} in {config_path}")
-    return cls.from_config(config)
+    name = config.get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise UserError(f"{config_path} names {name!r}, which is not a diffusers scheduler class; "
+                        "fix its _class_name (e.g. DDPMScheduler)")
+    try:
+        return cls.from_config(config)
+    except Exception as err:  # diffusers raises many types for bad configs
+        raise UserError(f"cannot build the scheduler from {config_path}: {str(err).splitlines()[0]}") from None

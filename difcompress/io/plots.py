@@ -18,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from difcompress.errors import UserError
+from difcompress.io.folders import disk_errors
+from difcompress.metrics.extractors import to_uint8
 
 __all__ = ["save_sample_grid", "plot_metrics", "LOSS_KEYS"]
 
@@ -30,16 +32,15 @@ _DPI = 100
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=_DPI)
+    with disk_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        FigureCanvasAgg(fig)
+        fig.savefig(path, format="png", dpi=_DPI)
     return path
 
 
 def _to_hwc_uint8(images: torch.Tensor) -> np.ndarray:
     """``[N, C, H, W]`` in [-1, 1] -> ``uint8 [N, H, W, 3]`` (the same conversion FID uses)."""
-    from difcompress.metrics import to_uint8
-
     if not isinstance(images, torch.Tensor):
         raise UserError(f"Sample images must be [N, C, H, W] tensors, got {type(images).__name__}.")
     x = images if images.dtype == torch.uint8 else images.float().nan_to_num(0.0)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from difcompress.data import HFDiskDataset, ImageFolderDataset, TensorImageDataset
+from difcompress.data.datasets import (
+    HFDiskDataset,
+    ImageFolderDataset,
+    TensorImageDataset,
+)
 from difcompress.errors import UserError
+from difcompress.io.folders import (
+    atomic_folder,
+    folder_lock,
+    remove_temporaries,
+    wait_for,
+)
+from difcompress.io.report import progress_bar
 
 SHARD_ITEMS = 4096
-POLL_SECONDS = 2.0
 AUTOENCODER_CLASSES = ("AutoencoderKL", "VQModel")
 
 
@@ -113,10 +122,10 @@ def cached_latents(dataset: Dataset, autoencoder: Autoencoder, *, image_size: in
                    ) -> tuple[TensorImageDataset, dict[str, Any]]:
     """The dataset's latents, encoded once and read back from the cache afterwards.
 
-    Returns the latent dataset and a report (cache folder, whether it was reused). With
-    `encode_here=False` (the other processes of a multi-process run) it waits for the
-    process that encodes: polling the folder, not a collective barrier, which would time out
-    during a long encode. If that process fails, the launcher stops this one.
+    Returns the latent dataset and a report (cache folder, whether it was reused). The
+    encoding process holds the cache folder's lock (a second run wanting the same cache
+    waits for it) and publishes the folder atomically. With `encode_here=False` (the other
+    processes of a multi-process run) it waits for the folder to appear instead.
     """
     key = hashlib.sha256(
         f"{autoencoder.fingerprint()}:{dataset_identity(dataset)}:{image_size}".encode()
@@ -125,10 +134,13 @@ def cached_latents(dataset: Dataset, autoencoder: Autoencoder, *, image_size: in
     index_path = folder / "index.json"
     reused = index_path.is_file()
     if not reused and encode_here:
-        _encode_to_shards(dataset, autoencoder, folder, batch_size, show_progress)
+        with folder_lock(folder, wait=True):
+            if not index_path.is_file():  # nobody finished it while we waited
+                remove_temporaries(folder)
+                with atomic_folder(folder) as tmp:
+                    _write_shards(dataset, autoencoder, tmp, batch_size, show_progress)
     elif not reused:
-        while not index_path.is_file():  # the encoding process renames the finished folder into place
-            time.sleep(POLL_SECONDS)
+        wait_for(index_path.is_file)
     index = json.loads(index_path.read_text())
     shards = [load_file(folder / name) for name in index["shards"]]
     latents = torch.cat([s["latents"] for s in shards])
@@ -140,54 +152,8 @@ def cached_latents(dataset: Dataset, autoencoder: Autoencoder, *, image_size: in
     return latent_dataset, report
 
 
-def _encode_to_shards(dataset: Dataset, autoencoder: Autoencoder, target: Path, batch_size: int,
-                      show_progress: bool) -> None:
-    """Encode into a private temporary folder and rename it into place when complete, so
-    concurrent runs (or machines sharing the cache) never read half-written shards."""
-    import shutil
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        _write_shards(dataset, autoencoder, folder, batch_size, show_progress)
-        folder.chmod(0o755)  # mkdtemp makes it private; a shared cache must stay readable
-    except BaseException:  # interrupted or failed: leave nothing behind
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    _publish(folder, target)
-
-
-def _publish(folder: Path, target: Path) -> None:
-    """Rename the finished cache into place. A complete cache already there wins; anything
-    else there (an older interrupted attempt) is moved aside first."""
-    import shutil
-
-    for _ in range(2):
-        try:
-            folder.rename(target)
-            return
-        except OSError:
-            if (target / "index.json").is_file():  # another process finished the same cache first
-                shutil.rmtree(folder, ignore_errors=True)
-                return
-            stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
-            try:
-                target.rename(stale)
-            except OSError:
-                break
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    raise UserError(f"cannot write the latent cache at {target}; remove that path or pass another --latent-cache")
-
-
 def _write_shards(dataset: Dataset, autoencoder: Autoencoder, folder: Path, batch_size: int,
                   show_progress: bool) -> None:
-    from difcompress.report import progress_bar
-
     labels = getattr(dataset, "labels", None)
     n = len(dataset)
     shards, buffer = [], []

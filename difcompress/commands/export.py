@@ -8,21 +8,36 @@ from typing import Any
 
 import torch
 
-from difcompress.errors import UserError
-from difcompress.evaluate import EVAL_FILE
-from difcompress.folders import atomic_folder, check_output_folder, folder_size_bytes, pruning_report, save_model_folder
-from difcompress.loading import load_model
-from difcompress.measure import model_size, peak_activation_bytes_estimate
-from difcompress.report import human
-from difcompress.runtime import versions
+from difcompress.config import ExportConfig
+from difcompress.data.latents import Autoencoder
+from difcompress.environment import versions
+from difcompress.io.folders import (
+    EVAL_FILE,
+    atomic_folder,
+    check_output_folder,
+    folder_lock,
+    folder_size_bytes,
+    pruning_report,
+    remove_temporaries,
+    save_model_folder,
+)
+from difcompress.io.loading import load_model
+from difcompress.io.report import human
+from difcompress.metrics.cost import model_size, peak_activation_bytes_estimate
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def export(model: str, output: Path, *, dtype: str = "fp32") -> dict[str, Any]:
-    if dtype not in DTYPES:
-        raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}", exit_code=2)
-    output = check_output_folder(output)
+def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, Any]:
+    """Write `config.model` as a clean pipeline folder with a model card; returns what was written."""
+    output = check_output_folder(config.output, inputs=[config.model])
+    model, dtype = config.model, config.dtype
+    with folder_lock(output):
+        remove_temporaries(output)
+        return _export(model, output, dtype)
+
+
+def _export(model: str, output: Path, dtype: str) -> dict[str, Any]:
     loaded = load_model(model, "cpu")
     family, net = loaded.family, loaded.model
     manifest = loaded.manifest or {}
@@ -47,13 +62,14 @@ def export(model: str, output: Path, *, dtype: str = "fp32") -> dict[str, Any]:
         "autoencoder": type(loaded.autoencoder.model).__name__ if loaded.autoencoder else None,
         "num_classes": family.num_classes(net),
     }
-    with atomic_folder(output) as tmp:
+    needed = size["params"] * element
+    with atomic_folder(output, needed_bytes=needed) as tmp:
         save_model_folder(
             tmp, net if dtype == "fp32" else net.to(DTYPES[dtype]), loaded.scheduler, family,
             {"stage": "export", "family": family.name, "teacher": manifest.get("teacher"), "versions": versions(),
              "export": info},
             structure, autoencoder=_in_dtype(loaded.autoencoder, DTYPES[dtype]),
-            pipeline_settings=loaded.pipeline_settings, top_level_model=False,
+            pipeline_settings=loaded.pipeline_settings,
         )
         (tmp / "README.md").write_text(model_card(info, family))
     info["output"] = str(output)
@@ -65,8 +81,6 @@ def _in_dtype(autoencoder, dtype):
     """The pipeline's autoencoder in the export dtype, so stock pipelines see one dtype."""
     if autoencoder is None or dtype == torch.float32:
         return autoencoder
-    from difcompress.latents import Autoencoder
-
     return Autoencoder(autoencoder.component, autoencoder.model.to(dtype))
 
 

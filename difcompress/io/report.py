@@ -1,12 +1,23 @@
-"""Rich tables for people, JSON for scripts."""
+"""What people and scripts see: rich tables, progress bars and warnings on the terminal,
+JSON for scripts (`--json`)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 console = Console()
@@ -76,11 +87,32 @@ def print_eval_report(result: dict[str, Any]) -> None:
     console.print(f"sample grid: {result['grid']}")
 
 
-def progress_bar(enabled: bool = True, *extra_columns):
-    """A rich progress bar on stderr (stdout stays clean for --json) with ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def warn(message: str) -> None:
+    """One yellow warning line on stderr (stdout stays clean for --json)."""
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
+
+def progress_bar(enabled: bool = True, *extra_columns) -> Progress:
+    """A rich progress bar on stderr (stdout stays clean for --json) with ETA."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("ETA"), TimeRemainingColumn(), *extra_columns, console=err_console, disable=not enabled,
     )
+
+
+def _stats_text(line: dict[str, Any]) -> str:
+    parts = [f"loss {line['loss']:.4f}"]
+    parts += [f"{key} {line[key]:.3f}" for key in ("task", "kd", "feature", "w", "slope", "intercept") if key in line]
+    return " ".join(parts)
+
+
+@contextmanager
+def distill_progress(enabled: bool, loss: str, total: int, start: int) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar over distill steps; the callable it yields takes each log line."""
+    with progress_bar(enabled, TextColumn("{task.fields[stats]}")) as progress:
+        task = progress.add_task(f"distill ({loss})", total=total, completed=start, stats="")
+
+        def advance(line: dict[str, Any]) -> None:
+            progress.update(task, completed=line["step"], stats=_stats_text(line))
+
+        yield advance

@@ -1,4 +1,5 @@
-"""Structured channel pruning on torch-pruning's dependency graph.
+"""Structured channel pruning on torch-pruning's dependency graph, and the family base
+class of every model pruned that way (U-Nets).
 
 torch-pruning finds which channels are coupled (a residual stream, a skip concatenation,
 attention q/k/v) and removes them consistently. We choose what to remove ourselves,
@@ -13,6 +14,8 @@ torch-pruning history when loading.
 
 from __future__ import annotations
 
+import contextlib
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,9 +23,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from difcompress.families.base import ModelFamily
-
-IMPORTANCE_CRITERIA = ("random", "magnitude", "taylor", "diff-pruning")
+from difcompress.errors import UserError
+from difcompress.families.base import ModelFamily, PruneOutcome
+from difcompress.pruning.importance import make_importance
 
 
 @dataclass
@@ -30,15 +33,6 @@ class ChannelPruning:
     history: list[list]  # torch-pruning's [module name, is_out_channels, indices] records
     uniform_groups: int | None  # GroupNorm groups kept per layer in uniform mode
     warnings: list[str] = field(default_factory=list)
-
-
-def make_importance(criterion: str) -> tp.importance.Importance:
-    if criterion == "random":
-        return tp.importance.RandomImportance()
-    if criterion == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    # Taylor and Diff-Pruning differ only in which gradients were accumulated beforehand.
-    return tp.importance.GroupTaylorImportance()
 
 
 def build_graph(model: nn.Module, family: ModelFamily) -> tp.DependencyGraph:
@@ -149,50 +143,105 @@ def replay_history(model: nn.Module, family: ModelFamily, history: list[list],
         modules[name].num_groups = groups
 
 
+
 def groupnorm_groups(model: nn.Module) -> dict[str, int]:
+    """GroupNorm group count per layer (recorded with --global prunes)."""
     return {n: m.num_groups for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
 
 
-def accumulate_gradients(
-    model: nn.Module,
-    family: ModelFamily,
-    scheduler: Any,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
-    criterion: str,
-    *,
-    seed: int,
-    threshold: float = 0.05,
-    max_timesteps: int | None = None,
-) -> int:
-    """Fill .grad for Taylor-style importance; returns how many timesteps were used.
+def _outputs_by_module(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every module's tensor output of one forward pass, by name, in execution order."""
+    outputs: dict[str, torch.Tensor] = {}
 
-    taylor: the denoising loss at random timesteps, one pass per batch image chunk.
-    diff-pruning (Fang et al., NeurIPS 2023): timesteps from 0 upward, accumulating the
-    gradient until the loss falls below `threshold` times its running maximum, since the
-    informative (low-noise) steps come first.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    num_train = scheduler.config.num_train_timesteps
-    device = next(model.parameters()).device
-    images = images.to(device)
-    labels = labels.to(device) if labels is not None else None
-    model.zero_grad(set_to_none=True)
-    if criterion == "taylor":
-        steps = max_timesteps or 8
-        timestep_list = torch.randint(0, num_train, (steps,), generator=gen).tolist()
-    else:
-        stride = max(1, num_train // max_timesteps) if max_timesteps else 1
-        timestep_list = list(range(0, num_train, stride))
-    running_max, used = 0.0, 0
-    for t in timestep_list:
-        noise = torch.randn(images.shape, generator=gen).to(device)
-        tt = torch.full((images.shape[0],), t, dtype=torch.long, device=device)
-        noisy = scheduler.add_noise(images, noise, tt)
-        loss = torch.nn.functional.mse_loss(family.predict(model, noisy, tt, labels), noise)
-        running_max = max(running_max, loss.item())
-        if criterion == "diff-pruning" and loss.item() < threshold * running_max:
-            break
-        loss.backward()
-        used += 1
-    return used
+    def keep(name):
+        def hook(_module, _inputs, out):
+            outputs.setdefault(name, out[0] if isinstance(out, tuple) else out)  # returns None: output unchanged
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: o for n, o in outputs.items() if isinstance(o, torch.Tensor)}
+
+
+def first_difference(model: nn.Module, rebuilt: nn.Module, inputs: dict[str, torch.Tensor], atol: float = 1e-5
+                     ) -> str | None:
+    """The first module (in execution order) whose output differs between two models, or None."""
+    ours, theirs = _outputs_by_module(model, inputs), _outputs_by_module(rebuilt, inputs)
+    for name, out in ours.items():
+        other = theirs.get(name)
+        if other is None or other.shape != out.shape or not torch.allclose(out, other, atol=atol):
+            return name
+    return None
+
+
+class GraphPrunedFamily(ModelFamily):
+    """A family pruned channel-wise on torch-pruning's dependency graph."""
+
+    def tracing_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def never_prune(self, model: nn.Module) -> list[nn.Module]:
+        """Layers whose output channels must keep their size (image channels, ...)."""
+
+    @abstractmethod
+    def channel_unit(self, group: Any, num_channels: int, names: dict[nn.Module, str], before: dict[str, Any]) -> int:
+        """How many consecutive root channels are removed together (a GroupNorm group, a head)."""
+
+    @abstractmethod
+    def record_structure(self, model: nn.Module) -> dict[str, Any]:
+        """Attributes kept beside the weights, read before pruning (to keep their ratios)."""
+
+    def time_embedding_subset(self, model: nn.Module, before: dict[str, Any]) -> tuple[nn.Linear, list[int]] | None:
+        """The timestep-embedding layer and input columns to keep so the stock config expresses it."""
+        return None
+
+    @abstractmethod
+    def sync_attributes(self, model: nn.Module, before: dict[str, Any], uniform_groups: int | None) -> None:
+        """Make every attribute diffusers keeps beside the weights match the pruned weights."""
+
+    @abstractmethod
+    def uniform_groups(self, model: nn.Module, ratio: float) -> tuple[int, float]:
+        """For uniform pruning: GroupNorm groups to keep and the resulting keep fraction."""
+
+    @abstractmethod
+    def pruned_config(self, model: nn.Module) -> dict[str, Any]:
+        """The stock config that rebuilds the pruned model; raise ValueError if impossible."""
+
+    def prune(self, model, request):
+        outcome = prune_channels(model, self, request.ratio, make_importance(request.importance),
+                                 global_pruning=request.global_pruning)
+        if not request.global_pruning:
+            self.check_config_rebuild(model)
+        return PruneOutcome(model=model, history=outcome.history, warnings=outcome.warnings,
+                            details={"groupnorm_groups_kept": outcome.uniform_groups})
+
+    def check_config_rebuild(self, model: nn.Module) -> None:
+        """The stock class built from the rewritten config must reproduce the pruned model
+        (both in eval mode: dropout would make any two forward passes differ)."""
+        hint = "; prune with --global to keep a record of the exact widths instead"
+        try:
+            config = self.pruned_config(model)
+            rebuilt = self.model_class.from_config(config).to(next(model.parameters()).device).eval()
+            result = rebuilt.load_state_dict(model.state_dict(), strict=False)
+        except (ValueError, RuntimeError) as err:
+            raise UserError(f"pruned widths are not expressible in the stock config: {str(err).splitlines()[0]}"
+                            f"{hint}") from None
+        mismatch = result.missing_keys + result.unexpected_keys
+        if mismatch:
+            raise UserError(f"pruned widths are not expressible in the stock config: weight {mismatch[0]} "
+                            f"has no counterpart{hint}")
+        was_training = model.training
+        model.eval()
+        try:
+            layer = first_difference(model, rebuilt, self.example_inputs(model, 2))
+        finally:
+            model.train(was_training)
+        if layer is not None:
+            raise UserError(f"the stock config rebuilt from the pruned widths differs first at layer {layer}{hint}")
+        model.register_to_config(**config)

@@ -1,0 +1,292 @@
+"""`difcompress distill`: train a pruned student from its teacher.
+
+Orchestration only: resolve the device, take the run folder's lock, load student and
+teacher, resolve the data, build the Trainer (training/trainer.py), resume it from a
+checkpoint when asked, run it with logging and checkpoints, and publish the final student.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+from difcompress.config import DistillConfig
+from difcompress.data.resolve import training_data
+from difcompress.environment import launched, resolve_device, seed_everything, versions
+from difcompress.errors import Interrupted, UserError
+from difcompress.io.folders import check_output_folder, folder_lock, pruning_report
+from difcompress.io.loading import LoadedModel, load_model
+from difcompress.io.plots import plot_metrics
+from difcompress.io.report import distill_progress, warn
+from difcompress.objectives import get_objective
+from difcompress.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_info,
+    save_checkpoint,
+)
+from difcompress.training.feature_taps import parse_feature_layers
+from difcompress.training.run_folder import (
+    append_metrics,
+    prepare_run_folder,
+    publish_student,
+    truncate_metrics,
+)
+from difcompress.training.trainer import NonFiniteLoss, Trainer
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Settings that describe where the run happens, not what it computes.
+NOT_SETTINGS = {"output", "resume", "resume_from", "device", "latent_cache"}
+# Schedules that depend on the total step count: more --steps is then another run.
+STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def distill(config: DistillConfig, *, show_progress: bool = False) -> dict[str, Any]:
+    """Distill `config.student` from its teacher into the run folder `config.output`.
+
+    Returns the run summary (steps, the last log line, settings, data report, output). The
+    folder's lock is held for the whole run; under `accelerate launch` every process trains
+    and the main one writes.
+    """
+    check_trainable(config)
+    check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
+    accelerator = make_accelerator(config)
+    resume = bool(config.resume or config.resume_from)
+    with folder_lock(config.output) if accelerator.is_main_process else contextlib.nullcontext():
+        if accelerator.is_main_process:
+            resume, notes = prepare_run_folder(Path(config.output), resume)
+            for note in notes:
+                warn(note)
+        accelerator.wait_for_everyone()
+        return _run(config, accelerator, resume, show_progress)
+
+
+def check_trainable(config: DistillConfig) -> None:
+    """At least one loss term must be on."""
+    terms = {"task": config.w_task > 0, "feature": config.resolved_w_feat() > 0,
+             "kd": get_objective(config.loss).kind == "output" and config.w_kd > 0}
+    if not any(terms.values()):
+        raise UserError(f"nothing to train: --loss {config.loss} with --w-task {config.w_task:g}, --w-kd "
+                        f"{config.w_kd:g} and --w-feat {config.resolved_w_feat():g} leaves no loss term", exit_code=2)
+
+
+def make_accelerator(config: DistillConfig) -> Accelerator:
+    """The accelerate state for this run, on exactly the device asked for."""
+    device = resolve_device(config.device)
+    if launched() and config.device not in ("auto", "cuda"):
+        raise UserError(f"--device {config.device}: under accelerate launch each process uses its own GPU; "
+                        "leave --device auto", exit_code=2)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    trackers = _trackers(config.report_to)
+    try:
+        return Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision, log_with=trackers,
+                           project_dir=str(config.output))
+    except ValueError as err:  # e.g. fp16 on a CPU, bf16 on an old GPU
+        raise UserError(f"--mixed-precision: {str(err).splitlines()[0]}", exit_code=2) from None
+
+
+def _trackers(report_to: str) -> list[str] | None:
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if report_to == "none":
+        return None
+    if not available[report_to]():
+        raise UserError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}", 2)
+    return [report_to]
+
+
+def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_progress: bool) -> dict[str, Any]:
+    seed_everything(config.seed)
+    output = Path(config.output)
+    student = load_model(config.student, accelerator.device)
+    teacher, teacher_ref = _load_teacher(config, student, accelerator)
+    dataset, data_report = training_data(
+        config.data, student, teacher, samples=config.teacher_samples, sampler_steps=config.teacher_sampler_steps,
+        seed=config.seed, cache_dir=output, latent_cache=config.latent_cache,
+        is_main=accelerator.is_main_process, is_local_main=accelerator.is_local_main_process,
+        show_progress=show_progress)
+    if data_report.get("unreadable_skipped") and accelerator.is_main_process:
+        warn(f"skipped {data_report['unreadable_skipped']} unreadable image(s) in {config.data} "
+             f"(first: {data_report['first_unreadable']})")
+    w_feat = config.resolved_w_feat()
+    pairs = _feature_pairs(config, student, teacher, w_feat)
+    learn_variance = teacher is not None and student.family.learns_variance(teacher.model)
+    settings = run_settings(config, student, teacher_ref, w_feat, pairs, accelerator)
+    trainer = Trainer(config, accelerator, student.family, student.model, student.scheduler,
+                      teacher.model if teacher else None, dataset, w_feat=w_feat, feature_pairs=pairs,
+                      learn_variance=learn_variance)
+    fingerprint = run_fingerprint(settings)
+    if resume:
+        _resume(trainer, config, settings, fingerprint)
+    trainer.prepare()
+    last = _fit(trainer, config, settings, fingerprint, show_progress)
+    summary = {"steps": config.steps, "final": last, "settings": settings, "data": data_report,
+               "latent_cache": data_report.get("latent_cache")}
+    _finish(trainer, config, student, settings, summary, fingerprint)
+    summary["output"] = str(output)
+    return summary
+
+
+def _load_teacher(config: DistillConfig, student: LoadedModel, accelerator: Accelerator
+                  ) -> tuple[LoadedModel | None, str | None]:
+    """The frozen teacher when the objective, the feature term, data-free training or a
+    learned-variance student needs one, and the teacher reference the run records."""
+    family = student.family
+    teacher_ref = config.teacher or (student.manifest or {}).get("teacher")
+    needs = get_objective(config.loss).kind == "output" or config.resolved_w_feat() > 0 or config.data == "teacher"
+    wants = family.learns_variance(student.model) and teacher_ref is not None
+    if needs and not teacher_ref:
+        raise UserError(f"{config.student} does not record its teacher; pass --teacher MODEL")
+    if not (needs or wants):
+        return None, config.teacher
+    try:
+        teacher = load_model(teacher_ref, accelerator.device)
+    except UserError as err:
+        if needs:
+            raise
+        warn(f"the variance channels stay untrained: {err}")
+        return None, config.teacher
+    if teacher.family is not family:
+        raise UserError(f"teacher is a {teacher.family.name} model but the student is a {family.name} model; "
+                        "distill between models of the same family")
+    teacher.model.requires_grad_(False).eval()
+    if config.teacher_dtype:
+        teacher.model.to(DTYPES[config.teacher_dtype])
+    if not needs and not family.learns_variance(teacher.model):
+        return None, teacher_ref  # a fixed-variance teacher has no variance to teach
+    return teacher, teacher_ref
+
+
+def _feature_pairs(config, student, teacher, w_feat) -> list[tuple[str, str]] | None:
+    if w_feat == 0:
+        return None
+    return parse_feature_layers(config.feature_layers) or student.family.feature_layer_pairs(
+        student.model, teacher.model, pruning_report(student.manifest))
+
+
+def run_settings(config: DistillConfig, student: LoadedModel, teacher: str | None, w_feat: float,
+                 pairs: list[tuple[str, str]] | None, accelerator: Accelerator) -> dict[str, Any]:
+    """What the run computes, as recorded in its manifest and checkpoints (resolved values:
+    the teacher, the feature weight and layers, the precision that actually ran)."""
+    settings = config.model_dump(mode="json", exclude=NOT_SETTINGS)
+    settings.update(teacher=teacher, w_feat=w_feat, mixed_precision=accelerator.mixed_precision,
+                    grad_clip=config.grad_clip or None)
+    if pairs:
+        settings["feature_layers"] = [s if s == t else f"{s}={t}" for s, t in pairs]
+    if not student.family.num_classes(student.model):
+        settings["class_dropout"] = 0.0
+    return settings
+
+
+def run_fingerprint(settings: dict[str, Any]) -> str:
+    """A checkpoint resumes only a run with the same identity settings (config.py)."""
+    neutral = DistillConfig.neutral
+    identity = {k: settings.get(k) for k in DistillConfig.identity
+                if k not in neutral or settings.get(k) != neutral[k]}
+    if settings.get("w_feat_schedule") == "linear" or settings.get("lr_scheduler") not in STEP_FREE_SCHEDULES:
+        identity["steps"] = settings["steps"]  # the schedule spans the run: more steps is another run
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _resume(trainer: Trainer, config: DistillConfig, settings: dict[str, Any], fingerprint: str) -> None:
+    output = Path(config.output)
+    if config.resume_from in (None, "latest"):
+        path = latest_checkpoint(output)
+    else:
+        path = Path(config.resume_from)
+        if not (path / "state.json").is_file():
+            raise UserError(f"--resume-from {path} is not a checkpoint folder (checkpoints/step-XXXXXXX)", 2)
+    info = read_checkpoint_info(path)
+    if info.get("fingerprint") != fingerprint:
+        keys = DistillConfig.identity + ("steps",)
+        diff = [k for k in keys if k in info.get("settings", {}) and info["settings"].get(k) != settings.get(k)]
+        raise UserError(f"checkpoint {path} belongs to another run (differs in: {', '.join(diff) or 'settings'}); "
+                        "resume with the same settings or choose another -o")
+    if info["step"] > config.steps:
+        raise UserError(f"checkpoint {path} is at step {info['step']}, past --steps {config.steps}", exit_code=2)
+    info, modules, optimizer = load_checkpoint(path, trainer.generator)
+    trainer.load_state(info["step"], modules, optimizer, info)
+
+
+def _checkpoint(trainer: Trainer, output: Path, fingerprint: str, settings: dict[str, Any]) -> None:
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        save_checkpoint(output, trainer.step, modules=trainer.modules_state(), optimizer=trainer.optimizer,
+                        generator=trainer.generator, keep=trainer.config.checkpoints_total_limit,
+                        info={"fingerprint": fingerprint, "settings": settings, **trainer.training_state()})
+
+
+def _fit(trainer: Trainer, config: DistillConfig, settings, fingerprint, show_progress) -> dict[str, Any]:
+    output, main = Path(config.output), trainer.accelerator.is_main_process
+    metrics = output / "metrics.jsonl"
+    if main:
+        truncate_metrics(metrics, trainer.step)
+        if config.report_to != "none":
+            trainer.accelerator.init_trackers(output.name, config={k: v for k, v in settings.items()
+                                                                   if isinstance(v, (int, float, str, bool))})
+    with distill_progress(show_progress and main, config.loss, config.steps, trainer.step) as advance:
+        def on_log(line):
+            if main:
+                append_metrics(metrics, line)
+                advance(line)
+            if config.report_to != "none":
+                trainer.accelerator.log({k: v for k, v in line.items() if k != "step" and v is not None},
+                                        step=line["step"])
+
+        try:
+            return trainer.fit(on_log, lambda step: _checkpoint(trainer, output, fingerprint, settings))
+        except NonFiniteLoss as err:
+            raise _non_finite_error(output, err.step) from None
+        except KeyboardInterrupt:
+            raise _interrupted_error(output, trainer.step) from None
+        finally:
+            if config.report_to != "none":
+                trainer.accelerator.end_training()
+
+
+def _non_finite_error(output: Path, step: int) -> UserError:
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is None:
+        return UserError(f"loss became NaN or infinite at step {step}; stopped before any checkpoint. Try a lower "
+                         f"--lr or a --grad-clip: the same -o {output} starts over")
+    return UserError(f"loss became NaN or infinite at step {step}; stopped. Last good checkpoint: {checkpoint}. "
+                     "Try a lower --lr or a --grad-clip in a new run (another -o)")
+
+
+def _interrupted_error(output: Path, step: int) -> Interrupted:
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is None:
+        return Interrupted(f"interrupted at step {step}, before the first checkpoint; the same command starts "
+                           f"{output} over")
+    return Interrupted(f"interrupted at step {step}; add --resume to the same command to continue from {checkpoint}")
+
+
+def _finish(trainer: Trainer, config: DistillConfig, student: LoadedModel, settings, summary, fingerprint) -> None:
+    """The last checkpoint (the training state, before the EMA replaces the weights), then
+    the final student (the EMA) and the curves."""
+    output = Path(config.output)
+    if config.checkpoint_every:
+        _checkpoint(trainer, output, fingerprint, settings)
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.ema is not None:
+        trainer.ema.copy_to(final)
+    manifest = {
+        "stage": "distill", "status": "complete", "family": student.family.name, "student_source": config.student,
+        "teacher": settings.get("teacher") or (student.manifest or {}).get("teacher"),
+        "structure": (student.manifest or {}).get("structure", "config"),
+        "pruning": pruning_report(student.manifest), "versions": versions(), "distill": summary,
+    }
+    publish_student(output, final.eval().to("cpu"), student, manifest)
+    plot_metrics(output / "metrics.jsonl", output / "curves.png")

@@ -1,0 +1,140 @@
+"""`difcompress eval`: compare models side by side (size, speed, memory, FID/KID, samples)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from difcompress.builtin import (
+    digits_images,
+    is_digits_model,
+    register_digits_extractor,
+)
+from difcompress.config import EvalConfig
+from difcompress.data.datasets import check_labels
+from difcompress.environment import resolve_device, seed_everything
+from difcompress.errors import UserError
+from difcompress.families.sampling import balanced_labels
+from difcompress.io.folders import (
+    EVAL_FILE,
+    disk_errors,
+    folder_lock,
+    read_manifest,
+    write_json,
+)
+from difcompress.io.loading import load_model
+from difcompress.io.plots import save_sample_grid
+from difcompress.io.report import progress_bar
+from difcompress.metrics.cost import model_size, sampling_cost
+from difcompress.metrics.extractors import features_of_images, get_feature_extractor
+from difcompress.metrics.fid import fid_kid, load_reference
+
+# DiT's FID setting (Peebles & Xie 2023, Table 4: DiT-XL/2 FID 2.27 with cfg = 1.50).
+DEFAULT_GUIDANCE = 1.5
+
+
+def default_output(models: list[str]) -> Path:
+    """Next to the first model when it is a difcompress folder (export reads it there)."""
+    first = Path(models[0])
+    return first / "eval" if first.is_dir() and read_manifest(first) else Path("difcompress-eval")
+
+
+def evaluate(config: EvalConfig, *, show_progress: bool = False) -> dict[str, Any]:
+    """Compare `config.models` side by side: params, MACs, latency, memory, FID/KID and a
+    sample grid; writes eval.json and samples.png to the output folder."""
+    output = Path(config.output) if config.output else default_output(config.models)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} exists and is a file; choose another -o", exit_code=2)
+    dev = resolve_device(config.device)
+    with folder_lock(output):
+        loaded = [load_model(m, dev) for m in config.models]
+        extractor, reference, protocol = _fid_setup(config, loaded, dev) if config.fid else (None, None, None)
+        with progress_bar(show_progress and config.fid) as progress:
+            rows, grid = _measure_all(config, loaded, progress, extractor, reference, protocol)
+        with disk_errors(output):
+            output.mkdir(parents=True, exist_ok=True)
+        grid_path = save_sample_grid(output / "samples.png", grid)
+        result = {"models": rows, "protocol": protocol, "grid": str(grid_path), "device": str(dev),
+                  "sampler": config.sampler, "sampler_steps": config.sampler_steps}
+        write_json(output / EVAL_FILE, result)
+    result["output"] = str(output)
+    return result
+
+
+def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device):
+    """Feature extractor, reference features and the protocol every FID/KID is reported with."""
+    register_digits_extractor()
+    digits = is_digits_model(loaded[0])
+    name = config.feature_extractor or ("digits" if digits else "inception")
+    ref = config.ref or ("digits" if digits else None)
+    if ref is None:
+        raise UserError("--fid needs --ref DIR|STATS.npz (real images or saved reference statistics)", exit_code=2)
+    extractor = get_feature_extractor(name, weights_path=config.inception, device=dev)
+    if ref == "digits":  # the real images the embedded teacher learned
+        c, h, _ = loaded[0].image_shape()
+        reference = features_of_images(digits_images(h, c), extractor, batch_size=config.batch_size)
+    else:
+        reference = load_reference(ref, extractor)
+    protocol = {"mode": "clean", "num_samples": config.num_samples, "sampler": config.sampler,
+                "steps": config.sampler_steps, "seed": config.seed, "reference": str(ref), "feature_extractor": name}
+    return extractor, reference, protocol
+
+
+def conditioning(item, count: int, guidance_scale: float | None, class_labels: list[int] | None, seed: int):
+    """Labels (given ones cycled, else balanced over classes) and guidance for one model."""
+    classes = item.family.num_classes(item.model)
+    if not classes:
+        if class_labels or guidance_scale not in (None, 1.0):
+            raise UserError(f"{item.source} is unconditional: --class-label and --guidance-scale do not apply",
+                            exit_code=2)
+        return None, 1.0
+    guidance = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+    if guidance < 1:
+        raise UserError("--guidance-scale must be at least 1 (1 disables guidance)", exit_code=2)
+    if guidance != 1.0 and item.family.null_class(item.model) is None:
+        raise UserError(f"{item.source} has no null-class embedding, so no classifier-free guidance; "
+                        "pass --guidance-scale 1", exit_code=2)
+    if class_labels:
+        given = check_labels(torch.tensor(class_labels), classes, "--class-label")
+        return given[torch.arange(count) % len(given)], guidance
+    return balanced_labels(count, classes, seed), guidance
+
+
+def _measure_all(config: EvalConfig, loaded: list, progress, extractor, reference, protocol):
+    rows, grid = [], []
+    for spec, item in zip(config.models, loaded):
+        seed_everything(config.seed)
+        count = config.num_samples if config.fid else config.grid_size
+        labels, guidance = conditioning(item, count, config.guidance_scale, config.class_labels, config.seed)
+        row: dict[str, Any] = {"model": spec, "family": item.family.name, "latent": item.autoencoder is not None}
+        if labels is not None:
+            row["guidance_scale"] = guidance
+        row.update(model_size(item.model, item.family))
+        # With guidance every step evaluates the denoiser on a doubled batch.
+        row.update(sampling_cost(item.model, item.family, batch_size=config.latency_batch_size,
+                                 steps=config.sampler_steps,
+                                 calls_per_step=2 if labels is not None and guidance != 1.0 else 1))
+        task = progress.add_task(f"sampling {Path(spec).name or spec}", total=count) if config.fid else None
+        features, shown = [], []
+        # A batch at a time: decoded images go to the feature extractor and are dropped, so
+        # memory does not grow with --num-samples. Sample i still depends only on seed + i.
+        for start in range(0, count, config.batch_size):
+            end = min(count, start + config.batch_size)
+            images = item.to_images(item.sample(
+                end - start, seed=config.seed + start, steps=config.sampler_steps, sampler=config.sampler,
+                batch_size=config.batch_size, class_labels=labels[start:end] if labels is not None else None,
+                guidance_scale=guidance))
+            if config.fid:
+                features.append(features_of_images(images, extractor, batch_size=config.batch_size))
+                progress.advance(task, end - start)
+            if sum(len(x) for x in shown) < config.grid_size:
+                shown.append(images[: config.grid_size - sum(len(x) for x in shown)])
+        if config.fid:
+            row.update(fid_kid(np.concatenate(features), reference, seed=config.seed))
+            row["protocol"] = protocol
+        grid.append((Path(spec).name or spec, torch.cat(shown)))
+        rows.append(row)
+    return rows, grid

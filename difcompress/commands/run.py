@@ -1,0 +1,134 @@
+"""`difcompress run RECIPE.yaml`: the whole chain from one recipe, resumable.
+
+A recipe names a run folder and the stages to run in order (prune, distill, eval,
+export); each stage's settings are those of its command (config.py). Stage outputs are
+`<output_dir>/<stage>` and feed the next stage. A stage whose output is complete is
+skipped, and an interrupted distill resumes from its last checkpoint, so re-running a
+recipe after a crash continues where it stopped.
+
+Under `accelerate launch` every process runs the recipe: distill runs data-parallel on
+all of them, the other stages on the main process only while the rest wait for its
+output folder to be complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import ValidationError
+
+from difcompress.commands.distill import distill
+from difcompress.commands.evaluate import evaluate
+from difcompress.commands.export import export
+from difcompress.commands.prune import prune
+from difcompress.config import (
+    CHAIN_FIELDS,
+    STAGE_CONFIGS,
+    Recipe,
+    SettingsError,
+    StageConfig,
+    settings_error,
+)
+from difcompress.environment import is_main_process
+from difcompress.errors import UserError
+from difcompress.io.folders import EVAL_FILE, read_manifest, wait_for
+
+STAGE_ORDER = ("prune", "distill", "eval", "export")
+RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"prune": prune, "distill": distill, "eval": evaluate,
+                                                     "export": export}
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; every problem is one UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a YAML mapping of settings")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"{path}: {settings_error(err, 'recipe')}", exit_code=2) from None
+    if not any(getattr(recipe, s) is not None for s in STAGE_ORDER):
+        raise UserError(f"{path} lists no stage (prune, distill, eval, export)")
+    return recipe
+
+
+def resolve_stages(recipe: Recipe, path: str | Path = "recipe") -> list[tuple[str, StageConfig]]:
+    """Each stage's validated config, with the chain filled in (models from earlier stages,
+    outputs under output_dir, the recipe's seed and device unless a stage sets its own)."""
+    root = Path(recipe.output_dir)
+    teacher = (recipe.prune or {}).get("model")
+    latest_model: str | None = None
+    stages = []
+    for name in STAGE_ORDER:
+        given = getattr(recipe, name)
+        if given is None:
+            continue
+        if "output" in given:
+            raise UserError(f"{path}: {name}.output: stage outputs are {root}/<stage>; set output_dir instead", 2)
+        fields = STAGE_CONFIGS[name].model_fields
+        defaults = {k: getattr(recipe, k) for k in ("seed", "device") if k in fields}
+        values = {**defaults, **given, "output": root / name}
+        if name == "distill":
+            values.setdefault("student", latest_model)
+            teacher = values.get("teacher") or teacher
+        elif name == "eval":
+            values.setdefault("models", [m for m in (teacher, latest_model) if m])
+        elif name == "export":
+            values.setdefault("model", latest_model)
+        missing = [f for f in CHAIN_FIELDS[name] if values.get(f) in (None, [])]
+        if missing:
+            raise UserError(f"{path}: {name} needs {missing[0]} (no earlier stage produced one)", exit_code=2)
+        try:
+            config = STAGE_CONFIGS[name].build(values, where=name)
+        except SettingsError as err:
+            raise UserError(f"{path}: {err}", exit_code=2) from None
+        if name in ("prune", "distill"):
+            latest_model = str(config.output)
+        stages.append((name, config))
+    return stages
+
+
+def stage_complete(name: str, out: Path) -> bool:
+    """Whether a stage's output is finished (a complete manifest, or eval.json for eval)."""
+    if name == "eval":
+        return (out / EVAL_FILE).is_file()
+    manifest = read_manifest(out) if out.is_dir() else None
+    return manifest is not None and manifest.get("status", "complete") == "complete"
+
+
+def run_recipe(path: str | Path, *, dry_run: bool = False, on_stage=None,
+               show_progress: bool = False) -> list[dict[str, Any]]:
+    """Run (or, with `dry_run`, only plan) a recipe's stages; complete ones are skipped."""
+    recipe = load_recipe(path)
+    results = []
+    for name, config in resolve_stages(recipe, path):
+        out = Path(config.output)
+        done = stage_complete(name, out)
+        entry = {"stage": name, "output": str(out), "settings": config.model_dump(mode="json"),
+                 "status": "complete (skipped)" if done else ("planned" if dry_run else "ran")}
+        if on_stage:
+            on_stage(entry)
+        if not dry_run and not done:
+            if name == "distill" or is_main_process():
+                entry["result"] = run_stage(name, config, show_progress)
+            else:
+                if on_stage:
+                    on_stage({**entry, "status": "waiting for the main process"})
+                wait_for(lambda: stage_complete(name, out))
+        results.append(entry)
+    return results
+
+
+def run_stage(name: str, config: StageConfig, show_progress: bool = False) -> dict[str, Any]:
+    """Run one stage; an interrupted distill continues from its checkpoint."""
+    if name == "distill" and (read_manifest(config.output) if Path(config.output).is_dir() else None):
+        config = config.model_copy(update={"resume": True})
+    return RUNNERS[name](config, show_progress=show_progress)

@@ -1,0 +1,283 @@
+"""Image datasets for training: all yield float32 tensors ``(C, size, size)`` in ``[-1, 1]``.
+
+* :class:`ImageFolderDataset` - a folder tree of image files (class labels from subfolders);
+* :class:`HFDiskDataset` - a Hugging Face ``datasets`` dataset written by ``save_to_disk``;
+* :class:`TensorImageDataset` - images already in memory (teacher samples, built-in data, latents).
+
+:func:`open_image_data` picks the right one for a user-given path.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from difcompress.data.images import image_to_tensor, load_image, scan_image_folder
+from difcompress.errors import UserError
+
+# Files that `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top level.
+HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _check_size_channels(size: int, channels: int) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise UserError(f"image size must be a positive integer, got {size!r}; pass e.g. --size 32")
+    if channels not in (1, 3):
+        raise UserError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+
+
+def check_class_data(dataset, num_classes: int, where: str) -> None:
+    """Class-conditional training data: labels present, in range, and class folders that
+    map one to one onto the model's classes (ids come from sorted folder names)."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise UserError(f"the model is class-conditional ({num_classes} classes) but {where} has no class labels "
+                        "(use class subfolders, a saved dataset with a label column, or --data teacher)")
+    names = getattr(dataset, "class_names", None)
+    if names is not None and len(names) != num_classes:
+        raise UserError(f"{where} has {len(names)} class folders but the model has {num_classes} classes; class ids "
+                        "come from the sorted folder names, so every class needs its folder (ImageNet: the train/ folder)")
+    check_labels(labels, num_classes, where)
+
+
+def check_labels(labels, num_classes: int, where: str):
+    if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"class label {int(labels.max())} in {where} is out of range: the model has "
+                        f"{num_classes} classes (0..{num_classes - 1})", exit_code=2)
+    return labels
+
+
+
+class ImageFolderDataset(Dataset):
+    """All readable images under ``root`` (recursively), in sorted path order.
+
+    ``scan`` says what was passed over: image-suffixed files PIL cannot read (``unreadable``,
+    reported to the user) and files that are not images.
+    """
+
+    def __init__(self, root: str | Path, size: int, channels: int = 3):
+        _check_size_channels(size, channels)
+        self.size = size
+        self.channels = channels
+        self.scan = scan_image_folder(root)
+        self.root = self.scan.root
+        self.paths = self.scan.images
+        if not self.paths:
+            raise UserError(f"no images found in {self.root} ({len(self.scan.unreadable) + len(self.scan.other)} "
+                            "other files skipped); put png/jpg/webp/... files there")
+        self.class_names, self.labels = _folder_classes(self.root, self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_image(self.paths[index], self.size, self.channels)
+
+    def __repr__(self) -> str:
+        return (f"ImageFolderDataset({str(self.root)!r}, size={self.size}, channels={self.channels}, "
+                f"items={len(self)}, unreadable={len(self.scan.unreadable)})")
+
+
+def _folder_classes(root: Path, paths: list[Path]) -> tuple[list[str] | None, torch.Tensor | None]:
+    """Class labels from one level of subfolders (root/<class>/img.png), as torchvision's
+    ImageFolder does: the sorted names of the (non-hidden) subfolders that hold images are
+    classes 0..K-1, so stray folders (__MACOSX, metadata) shift nothing. None when any image
+    sits directly in root. Callers check the class count against the model's."""
+    parents = [p.relative_to(root).parts for p in paths]
+    if not paths or any(len(parts) < 2 for parts in parents):
+        return None, None
+    names = sorted({parts[0] for parts in parents})
+    index = {n: i for i, n in enumerate(names)}
+    return names, torch.tensor([index[parts[0]] for parts in parents], dtype=torch.long)
+
+
+def is_hf_disk_dataset(path: str | Path) -> bool:
+    """True if ``path`` is a folder written by ``datasets``' ``save_to_disk``."""
+    p = Path(path).expanduser()
+    return p.is_dir() and any((p / m).is_file() for m in HF_DISK_MARKERS)
+
+
+def _import_datasets():
+    try:
+        import datasets  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError as e:
+        raise UserError(
+            "reading a saved Hugging Face dataset needs the 'datasets' package: "
+            "pip install datasets"
+        ) from e
+    return datasets
+
+
+class HFDiskDataset(Dataset):
+    """A ``datasets`` dataset saved with ``save_to_disk``; uses its image column.
+
+    For a saved ``DatasetDict`` the "train" split is used, else the first split.
+    The image column is the first column of feature type ``datasets.Image``, else a
+    column named ``image`` or ``img``.
+    """
+
+    def __init__(self, path: str | Path, size: int, channels: int = 3):
+        _check_size_channels(size, channels)
+        self.path = Path(path).expanduser()
+        self.size = size
+        self.channels = channels
+        if not self.path.is_dir():
+            raise UserError(f"data not found: {self.path} is not a folder")
+        datasets = _import_datasets()
+        try:
+            ds = datasets.load_from_disk(str(self.path))
+        except Exception as e:  # corrupt / foreign folder: tell the user, not a traceback
+            raise UserError(
+                f"cannot load saved dataset {self.path}: {e}; "
+                "re-create it with datasets' save_to_disk"
+            ) from e
+        self.split: str | None = None
+        if isinstance(ds, datasets.DatasetDict):
+            splits = list(ds.keys())
+            if not splits:
+                raise UserError(
+                    f"saved dataset {self.path} has no splits; save one with a 'train' split"
+                )
+            self.split = "train" if "train" in ds else splits[0]
+            ds = ds[self.split]
+        self.column = _pick_image_column(ds, datasets)
+        if self.column is None:
+            raise UserError(
+                f"no image column in {self.path} "
+                f"(columns: {', '.join(ds.column_names) or 'none'}); "
+                "cast one to datasets.Image() or name it 'image'"
+            )
+        self.labels = _label_column(ds, datasets)
+        ds = ds.select_columns([self.column]).with_format(None)
+        feat = ds.features[self.column]
+        if isinstance(feat, datasets.Image) and not feat.decode:
+            ds = ds.cast_column(self.column, datasets.Image(decode=True))
+        if len(ds) == 0:
+            raise UserError(f"saved dataset {self.path} has no rows; save a dataset with images")
+        self.dataset = ds
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        value = self.dataset[int(index)][self.column]
+        try:
+            img = _coerce_pil(value)
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(
+                f"row {index} of {self.path} column {self.column!r} is not a readable image: {e}"
+            ) from e
+        return image_to_tensor(img, self.size, self.channels)
+
+    def __repr__(self) -> str:
+        split = f", split={self.split!r}" if self.split else ""
+        return (
+            f"HFDiskDataset({str(self.path)!r}{split}, column={self.column!r}, "
+            f"size={self.size}, channels={self.channels}, items={len(self)})"
+        )
+
+
+def _label_column(ds: Any, datasets: Any) -> torch.Tensor | None:
+    """Integer class labels from a ClassLabel column, or a column named label/labels."""
+    names = [n for n, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+    names += [n for n in ("label", "labels") if n in ds.column_names and n not in names]
+    if not names:
+        return None
+    values = ds[names[0]]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return None
+    return torch.tensor(values, dtype=torch.long)
+
+
+def _pick_image_column(ds: Any, datasets: Any) -> str | None:
+    for name, feat in ds.features.items():
+        if isinstance(feat, datasets.Image):
+            return name
+    for name in ("image", "img"):
+        if name in ds.column_names:
+            return name
+    return None
+
+
+def _coerce_pil(value: Any) -> Image.Image:
+    """A value from an image column (PIL image, {bytes, path} dict, array) -> PIL image."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            img = Image.open(io.BytesIO(value["bytes"]))
+            img.load()
+            return img
+        if value.get("path"):
+            with Image.open(value["path"]) as img:
+                img.load()
+                return img.copy()
+        raise ValueError("image entry has neither bytes nor path")
+    if isinstance(value, (bytes, bytearray)):
+        img = Image.open(io.BytesIO(value))
+        img.load()
+        return img
+    if isinstance(value, torch.Tensor):
+        value = value.numpy()
+    if isinstance(value, (np.ndarray, list)):
+        arr = np.asarray(value)
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        return Image.fromarray(arr)
+    raise TypeError(f"unsupported image value of type {type(value).__name__}")
+
+
+class TensorImageDataset(Dataset):
+    """Images (or latents) already in memory: a ``(N, C, H, W)`` float tensor, with optional
+    class labels ``(N,)``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"TensorImageDataset needs an (N, C, H, W) tensor, got {got}")
+        if not images.is_floating_point():
+            raise ValueError(
+                f"TensorImageDataset needs a float tensor in [-1, 1], got {images.dtype}"
+            )
+        if labels is not None and labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def __repr__(self) -> str:
+        return f"TensorImageDataset(shape={tuple(self.images.shape)}, dtype={self.images.dtype})"
+
+
+def open_image_data(spec: str | Path, size: int, channels: int) -> Dataset:
+    """Open user-given image data: a ``save_to_disk`` folder or a folder of image files.
+
+    (The special values "teacher" and "digits" are resolved by the caller.)
+    """
+    _check_size_channels(size, channels)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if is_hf_disk_dataset(path):
+            return HFDiskDataset(path, size, channels)
+        return ImageFolderDataset(path, size, channels)
+    if path.exists():
+        raise UserError(
+            f"data must be a folder of images or a save_to_disk dataset folder, got the file {path}"
+        )
+    raise UserError(
+        f"data not found: {spec}; pass a folder of images, a save_to_disk dataset folder, "
+        "'teacher' or 'digits'"
+    )

@@ -1,0 +1,133 @@
+"""The one image reader: find image files in a folder, open them, and turn them into tensors.
+
+Training data (data/datasets.py) and FID reference folders (metrics/) both read images
+here, so they agree on which files count: image suffixes, no hidden files or folders
+(``.DS_Store``, ``__MACOSX``), and only files PIL can verify.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from difcompress.errors import UserError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".pgm", ".ppm"})
+
+
+@dataclass
+class ImageScan:
+    """What a folder holds: readable images (sorted by relative path), image-suffixed files
+    PIL cannot read (truncated, corrupt), and everything else that was passed over."""
+
+    root: Path
+    images: list[Path] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)
+    other: list[Path] = field(default_factory=list)
+
+    def unreadable_note(self) -> str | None:
+        """One line for the user when images were skipped, else None."""
+        if not self.unreadable:
+            return None
+        return (f"skipped {len(self.unreadable)} unreadable image(s) in {self.root} "
+                f"(first: {self.unreadable[0]})")
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
+
+
+def _verifies(path: Path) -> bool:
+    """Cheap check at scan time: PIL recognises the file and its structure verifies."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:
+        return False
+
+
+def scan_image_folder(root: str | Path) -> ImageScan:
+    """Every image file under ``root`` (recursively), sorted by relative path."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise UserError(f"data not found: {root} does not exist; pass a folder of images")
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; pass a folder of images")
+    scan = ImageScan(root)
+    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+    for path in files:
+        if _hidden(path.relative_to(root)) or path.suffix.lower() not in IMAGE_SUFFIXES:
+            scan.other.append(path)
+        elif _verifies(path):
+            scan.images.append(path)
+        else:
+            scan.unreadable.append(path)
+    return scan
+
+
+def read_image(path: str | Path, *, apply_exif: bool = True, draft_size: int | None = None) -> Image.Image:
+    """Open and fully decode one image file. ``apply_exif`` turns photos upright (training
+    data); FID reference images are read as clean-fid reads them, without it.
+    ``draft_size`` lets big JPEGs decode at a reduced scale that is still at least that size."""
+    try:
+        with Image.open(path) as img:
+            if draft_size and img.format == "JPEG":
+                try:
+                    img.draft(img.mode, (draft_size, draft_size))
+                except Exception:  # draft is an optimisation only
+                    pass
+            out = ImageOps.exif_transpose(img) if apply_exif else img
+            out.load()
+            return out.copy() if out is img else out
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {e}; delete or replace that file") from e
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode to RGB (channels=3) or L (channels=1) without surprises."""
+    target = "RGB" if channels == 3 else "L"
+    if img.mode == target:
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # High bit depth grayscale: PIL's convert("L") clips instead of scaling.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+        return img if target == "L" else img.convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's "palette with transparency" warning
+    return img.convert(target)
+
+
+def image_to_tensor(img: Image.Image, size: int, channels: int) -> torch.Tensor:
+    """PIL image -> float32 ``(channels, size, size)`` in [-1, 1].
+
+    Shorter side resized to ``size`` (bicubic, antialiased), then center-cropped.
+    """
+    t = TF.pil_to_tensor(to_mode(img, channels))  # uint8 (C, H, W)
+    if t.shape[-2:] != (size, size):
+        if min(t.shape[-2:]) != size:
+            t = TF.resize(t, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        t = TF.center_crop(t, [size, size])
+    return t.to(torch.float32).div_(127.5).sub_(1.0).clamp_(-1.0, 1.0).contiguous()
+
+
+def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """Read one image file into a float32 ``(channels, size, size)`` tensor in [-1, 1]."""
+    return image_to_tensor(read_image(path, draft_size=size), size, channels)
+
+
+def load_rgb_uint8(path: str | Path) -> torch.Tensor:
+    """Read one image at its own size as ``uint8 (3, H, W)``, as clean-fid reads FID images."""
+    arr = np.asarray(read_image(path, apply_exif=False).convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())

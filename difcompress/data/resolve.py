@@ -1,0 +1,97 @@
+"""`--data` for every command, resolved in one place: a folder of images, a saved dataset,
+the built-in 'digits', or 'teacher' (the teacher's own samples), in the denoiser's space
+(encoded through the cached VAE for latent models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from difcompress.builtin import builtin_data
+from difcompress.data.datasets import (
+    TensorImageDataset,
+    check_class_data,
+    open_image_data,
+)
+from difcompress.data.latents import latent_training_data
+from difcompress.data.stream import BatchStream
+from difcompress.families.sampling import balanced_labels
+from difcompress.io.folders import disk_errors
+
+TEACHER = "teacher"
+
+
+def image_data(data: str, loaded) -> Dataset:
+    """Pixel images (with class labels for class-conditional models) for `loaded`'s size and
+    channels; class labels are checked against the model before any long work."""
+    c, h, _ = loaded.image_shape()
+    dataset = builtin_data(data, h, c) or open_image_data(data, h, c)
+    classes = loaded.family.num_classes(loaded.model)
+    if classes:
+        check_class_data(dataset, classes, data)
+    return dataset
+
+
+def unreadable_note(dataset: Dataset) -> str | None:
+    """A warning line when an image folder skipped unreadable files."""
+    scan = getattr(dataset, "scan", None)
+    return scan.unreadable_note() if scan is not None else None
+
+
+def teacher_samples(teacher, count: int, *, label_seed: int, noise_seed: int, steps: int, cache: Path | None = None,
+                    write_cache: bool = True) -> TensorImageDataset:
+    """The teacher's own samples (latents for latent models; labels balanced over classes),
+    generated once and kept in `cache` when given."""
+    if cache is not None and cache.is_file():
+        saved = load_file(cache)
+        return TensorImageDataset(saved["images"], saved.get("labels"))
+    classes = teacher.family.num_classes(teacher.model)
+    labels = balanced_labels(count, classes, label_seed) if classes else None
+    images = teacher.sample(count, seed=noise_seed, steps=steps, class_labels=labels)
+    if cache is not None and write_cache:
+        tensors = {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}
+        with disk_errors(cache.parent, sum(t.numel() * t.element_size() for t in tensors.values())):
+            tmp = cache.with_name(f".{cache.name}.tmp")
+            save_file(tensors, tmp)
+            tmp.replace(cache)
+    return TensorImageDataset(images, labels)
+
+
+def training_data(data: str, student, teacher, *, samples: int, sampler_steps: int, seed: int,
+                  cache_dir: Path, latent_cache: Path | None, is_main: bool, is_local_main: bool,
+                  show_progress: bool) -> tuple[Dataset, dict[str, Any]]:
+    """The training set in the denoiser's space and a report (data, latent cache, skipped files)."""
+    if data == TEACHER:
+        # Data-free: generated once and kept with the run, so a resume trains on the same samples.
+        dataset = teacher_samples(teacher, samples, label_seed=seed, noise_seed=seed + 1_000_003, steps=sampler_steps,
+                                  cache=cache_dir / "teacher_samples.safetensors", write_cache=is_main)
+        return dataset, {"data": TEACHER, "items": len(dataset)}
+    images = image_data(data, student)
+    scan = getattr(images, "scan", None)
+    report = {"data": data, "items": len(images),
+              "unreadable_skipped": len(scan.unreadable) if scan else 0,
+              "first_unreadable": str(scan.unreadable[0]) if scan and scan.unreadable else None}
+    c, h, _ = student.image_shape()
+    dataset, latents = latent_training_data(images, student.autoencoder, h, cache_root=latent_cache,
+                                            is_main=is_local_main, show_progress=show_progress)
+    if latents:
+        report["latent_cache"] = latents
+    return dataset, report
+
+
+def calibration_batch(loaded, data: str | None, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch in the denoiser's space, with class labels for conditional models: real data
+    from --data (encoded directly for latent models: one batch needs no cache), or the
+    teacher's samples."""
+    classes = loaded.family.num_classes(loaded.model)
+    if data and data != TEACHER:
+        images, labels = BatchStream(image_data(data, loaded), batch_size, seed=seed).next_labeled_batch()
+        if loaded.autoencoder is not None:
+            images = loaded.autoencoder.encode(images)
+        return images, labels if classes else None
+    samples = teacher_samples(loaded, batch_size, label_seed=seed, noise_seed=seed, steps=50)
+    return samples.images, samples.labels

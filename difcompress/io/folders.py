@@ -1,0 +1,271 @@
+"""The difcompress output folder, and every write that makes one: atomic, locked, shared.
+
+    OUT/
+      difcompress.json                 what made it: stage, source, settings, versions, report
+      model_index.json                 DDPMPipeline / LDMPipeline / DiTPipeline.from_pretrained(OUT)
+      unet/ or transformer/            the denoiser: config.json, diffusion_pytorch_model.safetensors
+                                       (the one copy of the weights; UNet2DModel.from_pretrained(OUT, subfolder="unet"))
+      vae/ or vqvae/                   latent pipelines: the original autoencoder, unchanged
+      scheduler/scheduler_config.json
+      unet/difcompress_structure.json  only when the widths cannot be expressed in the
+                                       stock config (global pruning): base config + the
+                                       torch-pruning history that rebuilds the exact model
+
+Guarantees, each enforced here once:
+* atomic: a folder is built under a temporary sibling name and renamed when complete, so a
+  crash never leaves something that looks finished; a file is written beside its target
+  and renamed over it;
+* locked: one process at a time writes an output (an OS lock held for the run's life and
+  released by the kernel even on kill -9);
+* shared: files and folders get the permissions the process umask allows (temporary
+  folders are private by default, outputs are not);
+* a full disk, a read-only folder or a missing permission is one clear error naming the
+  folder, never a traceback, and temporaries are removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from diffusers.utils import logging as diffusers_logging
+from safetensors import SafetensorError
+
+from difcompress.errors import UserError
+from difcompress.io.report import human
+
+MANIFEST = "difcompress.json"
+STRUCTURE = "difcompress_structure.json"
+EVAL_FILE = "eval.json"
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_permissions(root: Path) -> None:
+    """Give `root` and everything below it the modes a normal write would have had."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def write_error(folder: Path, err: BaseException, needed_bytes: int | None = None) -> UserError | None:
+    """The user-facing error for a failed write, or None when `err` is not about the disk."""
+    if isinstance(err, SafetensorError):
+        reason = str(err).split(": ", 1)[-1]
+    elif isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+        reason = err.strerror or str(err)
+    else:
+        return None
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    need = f"about {human(needed_bytes, 'B')} needed, " if needed_bytes else ""
+    return UserError(f"cannot write {folder}: {reason} ({need}{human(free, 'B')} free there); "
+                     "free some space or choose another location")
+
+
+@contextmanager
+def disk_errors(folder: Path, needed_bytes: int | None = None) -> Iterator[None]:
+    """Turn a full disk or a refused write inside the block into one clear UserError."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        converted = write_error(Path(folder), err, needed_bytes)
+        if converted is None:
+            raise
+        raise converted from None
+
+
+@contextmanager
+def atomic_folder(out: str | Path, needed_bytes: int | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `out` in one rename.
+
+    On any failure the temporary folder is removed; disk errors become one UserError.
+    """
+    out = Path(out)
+    with disk_errors(out, needed_bytes):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            yield tmp
+            share_permissions(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists() or out.is_symlink():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            remove(old)
+        else:
+            tmp.rename(out)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically: beside it under a temporary name, then renamed over it."""
+    path = Path(path)
+    with disk_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(text)
+            tmp.chmod(0o666 & ~_umask())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete what interrupted writes of `folder` left beside it (`.NAME.tmp-*`, `.NAME.old-*`).
+    Call only while holding `folder`'s lock: then no live process owns them."""
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        return
+    for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.old-*"):
+        for debris in folder.parent.glob(pattern):
+            remove(debris)
+
+
+def remove(path: Path) -> None:
+    """Delete a file, link or folder tree, whichever `path` is (gone already is fine)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _lock(lock_path: Path, wait: bool) -> int:
+    """An open descriptor holding the exclusive lock on `lock_path`. The holder unlinks the
+    file when done, so after locking check that the path still names the locked file."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{lock_path.parent / lock_path.name[1:-5]} is in use by another difcompress run "
+                            f"({holder}); wait for it to finish or choose another output") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed it meanwhile: lock the new one
+
+
+@contextmanager
+def folder_lock(folder: str | Path, *, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive OS lock on `folder` (the file `.NAME.lock` beside it) for the
+    block's life. A second process asking for it gets one error naming the holder (or,
+    with `wait`, blocks until it is free); the kernel releases it when the holder exits,
+    however it exits, and a clean exit removes the file."""
+    folder = Path(folder)
+    lock_path = folder.parent / f".{folder.name}.lock"
+    with disk_errors(folder.parent):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fd = _lock(lock_path, wait)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def wait_for(condition: Callable[[], bool], poll_seconds: float = 2.0) -> None:
+    """Block until `condition()` holds. Other processes of a launch wait for the main one this
+    way (a collective barrier would time out during a long prune, encode or eval); if the main
+    process fails, the launcher stops them."""
+    while not condition():
+        time.sleep(poll_seconds)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}); the folder is damaged") from None
+
+
+def pruning_report(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The prune report a folder carries: "report" in a pruned folder, "pruning" in a
+    distilled or exported one."""
+    manifest = manifest or {}
+    return manifest.get("report") if manifest.get("stage") == "prune" else manifest.get("pruning")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_folder(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """An output may be new, empty, or an earlier difcompress folder (replaced), but never one
+    of the inputs or a folder holding one (checked through symlinks and `..`)."""
+    out = Path(out)
+    target = out.expanduser().resolve()
+    for source in inputs:
+        source_path = Path(source).expanduser()
+        if source_path.exists() and _within(source_path.resolve(), target):
+            raise UserError(f"output {out} would replace the input {source}; choose another output", exit_code=2)
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"output {out} exists and is a file; choose another output")
+        if any(out.iterdir()) and read_manifest(out) is None:
+            raise UserError(f"output folder {out} exists and is not a difcompress folder; choose another output")
+    return out
+
+
+def save_model_folder(folder: Path, model, scheduler, family, manifest: dict[str, Any],
+                      structure: dict[str, Any] | None = None, *, autoencoder=None,
+                      pipeline_settings: dict[str, Any] | None = None) -> None:
+    """Write pipeline (with a latent model's autoencoder, unchanged) + manifest into `folder`
+    (normally the temp folder of atomic_folder)."""
+    pipeline = family.pipeline(model, scheduler, autoencoder)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # a pixel DiT's absent VAE is intended, not worth a warning
+    try:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    if pipeline_settings:  # e.g. DiT's id2label (ImageNet class names), which the pipeline takes as an argument
+        index = json.loads((folder / "model_index.json").read_text())
+        write_json(folder / "model_index.json", {**index, **pipeline_settings})
+    if structure is not None:
+        write_json(folder / family.component / STRUCTURE, structure)
+    write_json(folder / MANIFEST, manifest)
+
+
+def folder_size_bytes(folder: str | Path) -> int:
+    seen, total = set(), 0
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            st = path.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total

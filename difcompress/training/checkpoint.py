@@ -1,0 +1,115 @@
+"""Training checkpoints without pickles: safetensors for tensors, JSON for the rest.
+
+A checkpoint is a folder `checkpoints/step-XXXXXXX` written under a temporary name and
+renamed when complete. It holds the student, its EMA, the feature adapters, the optimizer
+moments, the RNG states, the learning-rate schedule and the data-stream position, so a
+resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from difcompress.errors import UserError
+from difcompress.io.folders import atomic_folder, remove
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, slots in state["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, dict[str, torch.Tensor]],
+                    optimizer: torch.optim.Optimizer, generator: torch.Generator, info: dict[str, Any],
+                    keep: int | None = None) -> Path:
+    """Write `checkpoints/step-XXXXXXX` atomically. `modules` are named state dicts
+    (student, ema, adapters); `keep` old checkpoints stay (None: all of them)."""
+    root = Path(run_dir) / "checkpoints"
+    target = root / f"step-{step:07d}"
+    tensors = {name: _cpu(state) for name, state in modules.items()}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    needed = sum(t.numel() * t.element_size() for group in (*tensors.values(), opt_tensors) for t in group.values())
+    with atomic_folder(target, needed_bytes=needed) as tmp:
+        for name, state in tensors.items():
+            save_file(state, tmp / f"{name}.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(_rng_state(generator), tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**info, "step": step, "optimizer": opt_meta}, indent=2))
+    if keep is not None:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*[0-9]") if p.is_dir())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def remove_checkpoint_temporaries(run_dir: Path) -> None:
+    """Delete half-written checkpoints (`.step-*.tmp-*`, `.step-*.old-*`) left by a killed
+    run; call only while holding the run's lock, so that no live process owns them."""
+    for debris in (Path(run_dir) / "checkpoints").glob(".step-*"):
+        remove(debris)
+
+
+def read_checkpoint_info(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: Path, generator: torch.Generator) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]],
+                                                                   dict[str, Any]]:
+    """(info, named state dicts, optimizer state) of a checkpoint; restores the RNG states."""
+    info = read_checkpoint_info(path)
+    try:
+        modules = {p.stem: load_file(p) for p in path.glob("*.safetensors") if p.stem not in ("optimizer", "rng")}
+        optimizer = _unflatten_optimizer(load_file(path / "optimizer.safetensors"), info["optimizer"])
+        rng = load_file(path / "rng.safetensors")
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return info, modules, optimizer

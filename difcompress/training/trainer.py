@@ -1,0 +1,336 @@
+"""The distillation trainer: setup (``Trainer(...)``), one optimizer step (``train_step``)
+and the loop (``fit``).
+
+Loss = w_task * L_task + w_kd * L_kd(objective) + w_feat * L_feature (+ the learned
+variance's MSE to the teacher's, see docs/method.md). The trainer runs on accelerate: the
+student, optimizer and adapters train on every process, the frozen teacher is moved but
+never wrapped.
+
+One optimizer step consumes one *global* batch of ``batch_size`` images, drawn with its
+noise, timesteps and label dropout from one seeded generator that every process holds.
+Each process takes its rows of that batch and splits them into
+``gradient_accumulation_steps`` micro-batches, so the optimisation does not depend on the
+number of processes, and accumulation matches one big batch for per-sample-mean
+objectives (PLACE's ``w`` and DIST's batch statistics are computed per micro-batch).
+
+Nothing on the hot path waits for the GPU: logged values stay on the device and are read
+every ``log_every`` steps, where the NaN guard also looks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from torch import nn
+
+from difcompress.config import DistillConfig
+from difcompress.data.stream import BatchStream
+from difcompress.errors import UserError
+from difcompress.families.base import ModelFamily
+from difcompress.objectives import OutputOptions, feature_loss, get_objective, task_loss
+from difcompress.training.ema import EMA
+from difcompress.training.feature_taps import FeatureTaps
+
+LOGGED_FROM_TERMS = ("coarse", "fine", "w", "slope", "intercept")
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"loss became NaN or infinite at step {step}")
+        self.step = step
+
+
+@dataclass
+class Batch:
+    """This process's rows of one global batch, with everything random already drawn."""
+
+    x0: torch.Tensor
+    labels: torch.Tensor | None
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+    def split(self, parts: int) -> list[Batch]:
+        size = self.x0.shape[0] // parts
+        cut = [slice(i * size, (i + 1) * size) for i in range(parts)]
+        return [Batch(self.x0[c], None if self.labels is None else self.labels[c], self.noise[c], self.timesteps[c])
+                for c in cut]
+
+
+def antithetic_timesteps(batch: int, num_train: int, generator: torch.Generator) -> torch.Tensor:
+    """Pairs (t, T-1-t): lower variance of the loss estimate across timesteps."""
+    half = torch.randint(0, num_train, ((batch + 1) // 2,), generator=generator)
+    return torch.cat([half, num_train - 1 - half])[:batch]
+
+
+def regression_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser predicts: the noise, the velocity, or the clean sample."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    try:
+        import bitsandbytes  # noqa: PLC0415 - optional extra, imported only when asked for
+    except ImportError:
+        raise UserError("--optimizer adamw-8bit needs bitsandbytes: pip install 'difcompress[8bit]'", 2) from None
+    return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
+class Trainer:
+    """Distills `student` from `teacher` as `config` says. Build it, then call `fit()`, or
+    drive it step by step: ``trainer.train_step(trainer.next_batch())``."""
+
+    def __init__(self, config: DistillConfig, accelerator: Accelerator, family: ModelFamily, student: nn.Module,
+                 scheduler: Any, teacher: nn.Module | None, dataset, *, w_feat: float = 0.0,
+                 feature_pairs: list[tuple[str, str]] | None = None, learn_variance: bool = False):
+        self.config, self.accelerator, self.family, self.scheduler = config, accelerator, family, scheduler
+        self.objective = get_objective(config.loss)
+        self.output_options = OutputOptions(config.group_size, config.coarse_norm, config.fit_eps)
+        self.w_feat, self.learn_variance = w_feat, learn_variance
+        self.teacher = teacher
+        self.step = 0
+        processes, parts = accelerator.num_processes, config.gradient_accumulation_steps
+        if config.batch_size % (processes * parts):
+            raise UserError(f"--batch-size {config.batch_size} must split evenly over {processes} process(es) x "
+                            f"{parts} accumulation step(s)", exit_code=2)
+        per_process = config.batch_size // processes
+        self.rows = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
+        self.stream = BatchStream(dataset, config.batch_size, seed=config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.null_class = family.null_class(student)
+        self.class_dropout = config.class_dropout if family.num_classes(student) else 0.0
+
+        self.model = student.train()
+        family.disable_label_dropout(self.model)
+        self.taps, self.adapters = None, None
+        if feature_pairs:
+            self.taps = FeatureTaps(self.model, teacher, feature_pairs)
+            self.adapters = self.taps.build_adapters(family, self.model, teacher, accelerator.device)
+        self.params = list(self.model.parameters()) + (list(self.adapters.parameters()) if self.adapters else [])
+        self.optimizer = make_optimizer(config.optimizer, self.params, config.lr, config.weight_decay)
+        self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                          num_training_steps=config.steps)
+        self.ema = EMA(self.model, config.ema_decay, "cpu" if config.ema_offload else None) \
+            if config.ema_decay > 0 else None
+        self._window: dict[str, torch.Tensor] = {}
+        self._window_steps = 0
+        self._first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
+        self._batches: Iterator | None = None
+
+    # ---- state --------------------------------------------------------------------------------
+    def modules_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The named state dicts a checkpoint holds."""
+        out = {"student": self.accelerator.unwrap_model(self.model).state_dict()}
+        if self.ema is not None:
+            out["ema"] = self.ema.state_dict()
+        if self.adapters is not None:
+            out["adapters"] = self.adapters.state_dict()
+        return out
+
+    def training_state(self) -> dict[str, Any]:
+        """Plain values a checkpoint holds beside the tensors."""
+        state = {"stream": self.stream.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
+        if self.accelerator.scaler is not None:
+            state["grad_scaler"] = self.accelerator.scaler.state_dict()
+        return state
+
+    def load_state(self, step: int, modules: dict[str, dict[str, torch.Tensor]], optimizer: dict[str, Any],
+                   info: dict[str, Any]) -> None:
+        """Continue from a checkpoint (call before `prepare`)."""
+        self.model.load_state_dict(modules["student"])
+        if self.adapters is not None:
+            self.adapters.load_state_dict(modules["adapters"])
+        if self.ema is not None and "ema" in modules:
+            self.ema.load_state_dict(modules["ema"])
+        self.optimizer.load_state_dict(optimizer)
+        if "lr_scheduler" in info:
+            self.lr_scheduler.load_state_dict(info["lr_scheduler"])
+        if "grad_scaler" in info and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(info["grad_scaler"])
+        self.stream.load_state_dict(info["stream"])
+        self.step = step
+
+    def prepare(self) -> None:
+        """Hand the student and optimizer to accelerate (DDP, mixed precision) and apply the
+        speed settings. Call once, after any `load_state`."""
+        config = self.config
+        if config.gradient_checkpointing:
+            if not getattr(self.model, "_supports_gradient_checkpointing", False):
+                raise UserError(f"{type(self.model).__name__} does not support gradient checkpointing", 2)
+            self.model.enable_gradient_checkpointing()
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        self.teacher_forward = self.teacher
+        if config.compile and self.teacher is not None:
+            self.teacher_forward = torch.compile(self.teacher)
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _images(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.config.dataloader_num_workers and not self.stream.in_memory:
+            if self._batches is None:
+                self._batches = self.stream.loader(self.rows, self.config.dataloader_num_workers)
+            return next(self._batches)
+        return self.stream.next_labeled_batch(self.rows)
+
+    def next_batch(self) -> Batch:
+        """This process's rows of the next global batch, noise, timesteps and dropped labels."""
+        x0, labels = self._images()
+        size, num_train = self.config.batch_size, self.scheduler.config.num_train_timesteps
+        noise = torch.randn((size, *x0.shape[1:]), generator=self.generator)[self.rows]
+        if self.config.antithetic:
+            t = antithetic_timesteps(size, num_train, self.generator)[self.rows]
+        else:
+            t = torch.randint(0, num_train, (size,), generator=self.generator)[self.rows]
+        if labels is not None and self.class_dropout > 0:
+            # Classifier-free guidance training: labels dropped to the null class, seeded,
+            # the same for teacher and student.
+            dropped = (torch.rand((size,), generator=self.generator) < self.class_dropout)[self.rows]
+            labels = torch.where(dropped, self.null_class, labels)
+        device = self.accelerator.device
+        return Batch(x0.to(device), labels.to(device) if labels is not None else None, noise.to(device), t.to(device))
+
+    def feature_weight(self, step: int) -> float:
+        """constant, or linear: from w_feat at the first step down to 0 at the last."""
+        if self.config.w_feat_schedule == "constant":
+            return self.w_feat
+        return self.w_feat * (1 - (step - 1) / max(1, self.config.steps - 1))
+
+    def compute_losses(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(total loss, each term's KDTerms) of one micro-batch; gradients flow to the student."""
+        config, family = self.config, self.family
+        noisy = self.scheduler.add_noise(batch.x0, batch.noise, batch.timesteps)
+        if config.channels_last and noisy.dim() == 4:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        target = regression_target(self.scheduler, batch.x0, batch.noise, batch.timesteps)
+        terms: dict[str, Any] = {}
+        total = torch.zeros((), device=noisy.device)
+        with self.accelerator.autocast():
+            pred, variance = family.predict_split(self.forward_model, noisy, batch.timesteps, batch.labels)
+            kd = self.objective.kind == "output" and config.w_kd > 0
+            variance = variance if self.learn_variance else None
+            teacher_pred = teacher_variance = None
+            if kd or variance is not None or self.taps is not None:  # one teacher call serves all three
+                with torch.no_grad():
+                    teacher_pred, teacher_variance = family.predict_split(
+                        self.teacher_forward, noisy.to(next(self.teacher.parameters()).dtype), batch.timesteps,
+                        batch.labels)
+        if config.w_task > 0:
+            terms["task"] = task_loss(pred.float(), target)
+            total = total + config.w_task * terms["task"].loss
+        if kd:
+            terms["kd"] = self.objective.output_fn(pred.float(), teacher_pred.float(), self.output_options)
+            total = total + config.w_kd * terms["kd"].loss
+        if variance is not None:
+            # Learned variance: a plain MSE to the teacher's, weighted like KD when a KD objective runs.
+            terms["variance"] = task_loss(variance.float(), teacher_variance.float())
+            total = total + (config.w_kd if kd else 1.0) * terms["variance"].loss
+        if self.taps is not None:
+            terms["feature"] = feature_loss(self.taps.student_outputs(), self.taps.teacher_outputs(), self.adapters,
+                                            mask_std=config.feature_mask_std)
+            total = total + self.feature_weight(step) * terms["feature"].loss
+            self.taps.clear()
+        return total, terms
+
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimizer step on one global batch: forward and backward per micro-batch,
+        clip, step, schedule, EMA. Returns the loss and the logged values (device tensors)."""
+        self.step += 1
+        parts = self.config.gradient_accumulation_steps
+        logs: dict[str, torch.Tensor] = {}
+        for i, micro in enumerate(batch.split(parts)):
+            # Gradients are averaged over processes only on the last micro-batch.
+            sync = self.accelerator.no_sync(self.model) if i < parts - 1 else contextlib.nullcontext()
+            with sync:
+                total, terms = self.compute_losses(micro, self.step)
+                self.accelerator.backward(total / parts)
+            for name, value in _flatten_logs(total, terms).items():
+                logs[name] = logs.get(name, 0) + value / parts
+        if self.accelerator.num_processes > 1 and self.adapters is not None:
+            # The adapters sit outside the DDP-wrapped student: average their gradients here.
+            for p in (p for p in self.adapters.parameters() if p.grad is not None):
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        if self.config.grad_clip > 0:
+            logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.accelerator.unwrap_model(self.model), self.step)
+        self._watch(logs["loss"])
+        return logs["loss"], logs
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self, on_log: Callable[[dict[str, Any]], None], on_checkpoint: Callable[[int], None]) -> dict[str, Any]:
+        """Train from the current step to `config.steps`. Every `log_every` steps (and at
+        the last) the mean values since the previous line go to `on_log`; every
+        `checkpoint_every` steps `on_checkpoint(step)` saves (never after a non-finite loss).
+        Raises NonFiniteLoss when the loss stops being finite."""
+        config = self.config
+        clock, line = time.perf_counter(), {}
+        while self.step < config.steps:
+            _, logs = self.train_step(self.next_batch())
+            self.accumulate(logs)
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                now = time.perf_counter()
+                line, clock = self.read_window(now - clock), now
+                self.check_finite()
+                on_log(line)
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.steps:
+                self.check_finite()
+                on_checkpoint(self.step)
+        return line
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if any step so far had a NaN or infinite loss (reads the GPU)."""
+        step = int(self._first_bad_step)
+        if step:
+            raise NonFiniteLoss(step)
+
+    def _watch(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss was not finite, without waiting for the GPU."""
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad_step = torch.where(bad & (self._first_bad_step == 0), self.step, self._first_bad_step)
+
+    # ---- logging ------------------------------------------------------------------------------
+    def accumulate(self, logs: dict[str, torch.Tensor]) -> None:
+        for name, value in logs.items():
+            self._window[name] = self._window.get(name, 0) + value.detach().float()
+        self._window_steps += 1
+
+    def read_window(self, seconds: float) -> dict[str, Any]:
+        """The log line for the steps since the last one: their mean values, read in one sync."""
+        names = list(self._window)
+        values = torch.stack([self._window[n] for n in names]).div(self._window_steps).tolist() if names else []
+        line = {"step": self.step, "lr": self.lr_scheduler.get_last_lr()[0],
+                "steps_per_s": self._window_steps / max(seconds, 1e-9)}
+        line.update({n: (v if v == v and abs(v) != float("inf") else None) if n == "grad_norm" else v
+                     for n, v in zip(names, values)})
+        self._window, self._window_steps = {}, 0
+        return line
+
+
+def _flatten_logs(total: torch.Tensor, terms: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The values one log line shows: the total, each term's loss, and LIFT/PLACE's fit statistics."""
+    out = {"loss": total.detach()}
+    for name, term in terms.items():
+        out[name] = term.loss.detach()
+        out.update({key: term.logs[key] for key in LOGGED_FROM_TERMS if key in term.logs})
+    return out

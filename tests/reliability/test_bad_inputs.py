@@ -1,0 +1,192 @@
+"""Every user mistake ends in one `error:` line (exit 1, or 2 for a bad option), before any
+work starts and with nothing written; hostile files are refused; inputs are never replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_distill, run_prune
+from PIL import Image
+
+from difcompress.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+DISTILL = ("distill", "--data", "digits", "--steps", "2", "--batch-size", "4", "--device", "cpu")
+BAD_DISTILL = [
+    ("--grad-clip", "-1"), ("--checkpoint-every", "-5"), ("--w-kd", "-1"), ("--w-task", "-0.5"),
+    ("--w-feat", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "-1e-3"), ("--w-task", "nan"),
+    ("--ema-decay", "1"), ("--ema-decay", "-0.1"), ("--steps", "0"), ("--batch-size", "0"),
+    ("--group-size", "0"), ("--class-dropout", "1"), ("--feature-mask-std", "-1"), ("--mixed-precision", "foo"),
+    ("--loss", "l3"), ("--device", "foo"), ("--gradient-accumulation-steps", "0"), ("--lr-warmup-steps", "-1"),
+    ("--optimizer", "sgd"), ("--checkpoints-total-limit", "0"), ("--fit-eps", "0"), ("--teacher-samples", "0"),
+]
+BAD_EVAL = [("--batch-size", "0"), ("--sampler-steps", "0"), ("--latency-batch-size", "0"), ("--num-samples", "1"),
+            ("--grid-size", "0"), ("--guidance-scale", "0.5"), ("--sampler", "euler"), ("--class-label", "a,b")]
+BAD_PRUNE = [("--ratio", "1"), ("--ratio", "-0.1"), ("--ratio", "nan"), ("--importance", "l1"),
+             ("--batch-size", "0"), ("--diff-threshold", "2"), ("--depth", "0"), ("--timesteps-per-pass", "0"),
+             ("--round-to", "0"), ("--blocks", "1,x")]
+
+
+@pytest.mark.parametrize("option,value", BAD_DISTILL, ids=lambda v: str(v))
+def test_bad_distill_values_are_one_line_before_any_work(option, value, pruned_dir, tmp_path, run_cli):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*DISTILL, "--student", pruned_dir, "-o", out, option, value)
+    line = assert_one_line_error(code, err, 2)
+    assert option in line or value in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option,value", BAD_EVAL, ids=lambda v: str(v))
+def test_bad_eval_values_are_one_line_before_any_work(option, value, tmp_path, run_cli):
+    out = tmp_path / "eval"
+    code, _, err = run_cli("eval", "digits", "--fid", "-o", out, "--device", "cpu", option, value)
+    assert_one_line_error(code, err, 2)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option,value", BAD_PRUNE, ids=lambda v: str(v))
+def test_bad_prune_values_are_one_line_before_any_work(option, value, tmp_path, run_cli):
+    out = tmp_path / "pruned"
+    code, _, err = run_cli("prune", "digits", "-o", out, "--device", "cpu", option, value)
+    assert_one_line_error(code, err, 2)
+    assert not out.exists()
+
+
+def test_a_run_with_no_term_to_train_is_refused(pruned_dir, tmp_path, run_cli):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*DISTILL, "--student", pruned_dir, "-o", out, "--loss", "task", "--w-task", "0")
+    assert "nothing to train" in assert_one_line_error(code, err, 2)
+    assert not out.exists()
+
+
+def test_eval_into_an_existing_file_is_refused_before_sampling(tmp_path, run_cli):
+    target = tmp_path / "results.json"
+    target.write_text("mine")
+    code, _, err = run_cli("eval", "digits", "--fid", "--num-samples", "4", "-o", target, "--device", "cpu")
+    assert str(target) in assert_one_line_error(code, err, 2)
+    assert target.read_text() == "mine"
+
+
+def test_a_gpu_that_is_not_there_is_an_error_not_a_cpu_run(pruned_dir, tmp_path, run_cli):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
+    for device in ("cuda", "cuda:1"):
+        out = tmp_path / device.replace(":", "")
+        code, _, err = run_cli("distill", "--student", pruned_dir, "-o", out, "--data", "digits", "--steps", "1",
+                               "--device", device)
+        assert "no CUDA GPU" in assert_one_line_error(code, err, 1)
+        assert not (out / "metrics.jsonl").exists()
+
+
+# ---- inputs are never replaced -------------------------------------------------------------------
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "parent"])
+def test_prune_and_export_refuse_to_replace_their_input(spelling, pruned_dir, tmp_path, run_cli):
+    model = tmp_path / "models" / "student"
+    shutil.copytree(pruned_dir, model)
+    before = {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    outputs = {"same": model, "dotdot": model / ".." / "student", "parent": model.parent}
+    if spelling == "symlink":
+        (tmp_path / "link").symlink_to(model)
+        outputs["symlink"] = tmp_path / "link"
+    for command in (("prune", model, "--ratio", "0.5"), ("export", model)):
+        code, _, err = run_cli(*command, "-o", outputs[spelling], "--device", "cpu") if command[0] == "prune" \
+            else run_cli(*command, "-o", outputs[spelling])
+        assert "would replace the input" in assert_one_line_error(code, err, 2)
+    assert {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
+def test_distill_refuses_an_output_that_is_its_student(pruned_dir, tmp_path, run_cli):
+    student = tmp_path / "student"
+    shutil.copytree(pruned_dir, student)
+    code, _, err = run_cli(*DISTILL, "--student", student, "-o", student)
+    assert "would replace the input" in assert_one_line_error(code, err, 2)
+
+
+# ---- hostile files ---------------------------------------------------------------------------------
+
+def test_a_scheduler_config_naming_a_model_class_is_refused(pruned_dir, tmp_path, run_cli):
+    hostile = tmp_path / "hostile"
+    shutil.copytree(pruned_dir, hostile)
+    config = hostile / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "UNet2DModel"}))
+    for command in (("export", hostile, "-o", tmp_path / "out"), ("eval", hostile, "-o", tmp_path / "eval")):
+        code, _, err = run_cli(*command)
+        assert "not a diffusers scheduler class" in assert_one_line_error(code, err, 1)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["os.system", "../../etc", 7])
+def test_other_hostile_class_names_are_refused(name, pruned_dir, tmp_path, run_cli):
+    hostile = tmp_path / "hostile"
+    shutil.copytree(pruned_dir, hostile)
+    config = hostile / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": name}))
+    index = hostile / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "unet": ["diffusers", name]}))
+    code, _, err = run_cli("export", hostile, "-o", tmp_path / "out")
+    assert "unsupported model class" in assert_one_line_error(code, err, 1)
+
+
+# ---- models and data users bring -------------------------------------------------------------------
+
+def test_a_unet_with_dropout_prunes_at_every_ratio(tmp_path):
+    from conftest import build_tiny_unet, save_pipeline
+
+    from difcompress.io.loading import load_model
+
+    teacher = save_pipeline(build_tiny_unet(seed=3, dropout=0.1), tmp_path / "dropout-teacher")
+    for ratio in (0.25, 0.5, 0.75):
+        report = run_prune(teacher, ratio, tmp_path / f"p{ratio}", device="cpu")
+        assert report["params"][1] < report["params"][0]
+        assert load_model(tmp_path / f"p{ratio}").model.config.dropout == 0.1
+
+
+def test_a_rebuild_that_differs_names_the_layer(tmp_path, monkeypatch):
+    from conftest import build_tiny_unet
+
+    from difcompress.families.registry import family_for_model
+
+    model = build_tiny_unet(seed=4)
+    family = family_for_model(model)
+    real = family.pruned_config
+
+    def wrong_config(m):
+        return {**real(m), "act_fn": "mish"}  # a rebuild that computes something else
+
+    monkeypatch.setattr(type(family), "pruned_config", lambda self, m: wrong_config(m))
+    with pytest.raises(UserError, match="differs first at layer"):
+        family.check_config_rebuild(model)
+
+
+def test_unreadable_images_are_skipped_with_one_warning_and_counted(pruned_dir, tmp_path, capsys):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(6):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(data / f"{i}.png")
+    full = (data / "0.png").read_bytes()
+    (data / "0.png").write_bytes(full[: len(full) // 2])  # truncated
+    (data / "captions.txt").write_text("not an image, not a warning")
+    capsys.readouterr()
+    summary = run_distill(pruned_dir, tmp_path / "run", data=data, steps=1, batch_size=2, checkpoint_every=0,
+                          device="cpu")
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "1 unreadable image" in err and "0.png" in err
+    assert summary["data"]["unreadable_skipped"] == 1 and summary["data"]["items"] == 5
+
+
+def test_outputs_follow_the_umask_not_private_temporary_modes(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "pruned"
+        run_prune("digits", 0.5, out, device="cpu")
+    finally:
+        os.umask(old)
+    for path in [out, *out.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
