@@ -110,6 +110,8 @@ def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
         info = typer.Argument(help=help_text, show_default=False)
     else:
         flags = extra.get("flags") or [f"--{name.replace('_', '-')}"]
+        if cli_type is bool and field.default is True:  # on by default: also offer --no-NAME
+            flags = [f"{flags[0]}/--no-{flags[0][2:]}"]
         info = typer.Option(*flags, help=help_text, metavar=metavar)
     default = inspect.Parameter.empty if field.is_required() else field.default
     if default is not inspect.Parameter.empty and comma_list and default is not None:

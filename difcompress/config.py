@@ -30,14 +30,18 @@ from pydantic import (
 
 from difcompress.errors import UserError
 from difcompress.objectives.core import COARSE_NORMS, FIT_EPS, PLACE_GROUP_SIZE
-from difcompress.objectives.registry import LOSS_NAMES
+from difcompress.objectives.registry import LOSS_NAMES, OBJECTIVES
 
 # ---- choices ---------------------------------------------------------------------------------
 Importance = Literal["random", "magnitude", "taylor", "diff-pruning"]
 DepthCriterion = Literal["uniform", "output-change"]
 Loss = Literal[LOSS_NAMES]  # type: ignore[valid-type]  (the objectives registry is the source)
 CoarseNorm = Literal[COARSE_NORMS]  # type: ignore[valid-type]
-FeatureSchedule = Literal["constant", "linear"]
+FeatureSchedule = Literal["constant", "linear", "epoch-linear"]
+FeatureHooks = Literal["stages", "blocks"]
+Reduction = Literal["mean", "sum"]
+MaskSource = Literal["teacher", "own"]
+VarianceLoss = Literal["mse", "vlb-kl"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Optimizer = Literal["adamw", "adam", "adamw-8bit"]
@@ -174,19 +178,23 @@ class DistillConfig(StageConfig):
         "student", "teacher", "loss", "data", "batch_size", "lr", "w_task", "w_kd", "w_feat", "group_size",
         "coarse_norm", "ema_decay", "grad_clip", "seed", "antithetic", "feature_layers", "feature_mask_std",
         "w_feat_schedule", "class_dropout", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
-        "optimizer", "weight_decay", "fit_eps")
+        "optimizer", "weight_decay", "fit_eps", "feature_hooks", "feature_reduction", "feature_adapter_bias",
+        "feature_adapter_init", "feature_adapter_always", "feature_mask_by", "loss_reduction", "variance_loss")
     # Settings added later, left out of the identity at these values so older checkpoints still resume.
     neutral: ClassVar[dict[str, Any]] = {
         "feature_mask_std": 0.0, "w_feat_schedule": "constant", "class_dropout": 0.0,
         "gradient_accumulation_steps": 1, "lr_scheduler": "constant", "lr_warmup_steps": 0, "optimizer": "adamw",
-        "weight_decay": 0.0, "fit_eps": FIT_EPS}
+        "weight_decay": 0.0, "fit_eps": FIT_EPS, "feature_hooks": "stages", "feature_reduction": "mean",
+        "feature_adapter_bias": True, "feature_adapter_init": None, "feature_adapter_always": False,
+        "feature_mask_by": "teacher", "loss_reduction": "mean", "variance_loss": "mse"}
 
     student: Ref = Field(description="Pruned student (difcompress folder or any diffusers model).")
     output: Path = OutputField("Run folder (checkpoints, logs, final student).")
     data: Ref = Field("teacher", description="Image folder, saved dataset, 'digits', or 'teacher' (data-free: the "
                       "teacher's own samples).")
     teacher: Optional[Ref] = Field(None, description="Defaults to the model the student was pruned from.")
-    loss: Loss = Field("place", description="Distillation objective (task: no teacher; feature: feature KD only).")
+    loss: Loss = Field("place", description="Distillation objective (task: no teacher; feature: feature KD only; "
+                       "NAME+feat: output KD plus feature KD).")
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(64, ge=1, description="Images per optimizer step, over all processes and accumulation "
                             "steps (a run's result does not depend on how many GPUs share it).")
@@ -200,8 +208,8 @@ class DistillConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0, description="Optimizer weight decay.")
     w_task: float = Field(1.0, ge=0, description="Weight of the denoising (task) loss.")
     w_kd: float = Field(1.0, ge=0, description="Weight of the output-KD objective.")
-    w_feat: Optional[float] = Field(None, ge=0, description="Feature KD weight (default 1 for --loss feature, "
-                                    "else 0).")
+    w_feat: Optional[float] = Field(None, ge=0, description="Feature KD weight (default 1 for --loss feature and "
+                                    "NAME+feat, else 0).")
     group_size: int = Field(PLACE_GROUP_SIZE, ge=1, description="PLACE group size G (positions per affine fit).")
     coarse_norm: CoarseNorm = Field("l2", description="Norm of the coarse term: l2 (a-1)^2 + b^2, or l1.")
     fit_eps: float = Field(FIT_EPS, gt=0, description="Epsilon in the LIFT/PLACE slope's denominator.")
@@ -222,10 +230,28 @@ class DistillConfig(StageConfig):
                                                 "(repeatable; default: stage outputs, or DiT blocks mapped to the "
                                                 "teacher blocks they came from).",
                                                 json_schema_extra=_cli(flags=("--feature-layer",)))
+    feature_hooks: FeatureHooks = Field("stages", description="Default feature-KD modules: stages (the output of "
+                                        "each down/mid/up block) or blocks (every resnet, attention and resampling "
+                                        "conv: the LIFT/PLACE authors' DDPM FitNet rule).")
+    feature_reduction: Reduction = Field("mean", description="Feature KD over the hooked pairs: mean, or sum "
+                                         "(BK-SDM and the LIFT/PLACE authors).")
+    feature_adapter_bias: bool = Field(True, description="Feature adapters (1x1 conv / linear) with a bias.")
+    feature_adapter_init: Optional[float] = Field(None, gt=0, description="Initialise adapter weights uniform in "
+                                                  "+-this (the authors: 0.005; default: PyTorch's).")
+    feature_adapter_always: bool = Field(False, description="An adapter on every pair, even where widths agree "
+                                         "(the authors' DDPM setting).")
     feature_mask_std: float = Field(0.0, ge=0, description="Zero activations beyond this many std from the mean in "
                                     "feature KD (TinyFusion: 2; 0 disables).")
-    w_feat_schedule: FeatureSchedule = Field("constant", description="constant, or linear (decays the feature "
-                                             "weight to 0 by the last step).")
+    feature_mask_by: MaskSource = Field("teacher", description="Masked feature KD: both features by the teacher's "
+                                        "statistics, or each by its own (the authors' TinyFusion setting).")
+    w_feat_schedule: FeatureSchedule = Field("constant", description="constant; linear (decays the feature weight "
+                                             "to 0 by the last step); epoch-linear (the same, one value per epoch).")
+    loss_reduction: Reduction = Field("mean", description="mean: every term a mean over elements; sum: the "
+                                      "authors' sum form (task and output KD summed over each sample's elements, "
+                                      "feature errors summed too), so weights and --grad-clip act in their units.")
+    variance_loss: VarianceLoss = Field("mse", description="Learned-variance models: an MSE to the teacher's "
+                                        "variance channels, or vlb-kl (the VLB, weighted like the task, plus a KL "
+                                        "to the teacher's p(x_t-1|x_t), weighted like KD: the authors' DiT setting).")
     class_dropout: float = Field(0.1, ge=0, lt=1, description="Class-conditional models: label dropout for "
                                  "classifier-free guidance.")
     teacher_samples: int = Field(512, ge=1, description="Images the teacher generates for --data teacher.")
@@ -243,16 +269,17 @@ class DistillConfig(StageConfig):
                                         "Resume stays exact.")
     report_to: Tracker = Field("none", description="Also log to TensorBoard or Weights & Biases (accelerate "
                                "trackers; pip install tensorboard / wandb).")
-    log_every: int = Field(1, ge=1, description="Steps between log lines (metrics stay on the GPU in between).")
+    log_every: int = Field(10, ge=1, description="Steps between log lines, each the mean over its steps (values stay "
+                           "on the GPU in between; the NaN guard looks at every line).")
     latent_cache: Optional[Path] = Field(None, description="Latent models: where encoded datasets are cached "
                                          "(default $DIFCOMPRESS_CACHE or ~/.cache/difcompress).")
     device: Device = Field("auto", description=DEVICE_HELP, json_schema_extra=_cli(metavar="auto|cpu|cuda|cuda:N"))
 
     def resolved_w_feat(self) -> float:
-        """The feature weight in effect: given, or 1 for --loss feature, else 0."""
+        """The feature weight in effect: given, or 1 for --loss feature and NAME+feat, else 0."""
         if self.w_feat is not None:
             return self.w_feat
-        return 1.0 if self.loss == "feature" else 0.0
+        return 1.0 if OBJECTIVES[self.loss].with_features else 0.0
 
 
 class EvalConfig(StageConfig):

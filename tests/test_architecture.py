@@ -183,3 +183,26 @@ def test_bad_values_are_refused_the_same_way_everywhere(tmp_path, run_cli):
     code, _, err = run_cli("distill", "--student", "s", "-o", tmp_path / "x", "--grad-clip", "-1")
     assert "--grad-clip" in assert_one_line_error(code, err, 2)
     assert not (tmp_path / "x").exists()
+
+
+def test_no_pickles_are_read_or_written():
+    """No torch.load / torch.save / pickle anywhere; np.load only with allow_pickle=False; the
+    one TorchScript read (clean-fid's Inception, documented) only in metrics/extractors.py."""
+    found = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                if any(n.split(".")[0] in ("pickle", "dill", "joblib") for n in names):
+                    found.append(f"{module}:{node.lineno} imports a pickle library")
+            if not isinstance(node, ast.Call):
+                continue
+            call = ast.unparse(node.func)
+            if call in ("torch.load", "torch.save") or call.startswith("pickle."):
+                found.append(f"{module}:{node.lineno} {call}")
+            if call == "torch.jit.load" and module != "metrics.extractors":
+                found.append(f"{module}:{node.lineno} {call}")
+            if call in ("np.load", "numpy.load") and not any(
+                    k.arg == "allow_pickle" and ast.unparse(k.value) == "False" for k in node.keywords):
+                found.append(f"{module}:{node.lineno} {call} without allow_pickle=False")
+    assert found == []

@@ -17,7 +17,7 @@ from difcompress.io.loading import load_model
 from difcompress.objectives import LOSS_NAMES
 from difcompress.training.trainer import Trainer
 
-FAST = dict(data="digits", batch_size=4, device="cpu", show_progress=False, seed=0)
+FAST = dict(data="digits", batch_size=4, device="cpu", show_progress=False, seed=0, log_every=1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +64,8 @@ def short_run(tmp_path_factory, pruned_dir):
     with redirect_stdout(out), redirect_stderr(err):
         try:
             main(["distill", "--student", str(pruned_dir), "-o", str(run), "--data", "digits", "--loss", "place",
-                  "--steps", "6", "--batch-size", "4", "--checkpoint-every", "0", "--device", "cpu", "--json"])
+                  "--steps", "6", "--batch-size", "4", "--checkpoint-every", "0", "--device", "cpu", "--json",
+                  "--log-every", "1"])
         except SystemExit as exc:
             code = exc.code or 0
     assert code == 0, err.getvalue()
@@ -344,7 +345,7 @@ def test_huge_learning_rate_stops_with_one_line_via_cli(pruned_dir, tmp_path, ru
     run = tmp_path / "run"
     code, _, stderr = run_cli("distill", "--student", pruned_dir, "-o", run, "--data", "digits", "--loss", "place",
                               "--steps", "6", "--batch-size", "4", "--lr", "1e30", "--checkpoint-every", "0",
-                              "--device", "cpu", "--json")
+                              "--device", "cpu", "--json", "--log-every", "1")
     line = assert_one_line_error(code, stderr, expected_code=1)
     assert "nan" in line.lower() or "inf" in line.lower(), line
     # Step 1 is computed with the initial weights; the first update blows them up.

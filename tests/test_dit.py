@@ -2,6 +2,7 @@
 split, the block map and masked feature KD, guided sampling, export to DiTPipeline."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -351,3 +352,16 @@ def test_class_folders_must_match_the_model_classes(dit_student, tmp_path):
 def test_depth_option_mistakes(tiny_dit_dir, tmp_path, run_cli, args, expected):
     code, _, err = run_cli("prune", tiny_dit_dir, "-o", tmp_path / "x", "--device", "cpu", *args)
     assert expected in assert_one_line_error(code, err, 2)
+
+
+def test_the_authors_dit_setting_runs_end_to_end(dit_student, tmp_path):
+    """Task/KD 0.1/0.9, PLACE + masked feature KD (each model by its own statistics) decayed
+    per epoch, and the variance trained by the VLB plus a KL to the teacher's."""
+    summary = run_distill(str(dit_student[0]), tmp_path / "run", loss="place+feat", data="digits", steps=3,
+                          batch_size=4, w_task=0.1, w_kd=0.9, w_feat=1e-2, w_feat_schedule="epoch-linear",
+                          feature_mask_std=2.0, feature_mask_by="own", variance_loss="vlb-kl", checkpoint_every=0,
+                          log_every=1, device="cpu", latent_cache=tmp_path / "cache")
+    final = summary["final"]
+    assert {"task", "kd", "vlb", "variance_kl", "feature"} <= set(final) and "variance" not in final
+    assert all(math.isfinite(final[k]) for k in ("vlb", "variance_kl", "loss"))
+    assert summary["settings"]["objective"] == "place+feat"

@@ -35,7 +35,7 @@ def demo_stages(config: DemoConfig) -> list[tuple[str, str, Any]]:
         ("student", "distill", DistillConfig(
             student=str(out / "pruned"), output=out / "student", teacher=TEACHER_NAME, loss="place", data="digits",
             steps=s["steps"], batch_size=s["batch_size"], lr=1e-3, ema_decay=0.999, checkpoint_every=500,
-            log_every=10, **common)),
+            **common)),
         # The student's own eval folder: export puts these numbers in the model card.
         ("eval", "eval", EvalConfig(
             models=[TEACHER_NAME, str(out / "student")], fid=True, num_samples=s["fid_samples"],

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 
 from difcompress.config import DistillConfig
@@ -26,6 +27,7 @@ from difcompress.io.loading import LoadedModel, load_model
 from difcompress.io.plots import plot_metrics
 from difcompress.io.report import distill_progress, warn
 from difcompress.objectives import get_objective
+from difcompress.objectives.registry import objective_name
 from difcompress.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -88,6 +90,10 @@ def make_accelerator(config: DistillConfig) -> Accelerator:
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     trackers = _trackers(config.report_to)
+    if not launched():
+        # accelerate keeps one state per process; a process that runs several distills (the
+        # Python API, benchmarks) must get the precision each one asks for.
+        AcceleratorState._reset_state(reset_partial_state=True)
     try:
         return Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision, log_with=trackers,
                            project_dir=str(config.output))
@@ -170,7 +176,7 @@ def _feature_pairs(config, student, teacher, w_feat) -> list[tuple[str, str]] | 
     if w_feat == 0:
         return None
     return parse_feature_layers(config.feature_layers) or student.family.feature_layer_pairs(
-        student.model, teacher.model, pruning_report(student.manifest))
+        student.model, teacher.model, pruning_report(student.manifest), config.feature_hooks)
 
 
 def run_settings(config: DistillConfig, student: LoadedModel, teacher: str | None, w_feat: float,
@@ -179,7 +185,7 @@ def run_settings(config: DistillConfig, student: LoadedModel, teacher: str | Non
     the teacher, the feature weight and layers, the precision that actually ran)."""
     settings = config.model_dump(mode="json", exclude=NOT_SETTINGS)
     settings.update(teacher=teacher, w_feat=w_feat, mixed_precision=accelerator.mixed_precision,
-                    grad_clip=config.grad_clip or None)
+                    grad_clip=config.grad_clip or None, objective=objective_name(config.loss, w_feat))
     if pairs:
         settings["feature_layers"] = [s if s == t else f"{s}={t}" for s, t in pairs]
     if not student.family.num_classes(student.model):

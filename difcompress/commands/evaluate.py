@@ -54,6 +54,9 @@ def evaluate(config: EvalConfig, *, show_progress: bool = False) -> dict[str, An
         extractor, reference, protocol = _fid_setup(config, loaded, dev) if config.fid else (None, None, None)
         with progress_bar(show_progress and config.fid) as progress:
             rows, grid = _measure_all(config, loaded, progress, extractor, reference, protocol)
+        for row in rows[1:]:  # against the first model (the teacher, in the usual order)
+            row["speedup_vs_first"] = rows[0]["latency_s_per_image"] / row["latency_s_per_image"]
+            row["macs_reduction_vs_first"] = rows[0]["macs"] / row["macs"]
         with disk_errors(output):
             output.mkdir(parents=True, exist_ok=True)
         grid_path = save_sample_grid(output / "samples.png", grid)

@@ -111,9 +111,10 @@ class ModelFamily(ABC):
 
     # ---- distillation ----------------------------------------------------------------------
     @abstractmethod
-    def feature_layer_pairs(self, student: nn.Module, teacher: nn.Module,
-                            pruning: dict[str, Any] | None) -> list[tuple[str, str]]:
-        """Default (student module, teacher module) pairs whose outputs feature KD matches."""
+    def feature_layer_pairs(self, student: nn.Module, teacher: nn.Module, pruning: dict[str, Any] | None,
+                            hooks: str = "stages") -> list[tuple[str, str]]:
+        """Default (student module, teacher module) pairs whose outputs feature KD matches:
+        `stages` (coarse, the default) or `blocks` (every block, the authors' FitNet rule)."""
 
     # ---- sampling --------------------------------------------------------------------------
     def sample(

@@ -97,9 +97,10 @@ class DiTFamily(ModelFamily):
         config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
         config.update(num_layers=len(kept_blocks), num_attention_heads=keep_heads)
         width = keep_heads * model.config.attention_head_dim
-        if width % 4:
-            raise UserError(f"{keep_heads} heads of {model.config.attention_head_dim} give a width of {width}, "
-                            "which the 2-D position embedding cannot take (needs a multiple of 4)", exit_code=2)
+        if width % 4 or width % request.round_to:
+            raise UserError(f"{keep_heads} heads of {model.config.attention_head_dim} give a width of {width}, which "
+                            f"is not a multiple of {4 if width % 4 else request.round_to} (the 2-D position embedding "
+                            "needs 4; --round-to asks for the other)", exit_code=2)
         index = WidthIndex(model, kept_blocks, keep_heads, element_scorer(request.importance, request.seed))
         pruned = DiTTransformer2DModel.from_config(config).to(next(model.parameters()).device)
         copy_slices(pruned, model, kept_blocks, index)
@@ -138,7 +139,7 @@ class DiTFamily(ModelFamily):
         }
 
     # ---- distillation ----------------------------------------------------------------------
-    def feature_layer_pairs(self, student, teacher, pruning):
+    def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):
         """Student block i <-> the teacher block it was copied from (recorded at pruning);
         without a record, the last teacher block of the i-th of K equal segments, which for
         halving depth is TinyFusion's map i <-> 2i+1."""

@@ -30,6 +30,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
+from difcompress.errors import UserError
 from difcompress.pruning.graph import GraphPrunedFamily
 
 
@@ -114,16 +115,23 @@ class PixelUNetFamily(GraphPrunedFamily):
             else None,
         }
 
-    def uniform_groups(self, model, ratio):
+    def uniform_groups(self, model, ratio, round_to=1):
+        """Groups to keep: the count nearest to (1 - ratio) of them whose widths stay whole
+        heads (several heads) and multiples of `round_to` (the time embedding's too)."""
         groups = model.config.norm_num_groups
-        keep = max(1, round(groups * (1 - ratio)))
-        # Several heads: every kept width must still be a whole number of heads.
         head_dim = model.config.attention_head_dim
-        if head_dim:
-            def ok(k):
-                return all((c * k // groups) % head_dim == 0 for c in model.config.block_out_channels)
-            candidates = sorted(range(1, groups + 1), key=lambda k: (abs(k - groups * (1 - ratio)), k))
-            keep = next((k for k in candidates if ok(k)), groups)
+        widths = [*model.config.block_out_channels, model.time_embedding.linear_1.out_features]
+
+        def ok(k):
+            kept = [c * k // groups for c in widths]
+            return all(w % round_to == 0 for w in kept) and (
+                not head_dim or all(w % head_dim == 0 for w in kept[:-1]))
+
+        candidates = sorted(range(1, groups + 1), key=lambda k: (abs(k - groups * (1 - ratio)), k))
+        keep = next((k for k in candidates if ok(k)), None)
+        if keep is None:
+            raise UserError(f"no uniform width is a multiple of --round-to {round_to} (and whole heads) for this "
+                            f"model's {groups} GroupNorm groups of widths {widths}", exit_code=2)
         return keep, keep / groups
 
     def sync_attributes(self, model, before, uniform_groups):
@@ -230,13 +238,46 @@ class PixelUNetFamily(GraphPrunedFamily):
             widths[f"{name} (heads x dim)"] = f"{attn.heads}x{attn.inner_dim // attn.heads}"
         return widths
 
-    def feature_layer_pairs(self, student, teacher, pruning):
-        # The output of each resolution stage: down blocks, mid block, up blocks (BK-SDM style).
-        names = [f"down_blocks.{i}" for i in range(len(student.down_blocks))]
-        if student.mid_block is not None:
-            names.append("mid_block")
-        names += [f"up_blocks.{i}" for i in range(len(student.up_blocks))]
+    def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):
+        """stages: the output of each down block, the mid block and each up block (BK-SDM
+        style). blocks: every resnet, attention and resampling conv of those blocks, in
+        forward order (the LIFT/PLACE authors' DDPM FitNet rule: 34 modules on the
+        ddpm-cifar10-32 layout). Pruning keeps module names, so student and teacher pair by name."""
+        if hooks == "blocks":
+            names = [n for block in _blocks(student) for n in _block_modules(student, block)]
+        else:
+            names = _blocks(student)
         return [(n, n) for n in names]
+
+
+def _blocks(model) -> list[str]:
+    names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+    if model.mid_block is not None:
+        names.append("mid_block")
+    return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+
+
+def _block_modules(model, block_name: str) -> list[str]:
+    """A block's resnets and attentions in forward order, then its resampling conv."""
+    block = model.get_submodule(block_name)
+    attentions = getattr(block, "attentions", None) or []
+    if block_name == "mid_block":  # resnet, (attention, resnet) ...
+        names = [f"{block_name}.resnets.0"]
+        for j in range(1, len(block.resnets)):
+            names += [f"{block_name}.attentions.{j - 1}"] if j - 1 < len(attentions) else []
+            names.append(f"{block_name}.resnets.{j}")
+        return names
+    names = []
+    for j in range(len(block.resnets)):
+        names.append(f"{block_name}.resnets.{j}")
+        if j < len(attentions):
+            names.append(f"{block_name}.attentions.{j}")
+    for kind in ("downsamplers", "upsamplers"):
+        resamplers = getattr(block, kind, None)
+        if resamplers:
+            names.append(f"{block_name}.{kind}.0" + (".conv" if getattr(resamplers[0], "conv", None) is not None
+                                                     else ""))
+    return names
 
 
 def _group_count(num_channels: int, channels_per_group: int) -> int:

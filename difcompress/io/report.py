@@ -73,6 +73,9 @@ def print_eval_report(result: dict[str, Any]) -> None:
         (f"throughput (batch {first['batch_size']})", lambda r: f"{r['throughput_img_s']:.2f} img/s"),
         (f"peak memory ({first['peak_memory_kind']})", lambda r: human(r["peak_memory_bytes"], "B")),
     ]
+    if len(rows) > 1:
+        lines.append(("MACs reduction vs 1st", lambda r: f"{r.get('macs_reduction_vs_first', 1):.1f}x"))
+        lines.append(("measured speed-up vs 1st", lambda r: f"{r.get('speedup_vs_first', 1):.1f}x"))
     if any("guidance_scale" in r for r in rows):
         lines.append(("guidance scale", lambda r: f"{r['guidance_scale']:g}" if "guidance_scale" in r else "-"))
     if "fid" in first:

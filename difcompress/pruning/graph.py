@@ -60,8 +60,10 @@ def prune_channels(
     ratio: float,
     importance: tp.importance.Importance,
     global_pruning: bool = False,
+    round_to: int = 1,
 ) -> ChannelPruning:
-    """Remove `ratio` of the channels of every prunable layer, in place."""
+    """Remove `ratio` of the channels of every prunable layer, in place (uniform pruning
+    keeps widths that are multiples of `round_to`)."""
     before = family.record_structure(model)
     names = {m: n for n, m in model.named_modules()}
     graph = build_graph(model, family)
@@ -85,7 +87,7 @@ def prune_channels(
     if global_pruning:
         _plan_global(plans, ratio)
     else:
-        uniform_groups, keep_fraction = family.uniform_groups(model, ratio)
+        uniform_groups, keep_fraction = family.uniform_groups(model, ratio, round_to)
         for plan in plans:
             units = len(plan.scores)
             plan.keep_units = min(units, max(1, round(units * keep_fraction)))
@@ -206,7 +208,7 @@ class GraphPrunedFamily(ModelFamily):
         """Make every attribute diffusers keeps beside the weights match the pruned weights."""
 
     @abstractmethod
-    def uniform_groups(self, model: nn.Module, ratio: float) -> tuple[int, float]:
+    def uniform_groups(self, model: nn.Module, ratio: float, round_to: int = 1) -> tuple[int, float]:
         """For uniform pruning: GroupNorm groups to keep and the resulting keep fraction."""
 
     @abstractmethod
@@ -214,8 +216,10 @@ class GraphPrunedFamily(ModelFamily):
         """The stock config that rebuilds the pruned model; raise ValueError if impossible."""
 
     def prune(self, model, request):
+        if request.global_pruning and request.round_to > 1:
+            raise UserError("--round-to applies to uniform pruning; drop it or --global", exit_code=2)
         outcome = prune_channels(model, self, request.ratio, make_importance(request.importance),
-                                 global_pruning=request.global_pruning)
+                                 global_pruning=request.global_pruning, round_to=request.round_to)
         if not request.global_pruning:
             self.check_config_rebuild(model)
         return PruneOutcome(model=model, history=outcome.history, warnings=outcome.warnings,

@@ -55,9 +55,9 @@ class FeatureTaps:
         self._teacher.clear()
 
     @torch.no_grad()
-    def build_adapters(self, family, student: nn.Module, teacher: nn.Module, device) -> FeatureAdapters:
+    def build_adapters(self, family, student: nn.Module, teacher: nn.Module, device, **options) -> FeatureAdapters:
         """Adapters from student to teacher widths (1x1 conv on maps, linear on tokens),
-        read off one dry forward pass."""
+        read off one dry forward pass; `options` go to FeatureAdapters (bias, init_range, always)."""
         inputs = family.example_inputs(student, 1)
         student(**inputs)
         teacher(**{k: v.to(next(teacher.parameters()).dtype) if v.is_floating_point() else v
@@ -65,6 +65,7 @@ class FeatureTaps:
         conv = self._student[0].dim() == 4
         width = (lambda x: x.shape[1]) if conv else (lambda x: x.shape[-1])
         adapters = FeatureAdapters([width(t) for t in self.student_outputs()],
-                                   [width(t) for t in self.teacher_outputs()], kind="conv" if conv else "linear")
+                                   [width(t) for t in self.teacher_outputs()], kind="conv" if conv else "linear",
+                                   **options)
         self.clear()
         return adapters.to(device)

@@ -34,6 +34,7 @@ from difcompress.data.stream import BatchStream
 from difcompress.errors import UserError
 from difcompress.families.base import ModelFamily
 from difcompress.objectives import OutputOptions, feature_loss, get_objective, task_loss
+from difcompress.objectives.variance import learned_variance_terms
 from difcompress.training.ema import EMA
 from difcompress.training.feature_taps import FeatureTaps
 
@@ -121,7 +122,9 @@ class Trainer:
         self.taps, self.adapters = None, None
         if feature_pairs:
             self.taps = FeatureTaps(self.model, teacher, feature_pairs)
-            self.adapters = self.taps.build_adapters(family, self.model, teacher, accelerator.device)
+            self.adapters = self.taps.build_adapters(
+                family, self.model, teacher, accelerator.device, bias=config.feature_adapter_bias,
+                init_range=config.feature_adapter_init, always=config.feature_adapter_always)
         self.params = list(self.model.parameters()) + (list(self.adapters.parameters()) if self.adapters else [])
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr, config.weight_decay)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -208,10 +211,16 @@ class Trainer:
         return Batch(x0.to(device), labels.to(device) if labels is not None else None, noise.to(device), t.to(device))
 
     def feature_weight(self, step: int) -> float:
-        """constant, or linear: from w_feat at the first step down to 0 at the last."""
-        if self.config.w_feat_schedule == "constant":
+        """constant; linear: from w_feat at the first step down to 0 at the last; epoch-linear:
+        the same per epoch, w_feat * (1 - epoch / (epochs - 1)) (the authors' DiT setting)."""
+        schedule = self.config.w_feat_schedule
+        if schedule == "constant":
             return self.w_feat
-        return self.w_feat * (1 - (step - 1) / max(1, self.config.steps - 1))
+        if schedule == "linear":
+            return self.w_feat * (1 - (step - 1) / max(1, self.config.steps - 1))
+        per_epoch = self.stream.batches_per_epoch
+        epochs = -(-self.config.steps // per_epoch)
+        return self.w_feat * (1 - ((step - 1) // per_epoch) / max(1, epochs - 1))
 
     def compute_losses(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """(total loss, each term's KDTerms) of one micro-batch; gradients flow to the student."""
@@ -220,11 +229,9 @@ class Trainer:
         if config.channels_last and noisy.dim() == 4:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         target = regression_target(self.scheduler, batch.x0, batch.noise, batch.timesteps)
-        terms: dict[str, Any] = {}
-        total = torch.zeros((), device=noisy.device)
+        kd = self.objective.kind == "output" and config.w_kd > 0
         with self.accelerator.autocast():
             pred, variance = family.predict_split(self.forward_model, noisy, batch.timesteps, batch.labels)
-            kd = self.objective.kind == "output" and config.w_kd > 0
             variance = variance if self.learn_variance else None
             teacher_pred = teacher_variance = None
             if kd or variance is not None or self.taps is not None:  # one teacher call serves all three
@@ -232,22 +239,41 @@ class Trainer:
                     teacher_pred, teacher_variance = family.predict_split(
                         self.teacher_forward, noisy.to(next(self.teacher.parameters()).dtype), batch.timesteps,
                         batch.labels)
+        # Sum form (the authors'): task and output KD summed over each sample's elements.
+        scale = pred[0].numel() if config.loss_reduction == "sum" else 1.0
+        terms: dict[str, Any] = {}
+        weighted: list[torch.Tensor] = []
         if config.w_task > 0:
             terms["task"] = task_loss(pred.float(), target)
-            total = total + config.w_task * terms["task"].loss
+            weighted.append(config.w_task * scale * terms["task"].loss)
         if kd:
             terms["kd"] = self.objective.output_fn(pred.float(), teacher_pred.float(), self.output_options)
-            total = total + config.w_kd * terms["kd"].loss
+            weighted.append(config.w_kd * scale * terms["kd"].loss)
         if variance is not None:
-            # Learned variance: a plain MSE to the teacher's, weighted like KD when a KD objective runs.
-            terms["variance"] = task_loss(variance.float(), teacher_variance.float())
-            total = total + (config.w_kd if kd else 1.0) * terms["variance"].loss
+            weighted += self._variance_terms(terms, batch, noisy, pred, variance, teacher_pred, teacher_variance, kd)
         if self.taps is not None:
-            terms["feature"] = feature_loss(self.taps.student_outputs(), self.taps.teacher_outputs(), self.adapters,
-                                            mask_std=config.feature_mask_std)
-            total = total + self.feature_weight(step) * terms["feature"].loss
+            reduction = config.loss_reduction
+            terms["feature"] = feature_loss(
+                self.taps.student_outputs(), self.taps.teacher_outputs(), self.adapters,
+                mask_std=config.feature_mask_std, mask_by=config.feature_mask_by, element_reduction=reduction,
+                layer_reduction="sum" if reduction == "sum" else config.feature_reduction)
+            weighted.append(self.feature_weight(step) * terms["feature"].loss)
             self.taps.clear()
-        return total, terms
+        total = sum(weighted[1:], weighted[0]) if weighted else torch.zeros((), device=noisy.device)
+        return total, terms  # summed in order, as the terms were added
+
+    def _variance_terms(self, terms, batch, noisy, pred, variance, teacher_pred, teacher_variance, kd
+                        ) -> list[torch.Tensor]:
+        """The learned variance: an MSE to the teacher's (weighted like KD when a KD objective
+        runs), or the VLB (weighted like the task) plus a KL to the teacher's (like KD)."""
+        config = self.config
+        if config.variance_loss == "mse":
+            terms["variance"] = task_loss(variance.float(), teacher_variance.float())
+            return [(config.w_kd if kd else 1.0) * terms["variance"].loss]
+        terms["vlb"], terms["variance_kl"] = learned_variance_terms(
+            pred.float(), variance.float(), teacher_pred.float(), teacher_variance.float(), noisy.float(),
+            batch.x0.float(), batch.timesteps, self.scheduler.betas, self.scheduler.alphas_cumprod)
+        return [config.w_task * terms["vlb"].loss, config.w_kd * terms["variance_kl"].loss]
 
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimizer step on one global batch: forward and backward per micro-batch,

@@ -26,7 +26,7 @@ def student(tmp_path_factory):
 def distill_command(student: Path, run: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "difcompress", "distill", "--student", str(student), "-o", str(run),
             "--data", "digits", "--steps", str(steps), "--batch-size", "8", "--checkpoint-every", "20",
-            "--device", "cpu", "--json"]
+            "--device", "cpu", "--json", "--log-every", "1"]
 
 
 def launch(args: list[str]) -> subprocess.Popen:

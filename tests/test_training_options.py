@@ -1,0 +1,178 @@
+"""The training options a GPU user expects (diffusers' training-script names): accumulation,
+schedules, optimizers, checkpoint rotation, resume from a named checkpoint, trackers,
+mixed precision from accelerate's configuration, and the speed switches that must not
+change the result."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_distill
+from PIL import Image
+from safetensors.torch import load_file
+
+from difcompress.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# No EMA: the final student is the trained weights, comparable to float tolerance.
+BASE = dict(data="digits", device="cpu", seed=0, log_every=1, checkpoint_every=0, lr=1e-3, ema_decay=0.0,
+            batch_size=8, steps=3)
+
+
+def final(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close(a, b, atol=1e-6, what=""):
+    assert sorted(a) == sorted(b)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, (what, worst)
+
+
+def step_gradients(pruned_dir, **options) -> dict[str, torch.Tensor]:
+    """The gradient the first optimizer step applies, under `options`."""
+    from accelerate import Accelerator
+
+    from difcompress.builtin import builtin_data
+    from difcompress.config import DistillConfig
+    from difcompress.io.loading import load_model
+    from difcompress.training.trainer import Trainer
+
+    student, teacher = load_model(pruned_dir), load_model(load_model(pruned_dir).manifest["teacher"])
+    config = DistillConfig(student=str(pruned_dir), output="unused", loss="mse",
+                           **{k: v for k, v in BASE.items() if k != "data"}, **options)
+    trainer = Trainer(config, Accelerator(cpu=True), student.family, student.model, student.scheduler,
+                      teacher.model.requires_grad_(False), builtin_data("digits", 16, 3))
+    trainer.prepare()
+    captured = {}
+    real_step = trainer.optimizer.step
+
+    def capture(*args, **kwargs):
+        captured.update({n: p.grad.clone() for n, p in student.model.named_parameters()})
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    trainer.train_step(trainer.next_batch())
+    return captured
+
+
+def assert_same_gradients(a, b):
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("parts", [2, 4])
+def test_gradient_accumulation_is_the_same_step_as_one_big_batch(parts, pruned_dir, tmp_path):
+    assert_same_gradients(step_gradients(pruned_dir), step_gradients(pruned_dir, gradient_accumulation_steps=parts))
+    run_distill(pruned_dir, tmp_path / "one", loss="mse", **BASE)
+    run_distill(pruned_dir, tmp_path / "acc", loss="mse", gradient_accumulation_steps=parts, **BASE)
+    first, accumulated = metrics(tmp_path / "one")[0], metrics(tmp_path / "acc")[0]
+    for key in ("loss", "task", "kd", "grad_norm"):  # logged values are means over the micro-batches
+        assert accumulated[key] == pytest.approx(first[key], rel=1e-5), key
+
+
+def test_batch_must_split_evenly_over_accumulation(pruned_dir, tmp_path):
+    with pytest.raises(UserError, match="split evenly"):
+        run_distill(pruned_dir, tmp_path / "run", loss="mse", **{**BASE, "gradient_accumulation_steps": 3})
+
+
+def test_learning_rate_schedule_and_warm_up_are_logged(pruned_dir, tmp_path):
+    from diffusers.optimization import get_scheduler
+
+    run = tmp_path / "run"
+    run_distill(pruned_dir, run, loss="mse", lr_scheduler="cosine", lr_warmup_steps=2, **{**BASE, "steps": 6})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        optimizer.step()
+        schedule.step()
+        expected.append(schedule.get_last_lr()[0])
+    assert [r["lr"] for r in metrics(run)] == pytest.approx(expected)
+    assert expected[1] == pytest.approx(1e-3) and expected[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_checkpoints_rotate_to_the_limit(pruned_dir, tmp_path):
+    run = tmp_path / "run"
+    run_distill(pruned_dir, run, loss="mse", checkpoints_total_limit=3, **{**BASE, "steps": 6, "checkpoint_every": 1})
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000005",
+                                                                        "step-0000006"]
+
+
+def test_resume_from_a_named_checkpoint(pruned_dir, tmp_path):
+    full = tmp_path / "full"
+    settings = {**BASE, "steps": 6, "checkpoint_every": 2, "checkpoints_total_limit": None}
+    run_distill(pruned_dir, full, loss="place", **settings)
+    again = tmp_path / "again"
+    shutil.copytree(full, again)
+    run_distill(pruned_dir, again, loss="place", resume_from=str(again / "checkpoints" / "step-0000002"), **settings)
+    assert_close(final(full), final(again), 0.0, "resumed from step 2")
+    assert [r["step"] for r in metrics(again)] == list(range(1, 7))
+    with pytest.raises(UserError, match="not a checkpoint folder"):
+        run_distill(pruned_dir, again, loss="place", resume_from=str(tmp_path), **settings)
+
+
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "channels_last"])
+def test_memory_and_layout_switches_leave_the_gradients_alone(option, pruned_dir):
+    assert_same_gradients(step_gradients(pruned_dir), step_gradients(pruned_dir, **{option: True}))
+
+
+def test_decoding_in_worker_processes_changes_nothing(pruned_dir, tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(24):
+        pixels = (torch.rand(16, 16, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(data / f"{i:02d}.png")
+    settings = {**BASE, "data": str(data)}
+    run_distill(pruned_dir, tmp_path / "main", loss="mse", **settings)
+    run_distill(pruned_dir, tmp_path / "workers", loss="mse", dataloader_num_workers=2, **settings)
+    assert_close(final(tmp_path / "main"), final(tmp_path / "workers"), 0.0, "decoded in workers")
+
+
+def test_adam_a_half_precision_teacher_and_an_offloaded_ema_run(pruned_dir, tmp_path):
+    summary = run_distill(pruned_dir, tmp_path / "run", loss="place", optimizer="adam", weight_decay=0.01,
+                          teacher_dtype="bf16", ema_offload=True, **{**BASE, "ema_decay": 0.99})
+    assert summary["settings"]["optimizer"] == "adam" and summary["settings"]["teacher_dtype"] == "bf16"
+    assert all(torch.isfinite(v).all() for v in final(tmp_path / "run").values())
+
+
+def test_missing_optional_packages_are_clear_errors(pruned_dir, tmp_path):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(UserError, match="pip install") as info:
+            run_distill(pruned_dir, tmp_path / "a", loss="mse", optimizer="adamw-8bit", **BASE)
+        assert info.value.exit_code == 2
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(UserError, match="pip install wandb"):
+            run_distill(pruned_dir, tmp_path / "b", loss="mse", report_to="wandb", **BASE)
+
+
+def test_tensorboard_event_files_are_written_offline(pruned_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    run_distill(pruned_dir, run, loss="place", report_to="tensorboard", **{**BASE, "steps": 4})
+    events = list(run.rglob("events.out.tfevents.*"))
+    assert events, sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert {"loss", "w", "lr"} <= set(accumulator.Tags()["scalars"])
+    assert [e.step for e in accumulator.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_accelerates_mixed_precision_setting_is_honoured(pruned_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what accelerate launch --mixed_precision sets
+    summary = run_distill(pruned_dir, tmp_path / "env", loss="mse", **BASE)
+    assert summary["settings"]["mixed_precision"] == "bf16"
+    summary = run_distill(pruned_dir, tmp_path / "flag", loss="mse", mixed_precision="no", **BASE)
+    assert summary["settings"]["mixed_precision"] == "no"  # an explicit option still wins
