@@ -111,6 +111,8 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--budget-s", type=float, default=420, help="skip what is left after this many seconds")
     parser.add_argument("--smoke", action="store_true", help="tiny layouts on the CPU, to check the script")
+    parser.add_argument("--only", default="", help="measure only students whose name contains this")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     steps = 2 if args.smoke else args.steps
@@ -118,13 +120,15 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
     print(f"{name}, torch {torch.__version__}")
     results = {"device": name, "torch": torch.__version__, "rows": [],
-               "diff_pruning_timesteps_per_s": diff_pruning_speed(device, args.smoke)}
+               "diff_pruning_timesteps_per_s": diff_pruning_speed(device, args.smoke) if not args.only else None}
     print(f"diff-pruning timesteps/s (ddpm-cifar10-32, batch 16): {results['diff_pruning_timesteps_per_s']}")
     print("| student | params / MACs | mode | images/s | peak memory | warm-up |")
     print("|---|---|---|---|---|---|")
     for label, teacher, student, batch, shape, learns_variance in students(args.smoke):
+        if args.only not in label:
+            continue
         size = model_size(student, family_for_model(student))
-        for mode in MODES:
+        for mode in args.modes:
             if time.perf_counter() - started > args.budget_s:
                 print(f"| {label} | | {mode} | skipped (time budget) | | |")
                 continue

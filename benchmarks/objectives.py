@@ -1,123 +1,196 @@
 """The objectives benchmark on an embedded digits teacher.
 
 Prunes the teacher at each ratio, distills every student with every objective under the
-same steps, lr, batch and seed (several seeds at the highest ratio), and reports
-digits-FID (mean +- std over seeds) with the teacher's FID as the floor, params and MACs.
-For the DiT teacher (`--teacher digits-dit`) `--ratios` removes attention heads (width)
-and `--depth-ratios` removes blocks (depth). Every run folder keeps its metrics.jsonl and
-curves.png; finished runs are skipped, so the benchmark resumes after an interruption.
+same steps, lr, batch and seeds, evaluates digits-FID, and writes results.json (one row per
+run), curves.json (w, slope and intercept over the steps of every PLACE/LIFT run) and the
+markdown table. Runs go to parallel worker processes; a finished run folder is skipped,
+so the benchmark resumes after an interruption (and `--budget-s` stops starting new runs).
 
-    .venv/bin/python benchmarks/objectives.py -o runs/objectives --steps 1000
-    .venv/bin/python benchmarks/objectives.py --teacher digits-dit --ratios 0.5 --depth-ratios 0.5 \
-        --seeds-at-max 1 -o runs/objectives-dit
+Every objective is trained as the LIFT/PLACE authors train theirs (their code, commit
+839a663, Diff_Pruning_EXP; see recipes/ddpm-cifar10-place.yaml for the citations): the sum
+form (loss_reduction sum) with gradient clipping 1, antithetic timesteps, PLACE G = 16, and
+for the feature term their FitNet (every block hooked, bias-free adapters at every pair,
+summed): weight 1e-6 beside an output objective (`mse+feat`, `place+feat`), weight 1 as
+the only KD term (`feature`). For the DiT teacher (`--teacher digits-dit`) their TinyFusion
+weights: task/KD 0.1/0.9 in mean form, feature 1e-2 decayed per epoch, masks 2 std by each
+model's own statistics; `--ratios` then removes attention heads.
+
+    .venv/bin/python benchmarks/objectives.py -o runs/objectives --ratios 0.9 0.95 --seeds 3
+    .venv/bin/python benchmarks/objectives.py --teacher digits-dit --ratios 0.5 0.75 \\
+        --objectives mse place place+feat -o runs/objectives-dit
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
-from difcompress.builtin import TEACHER_NAME, TEACHERS
+from difcompress.builtin import DIT_TEACHER_NAME, TEACHER_NAME, TEACHERS
 from difcompress.commands.evaluate import evaluate
 from difcompress.commands.prune import prune
 from difcompress.commands.run import run_stage, stage_complete
 from difcompress.config import DistillConfig, EvalConfig, PruneConfig
-from difcompress.io.loading import load_model
 
-OBJECTIVES = ("task", "mse", "feature", "dist", "lift", "place")
+UNET_OBJECTIVES = ("task", "mse", "feature", "mse+feat", "lift", "place", "place+feat")
+CURVE_KEYS = ("w", "slope", "intercept", "coarse", "fine", "kd", "task")
 
 
-def fid_of(models, out, args, seed):
-    if (out / "eval.json").is_file():
-        return json.loads((out / "eval.json").read_text())["models"]
-    return evaluate(EvalConfig(models=models, fid=True, num_samples=args.fid_samples, sampler_steps=args.sampler_steps,
-                               seed=seed, output=out, device=args.device, grid_size=8))["models"]
+def objective_settings(teacher: str, loss: str) -> dict:
+    """The authors' composition of `loss` for this teacher (see the module docstring)."""
+    if teacher == DIT_TEACHER_NAME:
+        return {"w_task": 0.1, "w_kd": 0.9, "w_feat": 1e-2 if loss.endswith("feat") or loss == "feature" else None,
+                "w_feat_schedule": "epoch-linear", "feature_mask_std": 2.0, "feature_mask_by": "own"}
+    feature = {"w_feat": 1.0 if loss == "feature" else 1e-6, "feature_hooks": "blocks", "feature_reduction": "sum",
+               "feature_adapter_bias": False, "feature_adapter_init": 0.005, "feature_adapter_always": True}
+    uses_features = loss == "feature" or loss.endswith("+feat")
+    return {"loss_reduction": "sum", "antithetic": True, "fit_eps": 1.6e-6, **(feature if uses_features else {})}
+
+
+def run_one(job: dict) -> dict:
+    """Distill and evaluate one (ratio, objective, seed); a finished run is read back."""
+    torch.set_num_threads(job["threads"])
+    run, args = Path(job["run"]), job["args"]
+    started = time.time()
+    if not stage_complete("distill", run):
+        config = DistillConfig(student=job["pruned"], output=run, teacher=args["teacher"], loss=job["loss"],
+                               data="digits", steps=args["steps"], batch_size=args["batch_size"], lr=args["lr"],
+                               ema_decay=args["ema_decay"], seed=job["seed"], checkpoint_every=500,
+                               device=args["device"], **{k: v for k, v in job["settings"].items() if v is not None})
+        run_stage("distill", config)
+    if not (run / "eval" / "eval.json").is_file():
+        evaluate(EvalConfig(models=[str(run)], fid=True, num_samples=args["fid_samples"],
+                            sampler_steps=args["sampler_steps"], seed=job["seed"], output=run / "eval",
+                            device=args["device"], grid_size=8))
+    row = json.loads((run / "eval" / "eval.json").read_text())["models"][0]
+    curve = [{k: r[k] for k in ("step", *CURVE_KEYS) if k in r}
+             for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    return {"ratio": job["label"], "loss": job["loss"], "seed": job["seed"], "fid": row["fid"], "kid": row["kid"],
+            "params": row["params"], "macs": row["macs"], "seconds": time.time() - started,
+            "curve": curve if job["loss"] in ("lift", "place", "place+feat") else None}
+
+
+def plan(args) -> tuple[list[dict], dict]:
+    root = args.output
+    teacher_row = evaluate(EvalConfig(models=[args.teacher], fid=True, num_samples=args.fid_samples,
+                                      sampler_steps=args.sampler_steps, output=root / "teacher-eval",
+                                      device=args.device, grid_size=8))["models"][0] \
+        if not (root / "teacher-eval" / "eval.json").is_file() else \
+        json.loads((root / "teacher-eval" / "eval.json").read_text())["models"][0]
+    jobs = []
+    for ratio in args.ratios:
+        pruned = root / f"pruned-{ratio}"
+        if not stage_complete("prune", pruned):
+            prune(PruneConfig(model=args.teacher, ratio=ratio, output=pruned, seed=0, device=args.device))
+        for seed in range(args.seeds):  # seed-major: a budget cut leaves whole seeds of every objective
+            for loss in args.objectives:
+                jobs.append({"label": str(ratio), "loss": loss, "seed": seed, "pruned": str(pruned),
+                             "run": str(root / f"r{ratio}-{loss}-s{seed}"), "threads": args.threads,
+                             "settings": objective_settings(args.teacher, loss), "args": vars(args) | {
+                                 "output": str(root)}})
+    return jobs, teacher_row
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["ratio"], row["loss"]), []).append(row)
+    out = []
+    for (ratio, loss), runs in groups.items():
+        fids = [r["fid"] for r in sorted(runs, key=lambda r: r["seed"])]
+        out.append({"ratio": ratio, "loss": loss, "seeds": len(fids), "fid": fids, "fid_mean": statistics.mean(fids),
+                    "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0, "params": runs[0]["params"],
+                    "macs": runs[0]["macs"]})
+    return out
+
+
+def write_results(args, teacher_row: dict, rows: list[dict], planned: int, started: float) -> dict:
+    """results.json (rows, runs, settings, machine) and curves.json, as they stand."""
+    result = {"teacher": {k: teacher_row[k] for k in ("fid", "params", "macs")}, "rows": summarise(rows),
+              "runs": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+              "settings": vars(args) | {"output": str(args.output), "results": str(args.results)},
+              "composition": {loss: objective_settings(args.teacher, loss) for loss in args.objectives},
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+              "wall_seconds": time.time() - started, "unfinished": planned - len(rows)}
+    target = args.results or args.output
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "results.json").write_text(json.dumps(result, indent=2))
+    (target / "curves.json").write_text(json.dumps({f"{r['ratio']}-{r['loss']}-s{r['seed']}": r["curve"]
+                                                    for r in rows if r["curve"]}))
+    return result
+
+
+def markdown_table(result) -> str:
+    rows = result["rows"]
+    ratios = list(dict.fromkeys(r["ratio"] for r in rows))
+    losses = [loss for loss in result["settings"]["objectives"] if any(r["loss"] == loss for r in rows)]
+    by_key = {(r["ratio"], r["loss"]): r for r in rows}
+    lines = [f"Teacher digits-FID (floor): {result['teacher']['fid']:.2f}, "
+             f"{result['teacher']['params'] / 1e6:.2f}M params, {result['teacher']['macs'] / 1e6:.1f}M MACs", "",
+             "| ratio | params / MACs | " + " | ".join(losses) + " |", "|---|---|" + "---|" * len(losses)]
+    for ratio in ratios:
+        any_row = next(r for r in rows if r["ratio"] == ratio)
+        cells = []
+        for loss in losses:
+            r = by_key.get((ratio, loss))
+            cells.append("" if r is None else f"{r['fid_mean']:.2f} ± {r['fid_std']:.2f} (n={r['seeds']})"
+                         if r["seeds"] > 1 else f"{r['fid_mean']:.2f} (n=1)")
+        lines.append(f"| {ratio} | {any_row['params'] / 1e3:.1f}K / {any_row['macs'] / 1e6:.2f}M | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=Path("runs/objectives"))
     parser.add_argument("--teacher", default=TEACHER_NAME, choices=sorted(TEACHERS))
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9],
-                        help="Channel (U-Net) or head (DiT) ratios.")
-    parser.add_argument("--depth-ratios", type=float, nargs="*", default=[],
-                        help="DiT: fractions of blocks removed (kept blocks: the uniform map).")
-    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.95])
+    parser.add_argument("--objectives", nargs="+", default=list(UNET_OBJECTIVES))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seeds-at-max", type=int, default=3, help="Seeds at the highest ratio.")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--fid-samples", type=int, default=1000)
     parser.add_argument("--sampler-steps", type=int, default=50)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new run after this many seconds")
+    parser.add_argument("--results", type=Path, default=None, help="where results.json goes (default: -o)")
     args = parser.parse_args()
-    root = args.output
     started = time.time()
-
-    teacher = args.teacher
-    teacher_row = fid_of([teacher], root / "teacher-eval", args, 0)[0]
-    settings = [(f"{r}", {"ratio": r}) for r in args.ratios]
-    blocks = load_model(teacher).model.config.num_layers if args.depth_ratios else None
-    for r in args.depth_ratios:
-        settings.append((f"depth {r}", {"ratio": 0.0, "depth": max(1, round(blocks * (1 - r)))}))
-    rows = []
-    for label, prune_args in settings:
-        pruned = root / f"pruned-{label.replace(' ', '-')}"
-        if not stage_complete("prune", pruned):
-            prune(PruneConfig(model=teacher, output=pruned, seed=0, device=args.device, **prune_args))
-        seeds = range(args.seeds_at_max) if label == str(max(args.ratios)) else range(1)
-        for loss in args.objectives:
-            fids, kids, size = [], [], None
-            for seed in seeds:
-                run = root / f"r{label.replace(' ', '-')}-{loss}-s{seed}"
-                if not stage_complete("distill", run):
-                    run_stage("distill", DistillConfig(
-                        student=str(pruned), output=run, teacher=teacher, loss=loss, data="digits", steps=args.steps,
-                        batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=seed,
-                        checkpoint_every=500, device=args.device))
-                row = fid_of([str(run)], run / "eval", args, seed)[0]
-                fids.append(row["fid"])
-                kids.append(row["kid"])
-                size = (row["params"], row["macs"])
-            rows.append({"ratio": label, "loss": loss, "seeds": len(fids), "fid": fids, "kid": kids,
-                         "fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
-                         "params": size[0], "macs": size[1]})
-            print(f"ratio {label} {loss:8s} FID {rows[-1]['fid_mean']:.2f} +- {rows[-1]['fid_std']:.2f}", flush=True)
-
-    result = {"teacher": {"fid": teacher_row["fid"], "params": teacher_row["params"], "macs": teacher_row["macs"]},
-              "rows": rows, "settings": vars(args) | {"output": str(root)},
-              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
-              "wall_seconds": time.time() - started}
-    (root / "results.json").write_text(json.dumps(result, indent=2))
+    args.output.mkdir(parents=True, exist_ok=True)
+    jobs, teacher_row = plan(args)
+    rows: list[dict] = []
+    result = write_results(args, teacher_row, rows, len(jobs), started)
+    # spawn: workers start clean (a forked child cannot use CUDA once the parent has).
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {}
+        queue = list(jobs)
+        while queue or pending:
+            while queue and len(pending) < args.workers and (args.budget_s is None
+                                                             or time.time() - started < args.budget_s):
+                job = queue.pop(0)
+                pending[pool.submit(run_one, job)] = job
+            if not pending:
+                break
+            done = next(as_completed(pending))
+            job = pending.pop(done)
+            rows.append(done.result())
+            print(f"{job['label']} {job['loss']:10s} seed {job['seed']}: FID {rows[-1]['fid']:.2f} "
+                  f"({rows[-1]['seconds']:.0f} s)", flush=True)
+            result = write_results(args, teacher_row, rows, len(jobs), started)  # after every run: kill-safe
     print(markdown_table(result))
-
-
-def markdown_table(result) -> str:
-    rows = result["rows"]
-    ratios = list(dict.fromkeys(r["ratio"] for r in rows))
-    losses = list(dict.fromkeys(r["loss"] for r in rows))
-    by_key = {(r["ratio"], r["loss"]): r for r in rows}
-    lines = [f"Teacher digits-FID (floor): {result['teacher']['fid']:.2f}, "
-             f"{result['teacher']['params'] / 1e6:.2f}M params, {result['teacher']['macs'] / 1e6:.1f}M MACs", "",
-             "| ratio | params / MACs | " + " | ".join(losses) + " |",
-             "|---|---|" + "---|" * len(losses)]
-    for ratio in ratios:
-        any_row = next(r for r in rows if r["ratio"] == ratio)
-        cells = []
-        for loss in losses:
-            r = by_key.get((ratio, loss))
-            cells.append("" if r is None else (f"{r['fid_mean']:.2f} ± {r['fid_std']:.2f}" if r["seeds"] > 1
-                                               else f"{r['fid_mean']:.2f}"))
-        lines.append(f"| {ratio} | {any_row['params'] / 1e3:.1f}K / {any_row['macs'] / 1e6:.2f}M | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from difcompress.config import (
     ExportConfig,
     PruneConfig,
     StageConfig,
+    StatsConfig,
 )
 from difcompress.errors import UserError
 from difcompress.io.report import (
@@ -182,6 +183,17 @@ def _export(config: ExportConfig, json_output: bool) -> None:
                           "difcompress can (see its README.md)")
 
 
+def _stats(config: StatsConfig, json_output: bool) -> None:
+    from difcompress.commands.stats import stats  # start-up time
+
+    result = stats(config, show_progress=not json_output)
+    if json_output:
+        print_json(result)
+        return
+    console.print(f"{result['count']} images ({result['kind']}), {result['extractor']} features "
+                  f"({result['feature_dim']}-d) -> {result['output']}")
+
+
 def _demo(config: DemoConfig, json_output: bool) -> None:
     from difcompress.commands.demo import demo  # start-up time
 
@@ -212,6 +224,7 @@ config_command("prune", PruneConfig, _prune)
 config_command("distill", DistillConfig, _distill)
 config_command("eval", EvalConfig, _eval)
 config_command("export", ExportConfig, _export)
+config_command("stats", StatsConfig, _stats)
 config_command("demo", DemoConfig, _demo)
 config_command("build-digits", BuildDigitsConfig, _build_digits)
 
@@ -236,7 +249,7 @@ def run_command(
 
     results = run_recipe(recipe, dry_run=dry_run, on_stage=announce, show_progress=not json_output)
     if json_output:
-        print_json(results)
+        print_json({"recipe": str(recipe.resolve()), "stages": results})
 
 
 def _error(message: str, code: int) -> None:

@@ -146,8 +146,12 @@ class PruneConfig(StageConfig):
                          "removed from every layer; 0 with --depth/--blocks for depth only.")
     importance: Importance = Field("magnitude", description="How channels are ranked; taylor and diff-pruning "
                                    "need data (--data) or use the teacher's own samples.")
-    data: Optional[Ref] = Field(None, description="Images for gradient criteria: folder, saved dataset, 'digits', "
-                                "or 'teacher' (its own samples).")
+    data: Optional[Ref] = Field(None, description="Images for gradient criteria: folder, saved dataset, parquet, "
+                                "hf:NAME, 'digits', or 'teacher' (its own samples).")
+    split: Optional[str] = Field(None, description="Dataset split of --data (Hub, parquet or imagefolder data; "
+                                 "default: train when there is one).")
+    image_column: Optional[str] = Field(None, description="Image column of --data (default: the first image "
+                                        "column, else image or img).")
     global_pruning: bool = Field(False, description="Rank channels across layers (widths recorded in JSON, "
                                  "not in the stock config).", json_schema_extra=_cli(flags=("--global",)))
     depth: Optional[int] = Field(None, ge=1, description="DiT: transformer blocks to keep.")
@@ -190,8 +194,13 @@ class DistillConfig(StageConfig):
 
     student: Ref = Field(description="Pruned student (difcompress folder or any diffusers model).")
     output: Path = OutputField("Run folder (checkpoints, logs, final student).")
-    data: Ref = Field("teacher", description="Image folder, saved dataset, 'digits', or 'teacher' (data-free: the "
-                      "teacher's own samples).")
+    data: Ref = Field("teacher", description="Image folder, save_to_disk or imagefolder dataset, parquet file(s), "
+                      "hf:NAME[:CONFIG] (Hub, cached offline), 'digits', or 'teacher' (data-free: the teacher's own "
+                      "samples).")
+    split: Optional[str] = Field(None, description="Dataset split of --data (Hub, parquet or imagefolder data; "
+                                 "default: train when there is one).")
+    image_column: Optional[str] = Field(None, description="Image column of --data (default: the first image "
+                                        "column, else image or img).")
     teacher: Optional[Ref] = Field(None, description="Defaults to the model the student was pruned from.")
     loss: Loss = Field("place", description="Distillation objective (task: no teacher; feature: feature KD only; "
                        "NAME+feat: output KD plus feature KD).")
@@ -319,7 +328,31 @@ class ExportConfig(StageConfig):
     model: Ref = Field(description="A difcompress folder (or any diffusers model).",
                        json_schema_extra=_cli(argument=True))
     output: Path = OutputField("Pipeline folder to write.")
-    dtype: DType = Field("fp32", description="Weights dtype of the exported folder.")
+    dtype: DType = Field("fp32", description="Weights dtype of the exported folder (fp16/bf16: written as the "
+                         "diffusers variant, loaded with variant='fp16').")
+    push_to_hub: Optional[str] = Field(None, description="Also upload the folder to this Hugging Face repo id "
+                                       "(needs the network and a login).", json_schema_extra=_cli(metavar="REPO_ID"))
+    private: bool = Field(False, description="With --push-to-hub: create the repo private.")
+
+
+class StatsConfig(StageConfig):
+    """`difcompress stats`: reference statistics for FID/KID, in clean-fid's format."""
+
+    command: ClassVar[str] = "stats"
+    source: Ref = Field(description="Real images: a folder (read as clean-fid reads it), a dataset (save_to_disk, "
+                        "parquet, imagefolder, hf:NAME; resized to --size first) or 'digits'.",
+                        json_schema_extra=_cli(argument=True))
+    output: Path = OutputField("Statistics file to write (.npz: mu and sigma as clean-fid names them, plus the "
+                               "features for KID).")
+    feature_extractor: Extractor = Field("inception", description="Features for FID.")
+    inception: Optional[Ref] = Field(None, description="clean-fid's Inception file (TorchScript, which holds "
+                                     "pickled data: use clean-fid's own download).")
+    size: Optional[int] = Field(None, ge=8, description="Datasets: the resolution images are resized to first "
+                                "(the model's); folders keep their images' size, as clean-fid does.")
+    split: Optional[str] = Field(None, description="Dataset split (default: train when there is one).")
+    image_column: Optional[str] = Field(None, description="Dataset image column.")
+    batch_size: int = Field(64, ge=1, description="Images per batch.")
+    device: Device = Field("auto", description=DEVICE_HELP, json_schema_extra=_cli(metavar="auto|cpu|cuda|cuda:N"))
 
 
 class DemoConfig(StageConfig):

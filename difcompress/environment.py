@@ -46,6 +46,11 @@ def is_main_process() -> bool:
     return not launched() or int(os.environ.get("RANK", "0")) == 0
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set: nothing may be downloaded or uploaded."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -77,7 +77,7 @@ def test_rerun_skips_complete_stages(finished_run, capsys):
     recipe, out = finished_run
     before = (out / "export" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert cli("run", recipe, "--json") == 0
-    statuses = [entry["status"] for entry in json.loads(capsys.readouterr().out)]
+    statuses = [entry["status"] for entry in json.loads(capsys.readouterr().out)["stages"]]
     assert statuses == ["complete (skipped)"] * 4
     assert (out / "export" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
 

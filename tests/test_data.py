@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from difcompress.data.datasets import (
-    HFDiskDataset,
+    HFDataset,
     ImageFolderDataset,
     TensorImageDataset,
     open_image_data,
@@ -167,20 +167,20 @@ def _hf_dataset(n, column="image", with_feature=True, mode="RGB"):
 def test_hf_save_to_disk_roundtrip(tmp_path):
     _hf_dataset(3).save_to_disk(str(tmp_path / "hf"))
     ds = open_image_data(tmp_path / "hf", 8, 3)
-    assert isinstance(ds, HFDiskDataset)
+    assert isinstance(ds, HFDataset)
     assert len(ds) == 3 and ds.column == "image"
     for i in range(3):
         x = ds[i]
         assert x.shape == (3, 8, 8) and x.dtype == torch.float32
         assert x.min() >= -1 and x.max() <= 1
         assert torch.allclose(x[0], torch.full((8, 8), i * 40 / 127.5 - 1), atol=1e-6)
-    gray = HFDiskDataset(tmp_path / "hf", 8, 1)
+    gray = HFDataset(tmp_path / "hf", 8, 1)
     assert gray[0].shape == (1, 8, 8)
 
 
 def test_hf_picks_image_feature_column_by_type(tmp_path):
     _hf_dataset(2, column="pixels", mode="L").save_to_disk(str(tmp_path / "hf"))
-    ds = HFDiskDataset(tmp_path / "hf", 8, 1)
+    ds = HFDataset(tmp_path / "hf", 8, 1)
     assert ds.column == "pixels"
     assert ds[1].shape == (1, 8, 8)
 
@@ -190,7 +190,7 @@ def test_hf_dataset_dict_uses_train_split(tmp_path):
     dd = datasets.DatasetDict({"test": _hf_dataset(2), "train": _hf_dataset(4)})
     dd.save_to_disk(str(tmp_path / "dd"))
     ds = open_image_data(tmp_path / "dd", 8, 3)
-    assert isinstance(ds, HFDiskDataset)
+    assert isinstance(ds, HFDataset)
     assert ds.split == "train" and len(ds) == 4
     only = datasets.DatasetDict({"validation": _hf_dataset(2)})
     only.save_to_disk(str(tmp_path / "only"))

@@ -142,24 +142,27 @@ def test_every_loss_runs_and_stays_finite(loss, pruned_dir, tmp_path):
     summary = run_distill(str(pruned_dir), run, loss=loss, steps=3, checkpoint_every=0, **FAST)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
+    composite = loss.endswith("+feat")
     for r in rows:
         assert math.isfinite(r["loss"]) and math.isfinite(r["task"])
         if loss in ("task", "feature"):
             assert "kd" not in r
         else:
             assert math.isfinite(r["kd"])
-        if loss == "feature":
+        if loss == "feature" or composite:
             assert math.isfinite(r["feature"]) and r["feature"] > 0
-            assert r["loss"] == pytest.approx(r["task"] + r["feature"], rel=1e-5, abs=1e-6)
+            expected = r["task"] + r["feature"] + (r["kd"] if composite else 0.0)
+            assert r["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
         else:
             assert "feature" not in r
-        if loss in ("lift", "place"):
+        if loss.split("+")[0] in ("lift", "place"):
             assert all(k in r for k in ("w", "slope", "intercept"))
         if loss == "task":
             assert r["loss"] == pytest.approx(r["task"], rel=1e-6)
     assert manifest(run)["status"] == "complete"
-    assert summary["settings"]["w_feat"] == (1.0 if loss == "feature" else 0.0)
-    if loss == "feature":
+    assert summary["settings"]["w_feat"] == (1.0 if loss == "feature" or composite else 0.0)
+    assert summary["settings"]["objective"] == loss
+    if loss == "feature" or composite:
         assert summary["settings"]["feature_layers"]  # the default block outputs were used
 
 

@@ -243,12 +243,12 @@ def test_reference_stats_roundtrip_and_refusals(tmp_path):
     feats = features_of_images(_images(20), ex)
     path = save_reference_stats(tmp_path / "ref.npz", feats, {"extractor": "fake", "dataset": "x"})
     assert path == tmp_path / "ref.npz" and path.is_file()
-    with np.load(path, allow_pickle=False) as z:  # plain arrays only, no pickles
+    with np.load(path, allow_pickle=False) as z:  # plain arrays only, no pickles; clean-fid's keys
         np.testing.assert_allclose(z["mu"], feats.mean(0), rtol=1e-5, atol=1e-6)
         assert z["sigma"].shape == (8, 8)
     loaded = load_reference(path, ex)
-    np.testing.assert_array_equal(loaded, feats)
-    assert read_reference_stats(path)[1] == {"extractor": "fake", "dataset": "x"}
+    np.testing.assert_array_equal(loaded.feats, feats)
+    assert loaded.extractor == "fake" and read_reference_stats(path).extractor == "fake"
     assert abs(fid_kid(features_of_images(_images(20), ex), loaded)["fid"]) < 1e-6
 
     with pytest.raises(UserError) as e:
@@ -259,10 +259,6 @@ def test_reference_stats_roundtrip_and_refusals(tmp_path):
     corrupt.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(UserError):
         load_reference(corrupt, ex)
-    foreign = tmp_path / "foreign.npz"
-    np.savez(foreign, mu=np.zeros(8), sigma=np.eye(8))  # e.g. a clean-fid stats file
-    with pytest.raises(UserError):
-        load_reference(foreign, ex)
     with pytest.raises(UserError):
         load_reference(tmp_path / "missing.npz", ex)
 
@@ -271,7 +267,33 @@ def test_reference_stats_roundtrip_and_refusals(tmp_path):
     folder.mkdir()
     for i, img in enumerate(metrics.to_uint8(_images(3, seed=5))):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
-    assert load_reference(folder, ex).shape == (3, 8)
+    assert load_reference(folder, ex).feats.shape == (3, 8)
+
+
+def test_clean_fids_own_statistics_files_and_dataset_names_are_references(tmp_path, monkeypatch):
+    """clean-fid's files hold mu and sigma (its Inception's): FID from them; KID when its
+    _kid.npz companion sits beside it, else reported as unavailable."""
+    from difcompress.metrics import fid as fid_module
+
+    inception = FakeExtractor(name="inception")
+    feats = features_of_images(_images(30), inception)
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    np.savez(stats / "cifar10_clean_train_32.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    monkeypatch.setattr(fid_module, "CLEANFID_STATS_DIR", stats)
+    generated = features_of_images(_images(30, seed=9), inception)
+    for spec in (stats / "cifar10_clean_train_32.npz", "cifar10-train-32"):
+        reference = load_reference(spec, inception)
+        numbers = fid_kid(generated, reference)
+        assert numbers["kid"] is None
+        assert numbers["fid"] == pytest.approx(fid_kid(generated, feats)["fid"], rel=1e-5)
+    np.savez(stats / "cifar10_clean_train_32_kid.npz", feats=feats)
+    assert fid_kid(generated, load_reference("cifar10-train-32", inception))["kid"] is not None
+    with pytest.raises(UserError, match="not a clean-fid dataset name"):
+        load_reference("lsun-cats-256", inception)
+    with pytest.raises(UserError, match="'inception' features"):
+        load_reference("cifar10-train-32", ex_other := FakeExtractor(name="digits"))
+    assert ex_other.name == "digits"
 
 
 # ---------------------------------------------------------------- plots

@@ -571,8 +571,10 @@ def test_feature_mismatches_raise_user_error():
 
 
 def test_registry_and_names():
-    assert LOSS_NAMES == ("task", "mse", "feature", "dist", "lift", "place")
-    assert {n for n, o in OBJECTIVES.items() if o.kind == "output"} == {"mse", "dist", "lift", "place"}
+    assert LOSS_NAMES == ("task", "mse", "feature", "dist", "lift", "place", "mse+feat", "dist+feat", "lift+feat",
+                          "place+feat")
+    assert {n for n, o in OBJECTIVES.items() if o.kind == "output" and not o.with_features} == {
+        "mse", "dist", "lift", "place"}
     assert not OBJECTIVES["task"].needs_teacher and OBJECTIVES["feature"].needs_teacher
     s, t = _pair((2, 2, 8, 8), seed=17)
     for name, fn in (("mse", mse_loss), ("dist", dist_loss), ("lift", lift_loss), ("place", place_loss)):

@@ -683,3 +683,13 @@ def test_prune_api_raises_user_error_not_traceback_for_bad_ratio(tiny_model_dir,
     with pytest.raises(UserError) as info:
         run_prune(str(tiny_model_dir), 1.0, tmp_path / "out", device="cpu")
     assert info.value.exit_code == 2
+
+
+def test_a_frozen_model_prunes_like_a_trainable_one():
+    """The dependency graph is traced through autograd; frozen weights must not hide it."""
+    trainable, frozen = build_tiny_unet(seed=5), build_tiny_unet(seed=5).requires_grad_(False)
+    family = family_for_model(trainable)
+    for model in (trainable, frozen):
+        prune_channels(model, family, 0.5, make_importance("magnitude"))
+    assert {k: v.shape for k, v in frozen.state_dict().items()} == {k: v.shape for k, v in trainable.state_dict().items()}
+    assert not any(p.requires_grad for p in frozen.parameters())

@@ -119,7 +119,7 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
         config.data, student, teacher, samples=config.teacher_samples, sampler_steps=config.teacher_sampler_steps,
         seed=config.seed, cache_dir=output, latent_cache=config.latent_cache,
         is_main=accelerator.is_main_process, is_local_main=accelerator.is_local_main_process,
-        show_progress=show_progress)
+        show_progress=show_progress, split=config.split, image_column=config.image_column)
     if data_report.get("unreadable_skipped") and accelerator.is_main_process:
         warn(f"skipped {data_report['unreadable_skipped']} unreadable image(s) in {config.data} "
              f"(first: {data_report['first_unreadable']})")

@@ -27,10 +27,10 @@ from difcompress.io.folders import (
 )
 from difcompress.io.loading import load_model
 from difcompress.io.plots import save_sample_grid
-from difcompress.io.report import progress_bar
+from difcompress.io.report import progress_bar, warn
 from difcompress.metrics.cost import model_size, sampling_cost
 from difcompress.metrics.extractors import features_of_images, get_feature_extractor
-from difcompress.metrics.fid import fid_kid, load_reference
+from difcompress.metrics.fid import Reference, fid_kid, load_reference
 
 # DiT's FID setting (Peebles & Xie 2023, Table 4: DiT-XL/2 FID 2.27 with cfg = 1.50).
 DEFAULT_GUIDANCE = 1.5
@@ -53,17 +53,17 @@ def evaluate(config: EvalConfig, *, show_progress: bool = False) -> dict[str, An
         loaded = [load_model(m, dev) for m in config.models]
         extractor, reference, protocol = _fid_setup(config, loaded, dev) if config.fid else (None, None, None)
         with progress_bar(show_progress and config.fid) as progress:
-            rows, grid = _measure_all(config, loaded, progress, extractor, reference, protocol)
+            rows, grid = _measure_all(config, loaded, progress, extractor, reference)
         for row in rows[1:]:  # against the first model (the teacher, in the usual order)
             row["speedup_vs_first"] = rows[0]["latency_s_per_image"] / row["latency_s_per_image"]
             row["macs_reduction_vs_first"] = rows[0]["macs"] / row["macs"]
         with disk_errors(output):
             output.mkdir(parents=True, exist_ok=True)
         grid_path = save_sample_grid(output / "samples.png", grid)
-        result = {"models": rows, "protocol": protocol, "grid": str(grid_path), "device": str(dev),
+        result = {"models": rows, "protocol": protocol, "grid": str(grid_path.resolve()), "device": str(dev),
                   "sampler": config.sampler, "sampler_steps": config.sampler_steps}
         write_json(output / EVAL_FILE, result)
-    result["output"] = str(output)
+    result["output"] = str(output.resolve())
     return result
 
 
@@ -78,11 +78,17 @@ def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device):
     extractor = get_feature_extractor(name, weights_path=config.inception, device=dev)
     if ref == "digits":  # the real images the embedded teacher learned
         c, h, _ = loaded[0].image_shape()
-        reference = features_of_images(digits_images(h, c), extractor, batch_size=config.batch_size)
+        reference = Reference.of_features(features_of_images(digits_images(h, c), extractor,
+                                                             batch_size=config.batch_size), name, "digits")
     else:
         reference = load_reference(ref, extractor)
     protocol = {"mode": "clean", "num_samples": config.num_samples, "sampler": config.sampler,
-                "steps": config.sampler_steps, "seed": config.seed, "reference": str(ref), "feature_extractor": name}
+                "steps": config.sampler_steps, "seed": config.seed, "reference": reference.source,
+                "feature_extractor": name, "feature_dim": reference.dim}
+    if config.num_samples < reference.dim:
+        warn(f"FID from {config.num_samples} samples of {reference.dim}-d features is biased upward (the "
+             f"covariance has fewer samples than dimensions); use --num-samples {reference.dim} or more to "
+             "compare with published numbers")
     return extractor, reference, protocol
 
 
@@ -106,13 +112,14 @@ def conditioning(item, count: int, guidance_scale: float | None, class_labels: l
     return balanced_labels(count, classes, seed), guidance
 
 
-def _measure_all(config: EvalConfig, loaded: list, progress, extractor, reference, protocol):
+def _measure_all(config: EvalConfig, loaded: list, progress, extractor, reference):
     rows, grid = [], []
     for spec, item in zip(config.models, loaded):
         seed_everything(config.seed)
         count = config.num_samples if config.fid else config.grid_size
         labels, guidance = conditioning(item, count, config.guidance_scale, config.class_labels, config.seed)
-        row: dict[str, Any] = {"model": spec, "family": item.family.name, "latent": item.autoencoder is not None}
+        row: dict[str, Any] = {"model": spec, "path": str(item.path.resolve()), "family": item.family.name,
+                               "latent": item.autoencoder is not None}
         if labels is not None:
             row["guidance_scale"] = guidance
         row.update(model_size(item.model, item.family))
@@ -136,8 +143,7 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
             if sum(len(x) for x in shown) < config.grid_size:
                 shown.append(images[: config.grid_size - sum(len(x) for x in shown)])
         if config.fid:
-            row.update(fid_kid(np.concatenate(features), reference, seed=config.seed))
-            row["protocol"] = protocol
+            row.update(fid_kid(np.concatenate(features), reference, seed=config.seed), num_samples=count)
         grid.append((Path(spec).name or spec, torch.cat(shown)))
         rows.append(row)
     return rows, grid

@@ -7,10 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
+from difcompress.commands.model_card import model_card, teacher_license
 from difcompress.config import ExportConfig
 from difcompress.data.latents import Autoencoder
-from difcompress.environment import versions
+from difcompress.environment import hub_offline, versions
+from difcompress.errors import UserError
 from difcompress.io.folders import (
     EVAL_FILE,
     atomic_folder,
@@ -21,60 +25,82 @@ from difcompress.io.folders import (
     remove_temporaries,
     save_model_folder,
 )
-from difcompress.io.loading import load_model
-from difcompress.io.report import human
+from difcompress.io.loading import load_model, load_model_folder
 from difcompress.metrics.cost import model_size, peak_activation_bytes_estimate
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, Any]:
-    """Write `config.model` as a clean pipeline folder with a model card; returns what was written."""
+    """Write `config.model` as a clean pipeline folder with a model card (and push it to the
+    Hub when asked); returns what was written."""
+    if config.push_to_hub and hub_offline():
+        raise UserError("--push-to-hub needs the network, but HF_HUB_OFFLINE is set; export without it and "
+                        "upload the folder later (hf upload REPO_ID FOLDER)", exit_code=2)
     output = check_output_folder(config.output, inputs=[config.model])
-    model, dtype = config.model, config.dtype
     with folder_lock(output):
         remove_temporaries(output)
-        return _export(model, output, dtype)
+        info = _export(config, output)
+    if config.push_to_hub:
+        info["hub_url"] = push_folder(output, config.push_to_hub, config.private)
+    return info
 
 
-def _export(model: str, output: Path, dtype: str) -> dict[str, Any]:
-    loaded = load_model(model, "cpu")
+def _export(config: ExportConfig, output: Path) -> dict[str, Any]:
+    loaded = load_model(config.model, "cpu")
     family, net = loaded.family, loaded.model
-    manifest = loaded.manifest or {}
-    size = model_size(net, family)
-    element = torch.finfo(DTYPES[dtype]).bits // 8
-    # Activations scale with the dtype the same way the weights do.
-    memory = {b: peak_activation_bytes_estimate(net, family, b) * element // 4 for b in (1, 16)}
-    structure = loaded.structure
-    info = {
-        "source": model,
-        "teacher": manifest.get("teacher"),
-        "family": family.name,
-        "pruning": pruning_report(manifest),
-        "distill": (manifest.get("distill") or {}).get("settings"),
-        "distill_steps": (manifest.get("distill") or {}).get("steps"),
-        "params": size["params"],
-        "macs": size["macs"],
-        "dtype": dtype,
-        "sampling_memory_bytes": memory,
-        "eval": _eval_numbers(loaded.path),
-        "stock_diffusers_loadable": structure is None,
-        "autoencoder": type(loaded.autoencoder.model).__name__ if loaded.autoencoder else None,
-        "num_classes": family.num_classes(net),
-    }
-    needed = size["params"] * element
-    with atomic_folder(output, needed_bytes=needed) as tmp:
+    info = export_info(config, loaded, output)
+    dtype = DTYPES[config.dtype]
+    with atomic_folder(output, needed_bytes=info["params"] * torch.finfo(dtype).bits // 8) as tmp:
         save_model_folder(
-            tmp, net if dtype == "fp32" else net.to(DTYPES[dtype]), loaded.scheduler, family,
-            {"stage": "export", "family": family.name, "teacher": manifest.get("teacher"), "versions": versions(),
+            tmp, net if config.dtype == "fp32" else net.to(dtype), loaded.scheduler, family,
+            {"stage": "export", "family": family.name, "teacher": info["teacher"], "versions": versions(),
              "export": info},
-            structure, autoencoder=_in_dtype(loaded.autoencoder, DTYPES[dtype]),
-            pipeline_settings=loaded.pipeline_settings,
-        )
-        (tmp / "README.md").write_text(model_card(info, family))
-    info["output"] = str(output)
+            loaded.structure, autoencoder=_in_dtype(loaded.autoencoder, dtype),
+            pipeline_settings=loaded.pipeline_settings, variant=None if config.dtype == "fp32" else config.dtype)
+        where = config.push_to_hub or str(output.resolve())
+        model_card(info, where, config.push_to_hub or output.name).save(tmp / "README.md")
+    info["output"] = str(output.resolve())
     info["size_on_disk_bytes"] = folder_size_bytes(output)
     return info
+
+
+def export_info(config: ExportConfig, loaded, output: Path) -> dict[str, Any]:
+    """What the export writes and its card says: provenance, size, memory, evaluation."""
+    family, net, manifest = loaded.family, loaded.model, loaded.manifest or {}
+    size = model_size(net, family)
+    element = torch.finfo(DTYPES[config.dtype]).bits // 8
+    distill = manifest.get("distill") or {}
+    settings = distill.get("settings") or {}
+    evaluation = _evaluation(loaded.path)
+    data = settings.get("data")
+    return {
+        "source": str(Path(config.model).resolve()) if Path(config.model).exists()
+        else config.model, "teacher": manifest.get("teacher"), "family": family.name,
+        "model_class": family.model_class.__name__, "pipeline_tag": "unconditional-image-generation",
+        "pruning": pruning_report(manifest), "distill": settings or None, "distill_steps": distill.get("steps"),
+        "objective": settings.get("objective") or settings.get("loss"), "params": size["params"], "macs": size["macs"],
+        "dtype": config.dtype,
+        # Activations scale with the dtype the same way the weights do.
+        "sampling_memory_bytes": {b: peak_activation_bytes_estimate(net, family, b) * element // 4 for b in (1, 16)},
+        "eval": evaluation[0], "eval_protocol": evaluation[1], "stock_diffusers_loadable": loaded.structure is None,
+        "autoencoder": type(loaded.autoencoder.model).__name__ if loaded.autoencoder else None,
+        "num_classes": family.num_classes(net), "license": teacher_license(_local_folder(manifest.get("teacher"))),
+        "datasets": [data.removeprefix("hf:").split("@")[0]] if isinstance(data, str) and data.startswith("hf:")
+        else None,
+    }
+
+
+def _local_folder(reference: str | None) -> Path | None:
+    """The teacher's folder on this machine (a path, or a hub id in the local cache)."""
+    if not reference:
+        return None
+    if Path(reference).is_dir():
+        return Path(reference)
+    try:
+        return load_model_folder(reference)
+    except UserError:
+        return None
 
 
 def _in_dtype(autoencoder, dtype):
@@ -84,62 +110,23 @@ def _in_dtype(autoencoder, dtype):
     return Autoencoder(autoencoder.component, autoencoder.model.to(dtype))
 
 
-def _eval_numbers(folder: Path) -> dict[str, Any] | None:
+def _evaluation(folder: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """This model's row of the eval.json beside it, and that evaluation's protocol."""
     path = folder / "eval" / EVAL_FILE
     if not path.is_file():
-        return None
+        return None, None
     result = json.loads(path.read_text())
-    return next((r for r in result["models"] if Path(r["model"]).resolve() == folder.resolve()), result["models"][0])
+    row = next((r for r in result["models"] if Path(r.get("path", r["model"])).resolve() == folder.resolve()), None)
+    return row, result.get("protocol")
 
 
-def model_card(info: dict[str, Any], family) -> str:
-    pruning = info["pruning"] or {}
-    distill = info["distill"] or {}
-    lines = [
-        "---",
-        "library_name: diffusers",
-        "tags: [difcompress, pruned, distilled]",
-        "---",
-        f"# Compressed {family.model_class.__name__}",
-        "",
-        f"Made with difcompress from **{info['teacher'] or info['source']}**.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| base model (teacher) | {info['teacher'] or 'unknown'} |",
-        f"| pruning | ratio {pruning.get('ratio', 'n/a')}, {pruning.get('importance', 'n/a')} importance, {pruning.get('mode', 'n/a')} |",
-        f"| distillation objective | {distill.get('loss', 'none')} |",
-        f"| distillation steps | {info['distill_steps'] or 0} |",
-        f"| params | {human(info['params'])} |",
-        f"| MACs per denoiser call | {human(info['macs'])} |",
-        f"| weights dtype | {info['dtype']} |",
-        f"| memory to sample, batch 1 | {human(info['sampling_memory_bytes'][1], 'B')} (weights + activations, upper bound) |",
-        f"| memory to sample, batch 16 | {human(info['sampling_memory_bytes'][16], 'B')} |",
-    ]
-    if info["eval"] and "fid" in info["eval"]:
-        p = info["eval"]["protocol"]
-        lines.append(f"| FID / KID | {info['eval']['fid']:.2f} / {info['eval']['kid']:.4f} "
-                     f"({p['feature_extractor']}, {p['num_samples']} samples, {p['sampler']} {p['steps']} steps) |")
-    lines += ["", "## Use", ""]
-    if info["stock_diffusers_loadable"]:
-        lines += usage_snippet(info, family)
-    else:
-        lines += ["Pruned with `--global`: per-layer widths are not expressible in the stock config.",
-                  "Load with `difcompress.loading.load_model('PATH')`, which replays the recorded pruning."]
-    return "\n".join(lines) + "\n"
-
-
-def usage_snippet(info: dict[str, Any], family) -> list[str]:
-    """How stock diffusers loads and samples this folder."""
-    if family.name == "dit":
-        if info["autoencoder"] is None:
-            return ["A pixel-space DiT: the folder has no VAE, so load it with `vae=None` and sample with",
-                    "`difcompress eval PATH` (DiTPipeline's own sampling loop decodes through a VAE).", "",
-                    "```python", "from diffusers import DiTPipeline",
-                    "pipe = DiTPipeline.from_pretrained('PATH', vae=None)", "```"]
-        guidance = "4.0" if info["num_classes"] == 1000 else "1.0"  # DiTPipeline's null class id is 1000
-        return ["```python", "from diffusers import DiTPipeline", "pipe = DiTPipeline.from_pretrained('PATH')",
-                f"images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={guidance}).images", "```"]
-    name = "LDMPipeline" if info["autoencoder"] else "DDPMPipeline"
-    return ["```python", f"from diffusers import {name}", f"pipe = {name}.from_pretrained('PATH')",
-            "images = pipe(batch_size=4).images", "```"]
+def push_folder(folder: Path, repo_id: str, private: bool) -> str:
+    """Create (or reuse) the Hub repo and upload the exported folder; returns its URL."""
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload a difcompress student")
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise UserError(f"--push-to-hub {repo_id}: {str(err).splitlines()[0]} (the export in {folder} is complete; "
+                        f"upload it later with hf upload {repo_id} {folder})") from None
+    return f"https://huggingface.co/{repo_id}"

@@ -77,7 +77,8 @@ def _prune_loaded(config: PruneConfig, loaded: LoadedModel, show_progress: bool)
     base_config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     calibration = timesteps_used = None
     if config.importance in GRADIENT_CRITERIA or config.depth_criterion == "output-change":
-        x0, labels = calibration_batch(loaded, config.data, config.batch_size, config.seed)
+        x0, labels = calibration_batch(loaded, config.data, config.batch_size, config.seed, config.split,
+                                       config.image_column)
         calibration = (x0, labels, loaded.scheduler)
     if config.importance in GRADIENT_CRITERIA:
         timesteps_used = _gradients(config, loaded, calibration, show_progress)

@@ -1,7 +1,8 @@
 """Image datasets for training: all yield float32 tensors ``(C, size, size)`` in ``[-1, 1]``.
 
 * :class:`ImageFolderDataset` - a folder tree of image files (class labels from subfolders);
-* :class:`HFDiskDataset` - a Hugging Face ``datasets`` dataset written by ``save_to_disk``;
+* :class:`HFDataset` - a Hugging Face ``datasets`` dataset: ``save_to_disk`` folders, parquet
+  files, imagefolder trees, or ``hf:NAME`` from the Hub;
 * :class:`TensorImageDataset` - images already in memory (teacher samples, built-in data, latents).
 
 :func:`open_image_data` picks the right one for a user-given path.
@@ -111,76 +112,86 @@ def _import_datasets():
             "reading a saved Hugging Face dataset needs the 'datasets' package: "
             "pip install datasets"
         ) from e
+    datasets.disable_progress_bars()  # ours show progress; theirs would interleave with it
     return datasets
 
 
-class HFDiskDataset(Dataset):
-    """A ``datasets`` dataset saved with ``save_to_disk``; uses its image column.
+HF_PREFIX = "hf:"
+IMAGEFOLDER_SPLITS = ("train", "validation", "valid", "val", "test")
 
-    For a saved ``DatasetDict`` the "train" split is used, else the first split.
-    The image column is the first column of feature type ``datasets.Image``, else a
-    column named ``image`` or ``img``.
-    """
 
-    def __init__(self, path: str | Path, size: int, channels: int = 3):
+def _load_hf(spec: str | Path, split: str | None) -> tuple[Any, str]:
+    """A `datasets.Dataset` for `spec` and the split used: a save_to_disk folder, parquet
+    file(s), an imagefolder tree (metadata file or split subfolders), or hf:NAME[:CONFIG] from
+    the Hub (read from the datasets cache when offline)."""
+    datasets = _import_datasets()
+    path = Path(str(spec)).expanduser()
+    try:
+        if str(spec).startswith(HF_PREFIX):
+            name, _, config = str(spec)[len(HF_PREFIX):].partition(":")
+            ds = datasets.load_dataset(name, config or None, split=split or "train")
+        elif is_hf_disk_dataset(path):
+            ds = datasets.load_from_disk(str(path))
+        elif path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
+            files = [str(path)] if path.is_file() else sorted(str(f) for f in path.glob("*.parquet"))
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        else:
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split or "train")
+    except Exception as e:  # missing, corrupt, offline and uncached, ... : say so in one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load dataset {spec}: {reason}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if not ds:
+            raise UserError(f"dataset {spec} has no splits; save one with a 'train' split")
+        chosen = split if split in ds else ("train" if "train" in ds else next(iter(ds)))
+        if split and split not in ds:
+            raise UserError(f"dataset {spec} has no split {split!r} (it has {', '.join(ds)})", exit_code=2)
+        return ds[chosen], chosen
+    return ds, split or "train"
+
+
+class HFDataset(Dataset):
+    """A Hugging Face ``datasets`` dataset (see :func:`_load_hf` for the sources); its image
+    column is ``image_column``, else the first ``datasets.Image`` column, else one named
+    ``image`` or ``img``. Class labels come from a ClassLabel column or one named label."""
+
+    def __init__(self, spec: str | Path, size: int, channels: int = 3, *, split: str | None = None,
+                 image_column: str | None = None):
         _check_size_channels(size, channels)
-        self.path = Path(path).expanduser()
-        self.size = size
-        self.channels = channels
-        if not self.path.is_dir():
-            raise UserError(f"data not found: {self.path} is not a folder")
         datasets = _import_datasets()
-        try:
-            ds = datasets.load_from_disk(str(self.path))
-        except Exception as e:  # corrupt / foreign folder: tell the user, not a traceback
-            raise UserError(
-                f"cannot load saved dataset {self.path}: {e}; "
-                "re-create it with datasets' save_to_disk"
-            ) from e
-        self.split: str | None = None
-        if isinstance(ds, datasets.DatasetDict):
-            splits = list(ds.keys())
-            if not splits:
-                raise UserError(
-                    f"saved dataset {self.path} has no splits; save one with a 'train' split"
-                )
-            self.split = "train" if "train" in ds else splits[0]
-            ds = ds[self.split]
-        self.column = _pick_image_column(ds, datasets)
-        if self.column is None:
-            raise UserError(
-                f"no image column in {self.path} "
-                f"(columns: {', '.join(ds.column_names) or 'none'}); "
-                "cast one to datasets.Image() or name it 'image'"
-            )
+        self.source, self.size, self.channels = str(spec), size, channels
+        ds, self.split = _load_hf(spec, split)
+        self.column = image_column or _pick_image_column(ds, datasets)
+        if self.column is None or self.column not in ds.column_names:
+            named = f" {self.column!r}" if self.column else ""
+            raise UserError(f"no image column{named} in {spec} (columns: "
+                            f"{', '.join(ds.column_names) or 'none'}); pass --image-column", exit_code=2)
         self.labels = _label_column(ds, datasets)
         ds = ds.select_columns([self.column]).with_format(None)
         feat = ds.features[self.column]
         if isinstance(feat, datasets.Image) and not feat.decode:
             ds = ds.cast_column(self.column, datasets.Image(decode=True))
         if len(ds) == 0:
-            raise UserError(f"saved dataset {self.path} has no rows; save a dataset with images")
+            raise UserError(f"dataset {spec} has no rows; give a dataset with images")
         self.dataset = ds
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def pil(self, index: int) -> Image.Image:
+        """Row `index`'s image, decoded, at its own size."""
         value = self.dataset[int(index)][self.column]
         try:
-            img = _coerce_pil(value)
+            return _coerce_pil(value)
         except (OSError, ValueError, TypeError) as e:
-            raise UserError(
-                f"row {index} of {self.path} column {self.column!r} is not a readable image: {e}"
-            ) from e
-        return image_to_tensor(img, self.size, self.channels)
+            raise UserError(f"row {index} of {self.source} column {self.column!r} is not a readable image: {e}") from e
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return image_to_tensor(self.pil(index), self.size, self.channels)
 
     def __repr__(self) -> str:
-        split = f", split={self.split!r}" if self.split else ""
-        return (
-            f"HFDiskDataset({str(self.path)!r}{split}, column={self.column!r}, "
-            f"size={self.size}, channels={self.channels}, items={len(self)})"
-        )
+        return (f"HFDataset({self.source!r}, split={self.split!r}, column={self.column!r}, size={self.size}, "
+                f"channels={self.channels}, items={len(self)})")
 
 
 def _label_column(ds: Any, datasets: Any) -> torch.Tensor | None:
@@ -262,22 +273,34 @@ class TensorImageDataset(Dataset):
         return f"TensorImageDataset(shape={tuple(self.images.shape)}, dtype={self.images.dtype})"
 
 
-def open_image_data(spec: str | Path, size: int, channels: int) -> Dataset:
-    """Open user-given image data: a ``save_to_disk`` folder or a folder of image files.
+def is_imagefolder_tree(path: Path) -> bool:
+    """A folder laid out for datasets' imagefolder loader: a metadata file, or split subfolders."""
+    return path.is_dir() and (any((path / f"metadata.{ext}").is_file() for ext in ("jsonl", "csv"))
+                              or any((path / split).is_dir() for split in IMAGEFOLDER_SPLITS))
+
+
+def is_hf_source(spec: str | Path) -> bool:
+    """Whether `spec` is read with the datasets library (hf:NAME, save_to_disk, parquet,
+    imagefolder) rather than as a plain folder of image files."""
+    path = Path(str(spec)).expanduser()
+    return (str(spec).startswith(HF_PREFIX) or is_hf_disk_dataset(path) or path.suffix == ".parquet"
+            or (path.is_dir() and any(path.glob("*.parquet"))) or is_imagefolder_tree(path))
+
+
+def open_image_data(spec: str | Path, size: int, channels: int, *, split: str | None = None,
+                    image_column: str | None = None) -> Dataset:
+    """Open user-given image data: a folder of image files (class labels from subfolders),
+    a save_to_disk folder, parquet file(s), an imagefolder tree, or hf:NAME[:CONFIG].
 
     (The special values "teacher" and "digits" are resolved by the caller.)
     """
     _check_size_channels(size, channels)
-    path = Path(spec).expanduser()
+    path = Path(str(spec)).expanduser()
+    if is_hf_source(spec):
+        return HFDataset(spec, size, channels, split=split, image_column=image_column)
     if path.is_dir():
-        if is_hf_disk_dataset(path):
-            return HFDiskDataset(path, size, channels)
         return ImageFolderDataset(path, size, channels)
     if path.exists():
-        raise UserError(
-            f"data must be a folder of images or a save_to_disk dataset folder, got the file {path}"
-        )
-    raise UserError(
-        f"data not found: {spec}; pass a folder of images, a save_to_disk dataset folder, "
-        "'teacher' or 'digits'"
-    )
+        raise UserError(f"data must be a folder of images, a dataset folder or a parquet file, got the file {path}")
+    raise UserError(f"data not found: {spec}; pass a folder of images, a save_to_disk or imagefolder dataset, "
+                    "parquet files, hf:NAME, 'teacher' or 'digits'")

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from difcompress.data.datasets import (
-    HFDiskDataset,
+    HFDataset,
     ImageFolderDataset,
     TensorImageDataset,
 )
@@ -104,8 +104,8 @@ def dataset_identity(dataset: Dataset) -> str:
         for path in dataset.paths:
             stat = path.stat()
             digest.update(f"{path.relative_to(dataset.root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    elif isinstance(dataset, HFDiskDataset):
-        digest.update(str(dataset.path.resolve()).encode())
+    elif isinstance(dataset, HFDataset):
+        digest.update(f"{dataset.source}:{dataset.split}:{dataset.column}".encode())
         digest.update(str(getattr(dataset.dataset, "_fingerprint", "")).encode())
     elif isinstance(dataset, TensorImageDataset):
         digest.update(dataset.images.contiguous().numpy().tobytes())

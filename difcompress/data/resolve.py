@@ -25,11 +25,11 @@ from difcompress.io.folders import disk_errors
 TEACHER = "teacher"
 
 
-def image_data(data: str, loaded) -> Dataset:
+def image_data(data: str, loaded, split: str | None = None, image_column: str | None = None) -> Dataset:
     """Pixel images (with class labels for class-conditional models) for `loaded`'s size and
     channels; class labels are checked against the model before any long work."""
     c, h, _ = loaded.image_shape()
-    dataset = builtin_data(data, h, c) or open_image_data(data, h, c)
+    dataset = builtin_data(data, h, c) or open_image_data(data, h, c, split=split, image_column=image_column)
     classes = loaded.family.num_classes(loaded.model)
     if classes:
         check_class_data(dataset, classes, data)
@@ -63,16 +63,18 @@ def teacher_samples(teacher, count: int, *, label_seed: int, noise_seed: int, st
 
 def training_data(data: str, student, teacher, *, samples: int, sampler_steps: int, seed: int,
                   cache_dir: Path, latent_cache: Path | None, is_main: bool, is_local_main: bool,
-                  show_progress: bool) -> tuple[Dataset, dict[str, Any]]:
+                  show_progress: bool, split: str | None = None,
+                  image_column: str | None = None) -> tuple[Dataset, dict[str, Any]]:
     """The training set in the denoiser's space and a report (data, latent cache, skipped files)."""
     if data == TEACHER:
         # Data-free: generated once and kept with the run, so a resume trains on the same samples.
         dataset = teacher_samples(teacher, samples, label_seed=seed, noise_seed=seed + 1_000_003, steps=sampler_steps,
                                   cache=cache_dir / "teacher_samples.safetensors", write_cache=is_main)
         return dataset, {"data": TEACHER, "items": len(dataset)}
-    images = image_data(data, student)
+    images = image_data(data, student, split, image_column)
     scan = getattr(images, "scan", None)
-    report = {"data": data, "items": len(images),
+    resolved = str(Path(data).resolve()) if Path(data).exists() else data
+    report = {"data": data, "resolved": resolved, "split": getattr(images, "split", None), "items": len(images),
               "unreadable_skipped": len(scan.unreadable) if scan else 0,
               "first_unreadable": str(scan.unreadable[0]) if scan and scan.unreadable else None}
     c, h, _ = student.image_shape()
@@ -83,13 +85,15 @@ def training_data(data: str, student, teacher, *, samples: int, sampler_steps: i
     return dataset, report
 
 
-def calibration_batch(loaded, data: str | None, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, split: str | None = None,
+                      image_column: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A batch in the denoiser's space, with class labels for conditional models: real data
     from --data (encoded directly for latent models: one batch needs no cache), or the
     teacher's samples."""
     classes = loaded.family.num_classes(loaded.model)
     if data and data != TEACHER:
-        images, labels = BatchStream(image_data(data, loaded), batch_size, seed=seed).next_labeled_batch()
+        images, labels = BatchStream(image_data(data, loaded, split, image_column), batch_size,
+                                     seed=seed).next_labeled_batch()
         if loaded.autoencoder is not None:
             images = loaded.autoencoder.encode(images)
         return images, labels if classes else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 
 from difcompress.builtin import builtin_model_path
 from difcompress.data.latents import AUTOENCODER_CLASSES, Autoencoder
+from difcompress.environment import hub_offline
 from difcompress.errors import UserError
 from difcompress.families.base import ModelFamily
 from difcompress.families.registry import family_for_class_name
@@ -63,22 +63,29 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> Loaded
     """Load the denoiser (with its scheduler and, for latent pipelines, its autoencoder) that
     `source` names: a built-in name, a folder, or a Hugging Face hub id (cache only when offline)."""
     source = str(source)
-    path = builtin_model_path(source) or Path(source).expanduser()
-    if not path.exists():
-        path = _from_hub(source)
-    elif not path.is_dir():
-        raise UserError(f"{source} is a file; pass a diffusers model or pipeline folder")
-    loaded = _load_folder(path, source)
+    loaded = _load_folder(load_model_folder(source), source)
     loaded.model.to(device).eval()
     if loaded.autoencoder is not None:
         loaded.autoencoder.model.to(device).eval().requires_grad_(False)
     return loaded
 
 
+def load_model_folder(source: str | Path) -> Path:
+    """The local folder `source` names (a built-in name, a folder, or a hub id, downloaded
+    into or read from the Hugging Face cache), without loading anything from it."""
+    source = str(source)
+    path = builtin_model_path(source) or Path(source).expanduser()
+    if not path.exists():
+        return _from_hub(source)
+    if not path.is_dir():
+        raise UserError(f"{source} is a file; pass a diffusers model or pipeline folder")
+    return path
+
+
 def _from_hub(source: str) -> Path:
     if not HUB_ID.match(source):
         raise UserError(f"model not found: {source} is neither a folder nor a Hugging Face hub id (owner/name)")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    offline = hub_offline()
     try:
         # Only configs and safetensors: the project never reads pickled weights.
         folder = snapshot_download(
@@ -144,30 +151,42 @@ def _load_autoencoder(path: Path, index: dict[str, Any]) -> Autoencoder | None:
         raise UserError(f"{path}: unsupported autoencoder {class_name} in {component}/; "
                         f"difcompress reads {', '.join(AUTOENCODER_CLASSES)}")
     folder = path / component
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    if not (folder / "config.json").is_file() or not weights.is_file():
+    weights, variant = weights_file(folder)
+    if not (folder / "config.json").is_file() or weights is None:
         what = "has only pickled .bin weights" if list(folder.glob("*.bin")) else "is missing"
         raise UserError(f"{path} is a latent pipeline but its {component} ({folder}) {what}; "
                         f"a latent denoiser needs its {class_name} (safetensors) to encode data and decode samples")
     try:
-        model = getattr(diffusers, class_name).from_pretrained(folder, use_safetensors=True)
+        model = getattr(diffusers, class_name).from_pretrained(folder, use_safetensors=True, variant=variant)
     except Exception as err:  # diffusers raises many types for damaged files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the {component} in {folder}: {first}") from None
     return Autoencoder(component, model)
 
 
+def weights_file(folder: Path) -> tuple[Path | None, str | None]:
+    """A component's safetensors weights: the plain file, else its one diffusers variant
+    (diffusion_pytorch_model.fp16.safetensors, as `export --dtype fp16` writes)."""
+    plain = folder / "diffusion_pytorch_model.safetensors"
+    if plain.is_file():
+        return plain, None
+    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))
+    if variants:
+        return variants[0], variants[0].name.split(".")[1]
+    return None, None
+
+
 def _load_weights(family: ModelFamily, model_dir: Path) -> nn.Module:
-    weights = model_dir / "diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
+    weights, variant = weights_file(model_dir)
+    if weights is None:
         if list(model_dir.glob("*.bin")):
             raise UserError(f"{model_dir} has only pickled .bin weights; difcompress reads safetensors only "
                             "(convert with diffusers' save_pretrained(safe_serialization=True))")
         raise UserError(f"no weights in {model_dir} (diffusion_pytorch_model.safetensors missing)")
     try:
         if (model_dir / STRUCTURE).is_file():
-            return _rebuild_from_record(family, model_dir)
-        return family.model_class.from_pretrained(model_dir, use_safetensors=True)
+            return _rebuild_from_record(family, model_dir, weights)
+        return family.model_class.from_pretrained(model_dir, use_safetensors=True, variant=variant)
     except UserError:
         raise
     except Exception as err:  # diffusers raises many types for damaged files
@@ -175,12 +194,12 @@ def _load_weights(family: ModelFamily, model_dir: Path) -> nn.Module:
         raise UserError(f"cannot load the model in {model_dir}: {first}") from None
 
 
-def _rebuild_from_record(family: ModelFamily, model_dir: Path) -> nn.Module:
+def _rebuild_from_record(family: ModelFamily, model_dir: Path, weights: Path) -> nn.Module:
     """Base architecture from the record's config, pruned by replaying the history."""
     record = _read_json(model_dir / STRUCTURE)
     model = family.model_class.from_config(record["base_config"])
     replay_history(model, family, record["history"], record.get("groupnorm_groups"))
-    model.load_state_dict(load_file(model_dir / "diffusion_pytorch_model.safetensors"), strict=True)
+    model.load_state_dict({k: v.float() for k, v in load_file(weights).items()}, strict=True)
     return model
 
 

@@ -31,8 +31,12 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}" if float(n).is_integer() else f"{n:.3g}{unit}"
 
 
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+SCHEMA_VERSION = 1  # of every --json output (docs/output-format.md); raise it when a field changes meaning
+
+
+def print_json(data: dict[str, Any]) -> None:
+    """A command's result on stdout, stamped with the schema version."""
+    sys.stdout.write(json.dumps({"schema_version": SCHEMA_VERSION, **data}, indent=2, default=str) + "\n")
 
 
 def print_prune_report(report: dict[str, Any]) -> None:
@@ -79,7 +83,9 @@ def print_eval_report(result: dict[str, Any]) -> None:
     if any("guidance_scale" in r for r in rows):
         lines.append(("guidance scale", lambda r: f"{r['guidance_scale']:g}" if "guidance_scale" in r else "-"))
     if "fid" in first:
-        lines += [("FID", lambda r: f"{r['fid']:.2f}"), ("KID", lambda r: f"{r['kid']:.4f}")]
+        lines += [("FID", lambda r: f"{r['fid']:.2f}"),
+                  ("KID", lambda r: "n/a (no reference features)" if r["kid"] is None else f"{r['kid']:.4f}"),
+                  ("FID/KID samples", lambda r: str(r["num_samples"]))]
     for label, fmt in lines:
         table.add_row(label, *[fmt(r) for r in rows])
     console.print(table)

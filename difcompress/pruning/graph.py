@@ -36,13 +36,19 @@ class ChannelPruning:
 
 
 def build_graph(model: nn.Module, family: ModelFamily) -> tp.DependencyGraph:
-    with family.tracing_context(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(
-            model,
-            example_inputs=family.example_inputs(model),
-            output_transform=lambda out: out.sample,
-            verbose=False,
-        )
+    """torch-pruning's dependency graph, traced through autograd (so every weight must
+    require grad while tracing, even in a frozen model)."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        with family.tracing_context(model), torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=family.example_inputs(model), output_transform=lambda out: out.sample,
+                verbose=False)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 @dataclass

@@ -117,7 +117,7 @@ class Trainer:
         self.null_class = family.null_class(student)
         self.class_dropout = config.class_dropout if family.num_classes(student) else 0.0
 
-        self.model = student.train()
+        self.model = student.train().requires_grad_(True)  # every student weight trains
         family.disable_label_dropout(self.model)
         self.taps, self.adapters = None, None
         if feature_pairs:

@@ -1,0 +1,120 @@
+"""The model card an exported student carries: Hub metadata written with huggingface_hub's
+ModelCardData (base model and relation, license, pipeline tag, datasets, tags, a
+model-index with the FID/KID it was evaluated with), and a body saying what was done and
+how stock diffusers loads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from difcompress.io.loading import HUB_ID
+from difcompress.io.report import human
+
+# The Hub's relations are adapter, merge, quantized and finetune; it has none for a pruned
+# model, so a pruned and distilled student is described as a finetune of its teacher.
+BASE_MODEL_RELATION = "finetune"
+
+
+def teacher_license(teacher_folder: Path | None) -> str | None:
+    """The license in the teacher's own model card, when it has one."""
+    readme = teacher_folder / "README.md" if teacher_folder else None
+    if readme is None or not readme.is_file():
+        return None
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # a card that does not parse tells us nothing about the license
+        return None
+
+
+def _eval_results(info: dict[str, Any]) -> list[EvalResult]:
+    row = info.get("eval") or {}
+    if "fid" not in row:
+        return []
+    protocol = info["eval_protocol"]
+    reference = str(protocol["reference"])
+    described = (f"{protocol['feature_extractor']} features, {protocol['num_samples']} samples, "
+                 f"{protocol['sampler']} {protocol['steps']} steps")
+    return [EvalResult(task_type=info["pipeline_tag"], dataset_type=reference, dataset_name=reference,
+                       metric_type=metric, metric_name=f"{metric.upper()} ({described})", metric_value=row[metric])
+            for metric in ("fid", "kid")]
+
+
+def card_data(info: dict[str, Any], name: str) -> ModelCardData:
+    teacher = info.get("teacher") or ""
+    extra = {"base_model_relation": BASE_MODEL_RELATION} if HUB_ID.match(teacher) else {}
+    data = ModelCardData(
+        library_name="diffusers", base_model=teacher if HUB_ID.match(teacher) else None, license=info.get("license"),
+        pipeline_tag=info["pipeline_tag"], datasets=info.get("datasets") or None, model_name=name,
+        tags=["difcompress", "pruned", "distilled", info["family"], *([info["objective"]] if info["objective"] else [])],
+        eval_results=_eval_results(info) or None, **extra)
+    return data
+
+
+def usage(info: dict[str, Any], where: str) -> list[str]:
+    """How stock diffusers loads and samples this folder (or repo)."""
+    variant = info["dtype"] if info["dtype"] != "fp32" else None
+    dtype = {"fp16": "torch.float16", "bf16": "torch.bfloat16"}.get(info["dtype"])
+    load_args = f"'{where}'" + (f", variant='{variant}', torch_dtype={dtype}" if variant else "")
+    imports = ["import torch"] if variant else []
+    if info["family"] == "dit":
+        if info["autoencoder"] is None:
+            return ["A pixel-space DiT: the folder has no VAE, so load it with `vae=None` and sample with",
+                    f"`difcompress eval {where}` (DiTPipeline's own sampling loop decodes through a VAE).", "",
+                    "```python", *imports, "from diffusers import DiTPipeline",
+                    f"pipe = DiTPipeline.from_pretrained({load_args}, vae=None)", "```"]
+        guidance = "4.0" if info["num_classes"] == 1000 else "1.0"  # DiTPipeline's null class id is 1000
+        return ["```python", *imports, "from diffusers import DiTPipeline",
+                f"pipe = DiTPipeline.from_pretrained({load_args})",
+                f"images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={guidance}).images", "```"]
+    pipeline = "LDMPipeline" if info["autoencoder"] else "DDPMPipeline"
+    return ["```python", *imports, f"from diffusers import {pipeline}",
+            f"pipe = {pipeline}.from_pretrained({load_args})", "images = pipe(batch_size=4).images", "```"]
+
+
+def _facts(info: dict[str, Any]) -> list[str]:
+    pruning = info["pruning"] or {}
+    lines = [
+        "| | |", "|---|---|",
+        f"| base model (teacher) | {info.get('teacher') or 'unknown'} |",
+        f"| pruning | ratio {pruning.get('ratio', 'n/a')}, {pruning.get('importance', 'n/a')} importance, "
+        f"{pruning.get('mode', 'n/a')} |",
+        f"| distillation objective | {info['objective'] or 'none'} |",
+        f"| distillation steps | {info['distill_steps'] or 0} |",
+        f"| params | {human(info['params'])} |",
+        f"| MACs per denoiser call | {human(info['macs'])} |",
+        f"| weights dtype | {info['dtype']} |",
+        f"| memory to sample, batch 1 | {human(info['sampling_memory_bytes'][1], 'B')} (weights + activations, "
+        "upper bound) |",
+        f"| memory to sample, batch 16 | {human(info['sampling_memory_bytes'][16], 'B')} |",
+    ]
+    row = info.get("eval") or {}
+    if "fid" in row:
+        p = info["eval_protocol"]
+        lines.append(f"| FID / KID | {row['fid']:.2f} / {row['kid']:.4f} ({p['feature_extractor']}, "
+                     f"{p['num_samples']} samples, {p['sampler']} {p['steps']} steps, reference {p['reference']}) |")
+    return lines
+
+
+def model_card(info: dict[str, Any], where: str, name: str) -> ModelCard:
+    """The card for an exported student; `where` is the folder or repo id users load from."""
+    notes = []
+    if not HUB_ID.match(info.get("teacher") or ""):
+        notes.append("The teacher is not a Hub model, so the card names no `base_model`.")
+    if not info.get("license"):
+        notes.append("The teacher's card gives no license, so none is stated here: check the teacher's terms "
+                     "before sharing this model.")
+    body = [f"# {name}", "", f"A compressed `{info['model_class']}` made with difcompress from "
+            f"**{info.get('teacher') or info['source']}**: pruned, then distilled from the teacher.", "",
+            *_facts(info), "", "## Use", ""]
+    if info["stock_diffusers_loadable"]:
+        body += usage(info, where)
+    else:
+        body += ["Pruned with `--global`: per-layer widths are not expressible in the stock config.",
+                 f"Load with `difcompress.load_model('{where}')`, which replays the recorded pruning."]
+    if notes:
+        body += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    content = f"---\n{card_data(info, name).to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
+    return ModelCard(content)
