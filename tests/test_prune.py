@@ -22,6 +22,7 @@ from torch import nn
 
 from difcompress.environment import seed_everything
 from difcompress.errors import UserError
+from difcompress.families.registry import family_for_model
 from difcompress.io.loading import load_model
 from difcompress.pruning.graph import prune_channels
 from difcompress.pruning.importance import make_importance

@@ -71,6 +71,7 @@ def prune_channels(
     """Remove `ratio` of the channels of every prunable layer, in place (uniform pruning
     keeps widths that are multiples of `round_to`)."""
     before = family.record_structure(model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     names = {m: n for n, m in model.named_modules()}
     graph = build_graph(model, family)
     warnings = []
@@ -116,6 +117,8 @@ def prune_channels(
             drop = sorted(set(range(layer.in_features)) - set(keep))
             graph.get_pruning_group(layer, tp.prune_linear_in_channels, drop).prune()
     family.sync_attributes(model, before, uniform_groups)
+    for name, parameter in model.named_parameters():  # pruned layers hold new Parameter objects
+        parameter.requires_grad_(name not in frozen)
     history = [[n, bool(out), [int(i) for i in idxs]] for n, out, idxs in graph.pruning_history()]
     return ChannelPruning(history=history, uniform_groups=uniform_groups, warnings=warnings)
 
