@@ -8,6 +8,7 @@ function, and prints a table, or JSON with `--json`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import types
@@ -63,7 +64,7 @@ app = typer.Typer(
 )
 
 JSON_PARAM = inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-    bool, typer.Option("--json", help="Print the result as JSON instead of a table.")])
+    bool, typer.Option("--json", metavar="", help="Print the result as JSON instead of a table.")])
 
 
 def _version(value: bool) -> None:
@@ -108,7 +109,7 @@ def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
     if cli_type is bool:
         metavar = ""  # a flag takes no value
     if extra.get("argument"):
-        info = typer.Argument(help=help_text, show_default=False)
+        info = typer.Argument(help=help_text, show_default=False, metavar=name.upper().rstrip("S"))
     else:
         flags = extra.get("flags") or [f"--{name.replace('_', '-')}"]
         if cli_type is bool and field.default is True:  # on by default: also offer --no-NAME
@@ -142,16 +143,25 @@ def config_command(name: str, config_cls: type[StageConfig], run: Callable[[Stag
 
 # ---- what each command prints --------------------------------------------------------------------
 # Stage modules are imported when their command runs, not at start-up: `--help` and a
-# mistyped option answer without loading diffusers and the models' code.
+# mistyped option answer without loading diffusers and the models' code. That import takes
+# seconds, so a status line shows at once.
+@contextlib.contextmanager
+def starting(command: str):
+    with err_console.status(f"difcompress {command}: starting ...", spinner="dots"):
+        yield
+
+
 def _prune(config: PruneConfig, json_output: bool) -> None:
-    from difcompress.commands.prune import prune  # start-up time
+    with starting("prune"):
+        from difcompress.commands.prune import prune  # start-up time
 
     report = prune(config, show_progress=not json_output)
     print_json(report) if json_output else print_prune_report(report)
 
 
 def _distill(config: DistillConfig, json_output: bool) -> None:
-    from difcompress.commands.distill import distill  # start-up time
+    with starting("distill"):
+        from difcompress.commands.distill import distill  # start-up time
 
     summary = distill(config, show_progress=not json_output)
     if json_output:
@@ -163,14 +173,16 @@ def _distill(config: DistillConfig, json_output: bool) -> None:
 
 
 def _eval(config: EvalConfig, json_output: bool) -> None:
-    from difcompress.commands.evaluate import evaluate  # start-up time
+    with starting("eval"):
+        from difcompress.commands.evaluate import evaluate  # start-up time
 
     result = evaluate(config, show_progress=not json_output)
     print_json(result) if json_output else print_eval_report(result)
 
 
 def _export(config: ExportConfig, json_output: bool) -> None:
-    from difcompress.commands.export import export  # start-up time
+    with starting("export"):
+        from difcompress.commands.export import export  # start-up time
 
     info = export(config)
     if json_output:
@@ -184,7 +196,8 @@ def _export(config: ExportConfig, json_output: bool) -> None:
 
 
 def _stats(config: StatsConfig, json_output: bool) -> None:
-    from difcompress.commands.stats import stats  # start-up time
+    with starting("stats"):
+        from difcompress.commands.stats import stats  # start-up time
 
     result = stats(config, show_progress=not json_output)
     if json_output:
@@ -195,7 +208,8 @@ def _stats(config: StatsConfig, json_output: bool) -> None:
 
 
 def _demo(config: DemoConfig, json_output: bool) -> None:
-    from difcompress.commands.demo import demo  # start-up time
+    with starting("demo"):
+        from difcompress.commands.demo import demo  # start-up time
 
     announce = (lambda msg: None) if json_output else (lambda msg: err_console.print(f"[bold]demo[/] {msg}"))
     result = demo(config, announce=announce, show_progress=not json_output)
@@ -208,7 +222,10 @@ def _demo(config: DemoConfig, json_output: bool) -> None:
 
 
 def _build_digits(config: BuildDigitsConfig, json_output: bool) -> None:
-    from difcompress.commands.build_assets import build_digits_assets  # start-up time
+    with starting("build-digits"):
+        from difcompress.commands.build_assets import (
+            build_digits_assets,  # start-up time
+        )
 
     report = build_digits_assets(config, show_progress=not json_output)
     if json_output:
@@ -238,7 +255,8 @@ def run_command(
                                               "table.")] = False,
 ):
     """Run the stages a recipe lists; completed stages are skipped, so a re-run resumes."""
-    from difcompress.commands.run import run_recipe  # start-up time
+    with starting("run"):
+        from difcompress.commands.run import run_recipe  # start-up time
 
     def announce(entry):
         if not json_output:

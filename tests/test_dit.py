@@ -271,9 +271,9 @@ def test_recipe_runs_the_dit_chain_and_resumes(tiny_dit_dir, tmp_path):
     from safetensors import safe_open
 
     for part in ("transformer", "vae"):  # one dtype for the whole pipeline
-        with safe_open(tmp_path / "out" / "export" / part / "diffusion_pytorch_model.safetensors", "pt") as f:
+        with safe_open(tmp_path / "out" / "export" / part / "diffusion_pytorch_model.fp16.safetensors", "pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    pipe = DiTPipeline.from_pretrained(tmp_path / "out" / "export", dtype=torch.float16)
+    pipe = DiTPipeline.from_pretrained(tmp_path / "out" / "export", variant="fp16", dtype=torch.float16)
     assert pipe.transformer.config.num_layers == 2
 
 

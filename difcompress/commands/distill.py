@@ -138,7 +138,7 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
     summary = {"steps": config.steps, "final": last, "settings": settings, "data": data_report,
                "latent_cache": data_report.get("latent_cache")}
     _finish(trainer, config, student, settings, summary, fingerprint)
-    summary["output"] = str(output)
+    summary["output"] = str(output.resolve())
     return summary
 
 
@@ -295,4 +295,4 @@ def _finish(trainer: Trainer, config: DistillConfig, student: LoadedModel, setti
         "pruning": pruning_report(student.manifest), "versions": versions(), "distill": summary,
     }
     publish_student(output, final.eval().to("cpu"), student, manifest)
-    plot_metrics(output / "metrics.jsonl", output / "curves.png")
+    plot_metrics(output / "metrics.jsonl", output / "curves.png", title=f"{output.name}: {settings['objective']}")

@@ -59,12 +59,21 @@ def evaluate(config: EvalConfig, *, show_progress: bool = False) -> dict[str, An
             row["macs_reduction_vs_first"] = rows[0]["macs"] / row["macs"]
         with disk_errors(output):
             output.mkdir(parents=True, exist_ok=True)
-        grid_path = save_sample_grid(output / "samples.png", grid)
+        grid_path = save_sample_grid(output / "samples.png", grid, caption=_grid_caption(config, rows, protocol))
         result = {"models": rows, "protocol": protocol, "grid": str(grid_path.resolve()), "device": str(dev),
                   "sampler": config.sampler, "sampler_steps": config.sampler_steps}
         write_json(output / EVAL_FILE, result)
     result["output"] = str(output.resolve())
     return result
+
+
+def _grid_caption(config: EvalConfig, rows: list[dict[str, Any]], protocol: dict[str, Any] | None) -> str:
+    """What the grid shows: the sampler, and each model's FID when measured."""
+    caption = f"{config.sampler} {config.sampler_steps} steps, seed {config.seed} (sample i: seed + i)"
+    if protocol:
+        fids = ", ".join(f"{Path(r['model']).name or r['model']} {r['fid']:.2f}" for r in rows)
+        caption += f"\nFID: {fids} ({protocol['feature_extractor']}, {protocol['num_samples']} samples)"
+    return caption
 
 
 def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device):

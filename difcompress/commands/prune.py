@@ -54,7 +54,7 @@ def prune(config: PruneConfig, *, show_progress: bool = False) -> dict[str, Any]
         with atomic_folder(output, needed_bytes=needed) as tmp:
             save_model_folder(tmp, student.to("cpu"), loaded.scheduler, loaded.family, manifest, structure,
                               autoencoder=loaded.autoencoder, pipeline_settings=loaded.pipeline_settings)
-    report["output"] = str(output)
+    report["output"] = str(output.resolve())
     return report
 
 

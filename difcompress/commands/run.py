@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from huggingface_hub import try_to_load_from_cache
 from pydantic import ValidationError
 
+from difcompress.builtin import builtin_model_path
 from difcompress.commands.distill import distill
 from difcompress.commands.evaluate import evaluate
 from difcompress.commands.export import export
@@ -31,9 +33,13 @@ from difcompress.config import (
     StageConfig,
     settings_error,
 )
-from difcompress.environment import is_main_process
+from difcompress.data.datasets import HF_PREFIX
+from difcompress.environment import hub_offline, is_main_process
 from difcompress.errors import UserError
 from difcompress.io.folders import EVAL_FILE, read_manifest, wait_for
+from difcompress.io.loading import HUB_ID
+from difcompress.metrics.extractors import resolve_inception_path
+from difcompress.metrics.fid import cleanfid_named_stats
 
 STAGE_ORDER = ("prune", "distill", "eval", "export")
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"prune": prune, "distill": distill, "eval": evaluate,
@@ -104,12 +110,61 @@ def stage_complete(name: str, out: Path) -> bool:
     return manifest is not None and manifest.get("status", "complete") == "complete"
 
 
+def _model_missing(reference: str) -> str | None:
+    """Why a model reference cannot be loaded here, or None."""
+    if builtin_model_path(reference) or Path(reference).expanduser().is_dir():
+        return None
+    if not HUB_ID.match(reference):
+        return "no such folder"
+    if try_to_load_from_cache(reference, "model_index.json") or try_to_load_from_cache(reference, "config.json"):
+        return None
+    return "not in the Hugging Face cache (HF_HUB_OFFLINE is set)" if hub_offline() else None
+
+
+def _data_missing(reference: str | None) -> str | None:
+    if not reference or reference in ("teacher", "digits") or reference.startswith(HF_PREFIX):
+        return None
+    return None if Path(reference).expanduser().exists() else "no such folder or file"
+
+
+def missing_inputs(stages: list[tuple[str, StageConfig]]) -> list[str]:
+    """Inputs a dry run can check before anything runs: models, data, --ref and --inception
+    (outputs of earlier stages are planned, not missing)."""
+    produced = {str(config.output) for _, config in stages}
+    problems = []
+
+    def check(what: str, reference, finder) -> None:
+        if reference and str(reference) not in produced:
+            reason = finder(str(reference))
+            if reason:
+                problems.append(f"{what} {reference}: {reason}")
+
+    for name, config in stages:
+        for field in ("model", "student", "teacher"):
+            check(f"{name}.{field}", getattr(config, field, None), _model_missing)
+        for model in getattr(config, "models", None) or []:
+            check(f"{name}.models", model, _model_missing)
+        check(f"{name}.data", getattr(config, "data", None), _data_missing)
+        ref = getattr(config, "ref", None)
+        if ref and ref != "digits" and not Path(ref).exists() and cleanfid_named_stats(ref) is None:
+            problems.append(f"{name}.ref {ref}: no such folder or file, nor a clean-fid dataset in its cache")
+        if name == "eval" and config.fid and (config.feature_extractor or "inception") == "inception" \
+                and config.ref != "digits":
+            try:
+                resolve_inception_path(config.inception)
+            except UserError as err:
+                problems.append(f"eval.inception: {err}")
+    return problems
+
+
 def run_recipe(path: str | Path, *, dry_run: bool = False, on_stage=None,
                show_progress: bool = False) -> list[dict[str, Any]]:
-    """Run (or, with `dry_run`, only plan) a recipe's stages; complete ones are skipped."""
+    """Run (or, with `dry_run`, only plan) a recipe's stages; complete ones are skipped. A
+    dry run prints the whole plan, then names every missing input (an error when there is one)."""
     recipe = load_recipe(path)
+    stages = resolve_stages(recipe, path)
     results = []
-    for name, config in resolve_stages(recipe, path):
+    for name, config in stages:
         out = Path(config.output)
         done = stage_complete(name, out)
         entry = {"stage": name, "output": str(out), "settings": config.model_dump(mode="json"),
@@ -124,6 +179,10 @@ def run_recipe(path: str | Path, *, dry_run: bool = False, on_stage=None,
                     on_stage({**entry, "status": "waiting for the main process"})
                 wait_for(lambda: stage_complete(name, out))
         results.append(entry)
+    if dry_run:
+        problems = missing_inputs(stages)
+        if problems:
+            raise UserError(f"{len(problems)} input(s) of {path} are missing: " + "; ".join(problems))
     return results
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from difcompress.errors import UserError
 from difcompress.io.folders import disk_errors
@@ -58,6 +59,7 @@ def save_sample_grid(
     path: str | os.PathLike,
     rows: Sequence[tuple[str, torch.Tensor]],
     ncols: int | None = None,
+    caption: str | None = None,
 ) -> Path:
     """Write one PNG with a labelled row of samples per model.
 
@@ -92,8 +94,9 @@ def save_sample_grid(
 
     label_px = 12 + 7 * max(len(label) for label, _ in arrays)
     title_px = 8
-    fig_w_px = label_px + strip_w
-    fig_h_px = title_px + len(strips) * (strip_h + 4)
+    caption_px = 18 * (caption.count("\n") + 1) if caption else 0
+    fig_w_px = max(label_px + strip_w, 7 * max((len(line) for line in (caption or "").splitlines()), default=0))
+    fig_h_px = title_px + len(strips) * (strip_h + 4) + caption_px
     fig = Figure(figsize=(fig_w_px / _DPI, fig_h_px / _DPI), dpi=_DPI)
     for i, ((label, _), strip) in enumerate(zip(arrays, strips)):
         bottom = 1.0 - (title_px + (i + 1) * (strip_h + 4)) / fig_h_px
@@ -107,6 +110,8 @@ def save_sample_grid(
             (label_px - 6) / fig_w_px, bottom + 0.5 * strip_h / fig_h_px, label,
             ha="right", va="center", fontsize=9,
         )
+    if caption:
+        fig.text(0.01, (caption_px - 4) / fig_h_px, caption, ha="left", va="top", fontsize=8)
     return _save(fig, path)
 
 
@@ -136,29 +141,15 @@ def _smoothed(key: str) -> bool:
     return k in LOSS_KEYS or "loss" in k
 
 
-def plot_metrics(
-    jsonl_path: str | os.PathLike,
-    png_path: str | os.PathLike,
-    keys: Sequence[str] | None = None,
-) -> Path:
-    """Plot numeric fields of a JSONL metrics log against ``step``, one small subplot each.
-
-    Every line is a JSON object with ``step``; all other numeric fields (or only ``keys``) are
-    plotted, non-numeric fields and keys with no values are skipped, loss-like keys get a light
-    moving average over the raw curve. Lines that are not JSON objects (e.g. a half-written last
-    line) or have no numeric ``step`` are skipped.
-    """
-    src = Path(jsonl_path)
+def _read_series(src: Path, keys: Sequence[str] | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(key, steps, values) per numeric field of a JSONL log (torn or non-object lines skipped)."""
     if not src.is_file():
         raise UserError(f"Metrics log {src} does not exist.")
     records: list[dict] = []
     with open(src, encoding="utf-8") as f:
         for line in f:
-            line = line.strip()
-            if not line:
-                continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line) if line.strip() else None
             except json.JSONDecodeError:
                 continue
             if isinstance(rec, dict) and _is_number(rec.get("step")):
@@ -166,17 +157,9 @@ def plot_metrics(
     if not records:
         raise UserError(f"{src} has no JSON lines with a numeric 'step'.")
     records.sort(key=lambda r: r["step"])  # stable: resumed runs keep their order per step
-
-    if keys is None:
-        wanted: list[str] = []
-        for rec in records:
-            for k, v in rec.items():
-                if k != "step" and k not in wanted and _is_number(v):
-                    wanted.append(k)
-    else:
-        wanted = [k for k in keys if k != "step"]
-
-    series: list[tuple[str, np.ndarray, np.ndarray]] = []
+    wanted = [k for k in keys if k != "step"] if keys is not None else list(dict.fromkeys(
+        k for rec in records for k, v in rec.items() if k != "step" and _is_number(v)))
+    series = []
     for k in wanted:
         pts = [(r["step"], r[k]) for r in records if _is_number(r.get(k))]
         if pts:
@@ -185,11 +168,29 @@ def plot_metrics(
     if not series:
         which = ", ".join(keys) if keys is not None else "numeric fields"
         raise UserError(f"Nothing to plot in {src}: no values for {which}.")
+    return series
 
+
+def plot_metrics(
+    jsonl_path: str | os.PathLike,
+    png_path: str | os.PathLike,
+    keys: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Plot numeric fields of a JSONL metrics log against ``step``, one small subplot each.
+
+    Every line is a JSON object with ``step``; all other numeric fields (or only ``keys``) are
+    plotted, non-numeric fields and keys with no values are skipped, loss-like keys get a light
+    moving average over the raw curve and a log scale when they fall over a decade. Lines that
+    are not JSON objects (e.g. a half-written last line) or have no numeric ``step`` are skipped.
+    """
+    series = _read_series(Path(jsonl_path), keys)
     ncols = min(3, len(series))
     nrows = math.ceil(len(series) / ncols)
-    fig = Figure(figsize=(3.4 * ncols, 2.4 * nrows), dpi=_DPI)
+    fig = Figure(figsize=(3.4 * ncols, 2.4 * nrows + (0.4 if title else 0)), dpi=_DPI)
     axes = fig.subplots(nrows, ncols, squeeze=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     for ax, (k, x, y) in zip(axes.flat, series):
         if _smoothed(k) and len(y) >= 10:
             window = max(2, min(50, len(y) // 10))
@@ -198,12 +199,16 @@ def plot_metrics(
         else:
             ax.plot(x, y, lw=1.2, color="C0", marker="." if len(y) < 30 else None)
         ax.set_title(k, fontsize=9)
+        ax.set_ylabel(k, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.ticklabel_format(axis="y", useOffset=False)  # no "1e-13+1e-1" on flat curves
-        positive = y[np.isfinite(y)]
-        if k.lower() == "lr" and positive.size and (positive > 0).all() and positive.max() / positive.min() > 50:
-            ax.set_yscale("log")
+        finite = y[np.isfinite(y)]
+        spread = finite.max() / finite.min() if finite.size and (finite > 0).all() else 0
+        if (k.lower() == "lr" and spread > 50) or (_smoothed(k) and spread > 10):
+            ax.set_yscale("log")  # losses fall over decades
+            ax.tick_params(which="both", labelsize=7)
     for ax in list(axes.flat)[len(series):]:
         ax.set_visible(False)
     for i, ax in enumerate(list(axes.flat)[: len(series)]):
