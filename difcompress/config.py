@@ -152,6 +152,9 @@ class PruneConfig(StageConfig):
                                  "default: train when there is one).")
     image_column: Optional[str] = Field(None, description="Image column of --data (default: the first image "
                                         "column, else image or img).")
+    preset: Optional[Literal["bk-base", "bk-small", "bk-tiny"]] = Field(
+        None, description="Text-to-image U-Nets: BK-SDM's block removal (base: one layer per block; small: and no "
+        "mid block; tiny: and no innermost stage), every weight copied from the teacher.")
     global_pruning: bool = Field(False, description="Rank channels across layers (widths recorded in JSON, "
                                  "not in the stock config).", json_schema_extra=_cli(flags=("--global",)))
     depth: Optional[int] = Field(None, ge=1, description="DiT: transformer blocks to keep.")
@@ -166,8 +169,9 @@ class PruneConfig(StageConfig):
                                   "fraction of its maximum.")
     importance_timesteps: Optional[int] = Field(None, ge=1, description="Cap on timesteps visited by gradient "
                                                 "criteria.")
-    timesteps_per_pass: int = Field(4, ge=1, description="Gradient criteria: timesteps pushed through one batched "
-                                    "forward/backward pass (the early stop stays exact).")
+    timesteps_per_pass: Optional[int] = Field(None, ge=1, description="Gradient criteria: timesteps pushed through "
+                                              "one batched forward/backward pass (the early stop stays exact; "
+                                              "default 16 on a GPU, 1 on the CPU, where batching does not pay).")
     round_to: int = Field(1, ge=1, description="U-Net: make every pruned width a multiple of this (8 suits tensor "
                           "cores); still a stock config.")
     device: Device = Field("auto", description=DEVICE_HELP, json_schema_extra=_cli(metavar="auto|cpu|cuda|cuda:N"))
@@ -183,14 +187,16 @@ class DistillConfig(StageConfig):
         "coarse_norm", "ema_decay", "grad_clip", "seed", "antithetic", "feature_layers", "feature_mask_std",
         "w_feat_schedule", "class_dropout", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
         "optimizer", "weight_decay", "fit_eps", "feature_hooks", "feature_reduction", "feature_adapter_bias",
-        "feature_adapter_init", "feature_adapter_always", "feature_mask_by", "loss_reduction", "variance_loss")
+        "feature_adapter_init", "feature_adapter_always", "feature_mask_by", "loss_reduction", "variance_loss",
+        "caption_dropout", "caption_column", "prompts")
     # Settings added later, left out of the identity at these values so older checkpoints still resume.
     neutral: ClassVar[dict[str, Any]] = {
         "feature_mask_std": 0.0, "w_feat_schedule": "constant", "class_dropout": 0.0,
         "gradient_accumulation_steps": 1, "lr_scheduler": "constant", "lr_warmup_steps": 0, "optimizer": "adamw",
         "weight_decay": 0.0, "fit_eps": FIT_EPS, "feature_hooks": "stages", "feature_reduction": "mean",
         "feature_adapter_bias": True, "feature_adapter_init": None, "feature_adapter_always": False,
-        "feature_mask_by": "teacher", "loss_reduction": "mean", "variance_loss": "mse"}
+        "feature_mask_by": "teacher", "loss_reduction": "mean", "variance_loss": "mse", "caption_dropout": 0.0,
+        "caption_column": None, "prompts": None}
 
     student: Ref = Field(description="Pruned student (difcompress folder or any diffusers model).")
     output: Path = OutputField("Run folder (checkpoints, logs, final student).")
@@ -263,6 +269,12 @@ class DistillConfig(StageConfig):
                                         "to the teacher's p(x_t-1|x_t), weighted like KD: the authors' DiT setting).")
     class_dropout: float = Field(0.1, ge=0, lt=1, description="Class-conditional models: label dropout for "
                                  "classifier-free guidance.")
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="Text-to-image models: captions dropped to the "
+                                   "empty prompt, for classifier-free guidance.")
+    caption_column: Optional[str] = Field(None, description="Text-to-image data: the caption column (default: "
+                                          "text, caption or prompt).")
+    prompts: Optional[Ref] = Field(None, description="Text-to-image, --data teacher: prompts the teacher draws "
+                                   "its samples from (.txt lines, .csv/.jsonl caption column, COCO captions .json).")
     teacher_samples: int = Field(512, ge=1, description="Images the teacher generates for --data teacher.")
     teacher_sampler_steps: int = Field(50, ge=1, description="DDIM steps the teacher samples them with.")
     mixed_precision: Optional[MixedPrecision] = Field(None, description="no, fp16 or bf16 (default: accelerate's "
@@ -308,8 +320,13 @@ class EvalConfig(StageConfig):
     feature_extractor: Optional[Extractor] = Field(None, description="Features for FID (default: digits for the "
                                                    "embedded teacher, else inception).")
     seed: int = Field(0, ge=0, description="Sample i starts from noise seeded seed + i.")
-    guidance_scale: Optional[float] = Field(None, ge=1, description="Class-conditional models: classifier-free "
-                                            "guidance scale (default 1.5; 1 disables).")
+    guidance_scale: Optional[float] = Field(None, ge=1, description="Conditional models: classifier-free guidance "
+                                            "scale (default 1.5 for class labels, 7.5 for text; 1 disables).")
+    prompts: Optional[Ref] = Field(None, description="Text-to-image models: prompts to sample (.txt one per line, "
+                                   ".csv/.jsonl caption column, or a COCO captions .json), cycled over --num-samples.")
+    negative_prompt: str = Field("", description="Text-to-image models: what guidance steers away from.")
+    clip_model: Optional[Ref] = Field(None, description="Text-to-image models: a transformers CLIPModel folder; "
+                                      "reports the CLIP score (mean image-prompt cosine similarity).")
     class_labels: Optional[IntList] = Field(None, description="Class-conditional models: labels to sample, e.g. "
                                             "3,7 (default: uniform over classes).",
                                             json_schema_extra=_cli(flags=("--class-label",), metavar="I,J,..."))

@@ -71,3 +71,27 @@ DIGITS_DIT_CONFIG = dict(
     num_embeds_ada_norm=10,
     activation_fn="gelu-approximate",
 )
+
+
+# stabilityai/stable-diffusion-2-1-base's UNet2DConditionModel config (865.9M params): SD's
+# block pattern, 512 px through the VAE's factor 8; attention_head_dim is heads per level
+# (64 channels each) in SD 2.x configs.
+SD21_BASE_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+)

@@ -10,6 +10,7 @@ so every prune or distill call takes about a second on two CPU cores.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -273,3 +274,65 @@ def run_export(model, output, **settings):
     from difcompress.config import ExportConfig
 
     return export(ExportConfig(model=str(model), output=output, **settings))
+
+
+# ---- text-to-image: a tiny Stable Diffusion pipeline built from configs -------------------------
+
+SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+
+def build_tiny_sd(folder: Path, seed: int = 0, **unet_overrides) -> Path:
+    """SD 2.x's block pattern in miniature (4 levels, 2 layers per block, linear projections,
+    heads per level): 16x16 images, 8x8 latents, a 2-layer CLIP text encoder over a
+    character vocabulary written here."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from difcompress.data.text import write_character_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 32, 32),
+        down_block_types=SD_DOWN, up_block_types=SD_UP, cross_attention_dim=32, attention_head_dim=(2, 4, 4, 4),
+        use_linear_projection=True, norm_num_groups=8), **unet_overrides})
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    tokenizer = CLIPTokenizer.from_pretrained(write_character_tokenizer(folder.parent / f"{folder.name}-tokenizer"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=DDPMScheduler(num_train_timesteps=TINY_NUM_TRAIN_TIMESTEPS, steps_offset=1,
+                                                    clip_sample=False), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(
+        folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    with one_thread():
+        return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+def write_captioned_digits(folder: Path, count: int = 24) -> Path:
+    """An imagefolder tree of digits with a metadata.jsonl of captions ("a handwritten 7")."""
+    from PIL import Image
+
+    from difcompress.builtin import digits_images, digits_labels
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = digits_images(16, 3)[:count], digits_labels()[:count]
+    with (folder / "metadata.jsonl").open("w") as f:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            pixels = ((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+            f.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"a handwritten {int(label)}"}) + "\n")
+    return folder

@@ -119,7 +119,8 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
         config.data, student, teacher, samples=config.teacher_samples, sampler_steps=config.teacher_sampler_steps,
         seed=config.seed, cache_dir=output, latent_cache=config.latent_cache,
         is_main=accelerator.is_main_process, is_local_main=accelerator.is_local_main_process,
-        show_progress=show_progress, split=config.split, image_column=config.image_column)
+        show_progress=show_progress, split=config.split, image_column=config.image_column,
+        caption_column=config.caption_column, prompts=config.prompts)
     if data_report.get("unreadable_skipped") and accelerator.is_main_process:
         warn(f"skipped {data_report['unreadable_skipped']} unreadable image(s) in {config.data} "
              f"(first: {data_report['first_unreadable']})")
@@ -190,6 +191,8 @@ def run_settings(config: DistillConfig, student: LoadedModel, teacher: str | Non
         settings["feature_layers"] = [s if s == t else f"{s}={t}" for s, t in pairs]
     if not student.family.num_classes(student.model):
         settings["class_dropout"] = 0.0
+    if student.family.conditioning != "text":
+        settings["caption_dropout"] = 0.0
     return settings
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from difcompress.builtin import (
 )
 from difcompress.config import EvalConfig
 from difcompress.data.datasets import check_labels
+from difcompress.data.resolve import TEXT_GUIDANCE
+from difcompress.data.text import read_prompts
 from difcompress.environment import resolve_device, seed_everything
 from difcompress.errors import UserError
 from difcompress.families.sampling import balanced_labels
@@ -28,6 +31,7 @@ from difcompress.io.folders import (
 from difcompress.io.loading import load_model
 from difcompress.io.plots import save_sample_grid
 from difcompress.io.report import progress_bar, warn
+from difcompress.metrics.clip import ClipScorer
 from difcompress.metrics.cost import model_size, sampling_cost
 from difcompress.metrics.extractors import features_of_images, get_feature_extractor
 from difcompress.metrics.fid import Reference, fid_kid, load_reference
@@ -70,6 +74,8 @@ def evaluate(config: EvalConfig, *, show_progress: bool = False) -> dict[str, An
 def _grid_caption(config: EvalConfig, rows: list[dict[str, Any]], protocol: dict[str, Any] | None) -> str:
     """What the grid shows: the sampler, and each model's FID when measured."""
     caption = f"{config.sampler} {config.sampler_steps} steps, seed {config.seed} (sample i: seed + i)"
+    if rows[0].get("prompts"):
+        caption += "\nprompts, left to right: " + " | ".join(rows[0]["prompts"])
     if protocol:
         fids = ", ".join(f"{Path(r['model']).name or r['model']} {r['fid']:.2f}" for r in rows)
         caption += f"\nFID: {fids} ({protocol['feature_extractor']}, {protocol['num_samples']} samples)"
@@ -101,43 +107,64 @@ def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device):
     return extractor, reference, protocol
 
 
-def conditioning(item, count: int, guidance_scale: float | None, class_labels: list[int] | None, seed: int):
-    """Labels (given ones cycled, else balanced over classes) and guidance for one model."""
+@dataclass
+class Conditioning:
+    """What a model samples under: one condition per sample (class ids or prompt encodings),
+    the guidance scale, the null condition guidance pushes away from, and the prompts."""
+
+    labels: torch.Tensor | None
+    guidance: float
+    null: torch.Tensor | None = None
+    prompts: list[str] | None = None
+
+
+def conditioning(item, count: int, config: EvalConfig) -> Conditioning:
+    """Labels (given ones cycled, else balanced over classes), or prompts (cycled), and guidance."""
+    if item.family.conditioning == "text":
+        if not config.prompts:
+            raise UserError(f"{item.source} is a text-to-image model: pass --prompts FILE", exit_code=2)
+        prompts = read_prompts(config.prompts)
+        prompts = [prompts[i % len(prompts)] for i in range(count)]
+        guidance = TEXT_GUIDANCE if config.guidance_scale is None else config.guidance_scale
+        return Conditioning(item.text.encode(prompts), guidance, item.text.encode([config.negative_prompt])[0],
+                            prompts)
     classes = item.family.num_classes(item.model)
     if not classes:
-        if class_labels or guidance_scale not in (None, 1.0):
-            raise UserError(f"{item.source} is unconditional: --class-label and --guidance-scale do not apply",
-                            exit_code=2)
-        return None, 1.0
-    guidance = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-    if guidance < 1:
-        raise UserError("--guidance-scale must be at least 1 (1 disables guidance)", exit_code=2)
+        if config.class_labels or config.guidance_scale not in (None, 1.0) or config.prompts:
+            raise UserError(f"{item.source} is unconditional: --class-label, --prompts and --guidance-scale do not "
+                            "apply", exit_code=2)
+        return Conditioning(None, 1.0)
+    guidance = DEFAULT_GUIDANCE if config.guidance_scale is None else config.guidance_scale
     if guidance != 1.0 and item.family.null_class(item.model) is None:
         raise UserError(f"{item.source} has no null-class embedding, so no classifier-free guidance; "
                         "pass --guidance-scale 1", exit_code=2)
-    if class_labels:
-        given = check_labels(torch.tensor(class_labels), classes, "--class-label")
-        return given[torch.arange(count) % len(given)], guidance
-    return balanced_labels(count, classes, seed), guidance
+    if config.class_labels:
+        given = check_labels(torch.tensor(config.class_labels), classes, "--class-label")
+        return Conditioning(given[torch.arange(count) % len(given)], guidance)
+    return Conditioning(balanced_labels(count, classes, config.seed), guidance)
 
 
 def _measure_all(config: EvalConfig, loaded: list, progress, extractor, reference):
     rows, grid = [], []
+    scorer = ClipScorer(config.clip_model, next(loaded[0].model.parameters()).device) if config.clip_model else None
     for spec, item in zip(config.models, loaded):
         seed_everything(config.seed)
         count = config.num_samples if config.fid else config.grid_size
-        labels, guidance = conditioning(item, count, config.guidance_scale, config.class_labels, config.seed)
+        cond = conditioning(item, count, config)
+        labels, guidance = cond.labels, cond.guidance
         row: dict[str, Any] = {"model": spec, "path": str(item.path.resolve()), "family": item.family.name,
                                "latent": item.autoencoder is not None}
         if labels is not None:
             row["guidance_scale"] = guidance
+        if cond.prompts:
+            row["prompts"] = cond.prompts[: config.grid_size]
         row.update(model_size(item.model, item.family))
         # With guidance every step evaluates the denoiser on a doubled batch.
         row.update(sampling_cost(item.model, item.family, batch_size=config.latency_batch_size,
                                  steps=config.sampler_steps,
                                  calls_per_step=2 if labels is not None and guidance != 1.0 else 1))
         task = progress.add_task(f"sampling {Path(spec).name or spec}", total=count) if config.fid else None
-        features, shown = [], []
+        features, shown, clip = [], [], []
         # A batch at a time: decoded images go to the feature extractor and are dropped, so
         # memory does not grow with --num-samples. Sample i still depends only on seed + i.
         for start in range(0, count, config.batch_size):
@@ -145,14 +172,18 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
             images = item.to_images(item.sample(
                 end - start, seed=config.seed + start, steps=config.sampler_steps, sampler=config.sampler,
                 batch_size=config.batch_size, class_labels=labels[start:end] if labels is not None else None,
-                guidance_scale=guidance))
+                guidance_scale=guidance, null_condition=cond.null))
             if config.fid:
                 features.append(features_of_images(images, extractor, batch_size=config.batch_size))
                 progress.advance(task, end - start)
+            if scorer is not None and cond.prompts:
+                clip.append(scorer(images, cond.prompts[start:end]))
             if sum(len(x) for x in shown) < config.grid_size:
                 shown.append(images[: config.grid_size - sum(len(x) for x in shown)])
         if config.fid:
             row.update(fid_kid(np.concatenate(features), reference, seed=config.seed), num_samples=count)
+        if clip:
+            row["clip_score"] = float(torch.cat(clip).mean())
         grid.append((Path(spec).name or spec, torch.cat(shown)))
         rows.append(row)
     return rows, grid

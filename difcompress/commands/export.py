@@ -13,6 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from difcompress.commands.model_card import model_card, teacher_license
 from difcompress.config import ExportConfig
 from difcompress.data.latents import Autoencoder
+from difcompress.data.text import TextEncoder
 from difcompress.environment import hub_offline, versions
 from difcompress.errors import UserError
 from difcompress.io.folders import (
@@ -22,6 +23,7 @@ from difcompress.io.folders import (
     folder_lock,
     folder_size_bytes,
     pruning_report,
+    quiet_diffusers,
     remove_temporaries,
     save_model_folder,
 )
@@ -51,13 +53,16 @@ def _export(config: ExportConfig, output: Path) -> dict[str, Any]:
     family, net = loaded.family, loaded.model
     info = export_info(config, loaded, output)
     dtype = DTYPES[config.dtype]
+    with quiet_diffusers():  # the cast to fp16 is the export's point; diffusers warns about any .to(dtype)
+        net, autoencoder, text = net.to(dtype), _in_dtype(loaded.autoencoder, dtype), _text_in_dtype(loaded.text, dtype)
     with atomic_folder(output, needed_bytes=info["params"] * torch.finfo(dtype).bits // 8) as tmp:
         save_model_folder(
-            tmp, net if config.dtype == "fp32" else net.to(dtype), loaded.scheduler, family,
+            tmp, net, loaded.scheduler, family,
             {"stage": "export", "family": family.name, "teacher": info["teacher"], "versions": versions(),
              "export": info},
-            loaded.structure, autoencoder=_in_dtype(loaded.autoencoder, dtype),
-            pipeline_settings=loaded.pipeline_settings, variant=None if config.dtype == "fp32" else config.dtype)
+            loaded.structure, autoencoder=autoencoder,
+            pipeline_settings=loaded.pipeline_settings, variant=None if config.dtype == "fp32" else config.dtype,
+            text=text)
         where = config.push_to_hub or str(output.resolve())
         model_card(info, where, config.push_to_hub or output.name).save(tmp / "README.md")
     info["output"] = str(output.resolve())
@@ -77,7 +82,8 @@ def export_info(config: ExportConfig, loaded, output: Path) -> dict[str, Any]:
     return {
         "source": str(Path(config.model).resolve()) if Path(config.model).exists()
         else config.model, "teacher": manifest.get("teacher"), "family": family.name,
-        "model_class": family.model_class.__name__, "pipeline_tag": "unconditional-image-generation",
+        "model_class": family.model_class.__name__,
+        "pipeline_tag": "text-to-image" if family.conditioning == "text" else "unconditional-image-generation",
         "pruning": pruning_report(manifest), "distill": settings or None, "distill_steps": distill.get("steps"),
         "objective": settings.get("objective") or settings.get("loss"), "params": size["params"], "macs": size["macs"],
         "dtype": config.dtype,
@@ -108,6 +114,13 @@ def _in_dtype(autoencoder, dtype):
     if autoencoder is None or dtype == torch.float32:
         return autoencoder
     return Autoencoder(autoencoder.component, autoencoder.model.to(dtype))
+
+
+def _text_in_dtype(text, dtype):
+    """The text encoder in the export dtype (the tokenizer has none)."""
+    if text is None or dtype == torch.float32:
+        return text
+    return TextEncoder(text.tokenizer, text.model.to(dtype))
 
 
 def _evaluation(folder: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

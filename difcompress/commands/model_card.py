@@ -59,6 +59,10 @@ def usage(info: dict[str, Any], where: str) -> list[str]:
     dtype = {"fp16": "torch.float16", "bf16": "torch.bfloat16"}.get(info["dtype"])
     load_args = f"'{where}'" + (f", variant='{variant}', torch_dtype={dtype}" if variant else "")
     imports = ["import torch"] if variant else []
+    if info["family"] == "t2i":
+        return ["```python", *imports, "from diffusers import StableDiffusionPipeline",
+                f"pipe = StableDiffusionPipeline.from_pretrained({load_args})",
+                "image = pipe('a photo of an astronaut riding a horse').images[0]", "```"]
     if info["family"] == "dit":
         if info["autoencoder"] is None:
             return ["A pixel-space DiT: the folder has no VAE, so load it with `vae=None` and sample with",

@@ -30,8 +30,8 @@ def prune(config: PruneConfig, *, show_progress: bool = False) -> dict[str, Any]
     """Prune `config.model` into `config.output`; returns the prune report (widths, params
     and MACs before/after, kept blocks, warnings)."""
     depth_pruning = config.depth is not None or config.blocks is not None
-    if config.ratio == 0 and not depth_pruning:
-        raise UserError("--ratio must be above 0 (0 is allowed with --depth/--blocks)", exit_code=2)
+    if config.ratio == 0 and not depth_pruning and config.preset is None:
+        raise UserError("--ratio must be above 0 (0 is allowed with --depth/--blocks or --preset)", exit_code=2)
     if config.depth_criterion != "uniform" and config.depth is None:
         raise UserError(f"--depth-criterion {config.depth_criterion} chooses which blocks --depth keeps; "
                         "give --depth", exit_code=2)
@@ -43,6 +43,9 @@ def prune(config: PruneConfig, *, show_progress: bool = False) -> dict[str, Any]
         if loaded.structure is not None and not config.global_pruning:
             raise UserError(f"{config.model} was pruned with --global (its widths are not uniform); prune it again "
                             "with --global")
+        if config.preset and loaded.family.conditioning != "text":
+            raise UserError(f"--preset (BK-SDM block removal) applies to text-to-image U-Nets, not "
+                            f"{loaded.family.name}", exit_code=2)
         if depth_pruning and not loaded.family.supports_depth:
             raise UserError(f"depth pruning (--depth/--blocks) applies to transformer models, not "
                             f"{loaded.family.name}", exit_code=2)
@@ -53,7 +56,8 @@ def prune(config: PruneConfig, *, show_progress: bool = False) -> dict[str, Any]
         needed = sum(p.numel() * p.element_size() for p in student.parameters())
         with atomic_folder(output, needed_bytes=needed) as tmp:
             save_model_folder(tmp, student.to("cpu"), loaded.scheduler, loaded.family, manifest, structure,
-                              autoencoder=loaded.autoencoder, pipeline_settings=loaded.pipeline_settings)
+                              autoencoder=loaded.autoencoder, pipeline_settings=loaded.pipeline_settings,
+                              text=loaded.text)
     report["output"] = str(output.resolve())
     return report
 
@@ -65,7 +69,7 @@ def _gradients(config: PruneConfig, loaded: LoadedModel, calibration, show_progr
         return accumulate_gradients(
             loaded.model, loaded.family, loaded.scheduler, calibration[0], calibration[1], config.importance,
             seed=config.seed, threshold=config.diff_threshold, max_timesteps=config.importance_timesteps,
-            timesteps_per_pass=config.timesteps_per_pass,
+            timesteps_per_pass=config.timesteps_per_pass or (16 if loaded.model.device.type == "cuda" else 1),
             on_progress=lambda done, total: progress.update(task, completed=done, total=total))
 
 
@@ -84,7 +88,8 @@ def _prune_loaded(config: PruneConfig, loaded: LoadedModel, show_progress: bool)
         timesteps_used = _gradients(config, loaded, calibration, show_progress)
     request = PruneRequest(ratio=config.ratio, importance=config.importance, global_pruning=config.global_pruning,
                            depth=config.depth, blocks=config.blocks, depth_criterion=config.depth_criterion,
-                           calibration=calibration, seed=config.seed, round_to=config.round_to)
+                           calibration=calibration, seed=config.seed, round_to=config.round_to,
+                           preset=config.preset)
     outcome = family.prune(model, request)
     earlier = pruning_report(loaded.manifest) or {}
     if "kept_blocks" in outcome.details and "kept_blocks" in earlier:

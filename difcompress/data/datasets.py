@@ -73,6 +73,9 @@ class ImageFolderDataset(Dataset):
             raise UserError(f"no images found in {self.root} ({len(self.scan.unreadable) + len(self.scan.other)} "
                             "other files skipped); put png/jpg/webp/... files there")
         self.class_names, self.labels = _folder_classes(self.root, self.paths)
+        # Same-stem .txt files caption the images (when every image has one).
+        texts = [p.with_suffix(".txt") for p in self.paths]
+        self.captions = [t.read_text().strip() for t in texts] if all(t.is_file() for t in texts) else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -156,11 +159,12 @@ class HFDataset(Dataset):
     ``image`` or ``img``. Class labels come from a ClassLabel column or one named label."""
 
     def __init__(self, spec: str | Path, size: int, channels: int = 3, *, split: str | None = None,
-                 image_column: str | None = None):
+                 image_column: str | None = None, caption_column: str | None = None):
         _check_size_channels(size, channels)
         datasets = _import_datasets()
         self.source, self.size, self.channels = str(spec), size, channels
         ds, self.split = _load_hf(spec, split)
+        self.captions = _caption_column(ds, caption_column, spec)
         self.column = image_column or _pick_image_column(ds, datasets)
         if self.column is None or self.column not in ds.column_names:
             named = f" {self.column!r}" if self.column else ""
@@ -192,6 +196,20 @@ class HFDataset(Dataset):
     def __repr__(self) -> str:
         return (f"HFDataset({self.source!r}, split={self.split!r}, column={self.column!r}, size={self.size}, "
                 f"channels={self.channels}, items={len(self)})")
+
+
+CAPTION_COLUMNS = ("text", "caption", "prompt", "captions")
+
+
+def _caption_column(ds: Any, column: str | None, spec) -> list[str] | None:
+    """Captions from `column`, else from a column named text/caption/prompt (a list of
+    captions per image takes its first)."""
+    if column is not None and column not in ds.column_names:
+        raise UserError(f"no caption column {column!r} in {spec} (columns: {', '.join(ds.column_names)})", 2)
+    column = column or next((c for c in CAPTION_COLUMNS if c in ds.column_names), None)
+    if column is None:
+        return None
+    return [v[0] if isinstance(v, (list, tuple)) and v else str(v) for v in ds[column]]
 
 
 def _label_column(ds: Any, datasets: Any) -> torch.Tensor | None:
@@ -250,7 +268,8 @@ class TensorImageDataset(Dataset):
     """Images (or latents) already in memory: a ``(N, C, H, W)`` float tensor, with optional
     class labels ``(N,)``."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                 null_condition: torch.Tensor | None = None):
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"TensorImageDataset needs an (N, C, H, W) tensor, got {got}")
@@ -258,10 +277,11 @@ class TensorImageDataset(Dataset):
             raise ValueError(
                 f"TensorImageDataset needs a float tensor in [-1, 1], got {images.dtype}"
             )
-        if labels is not None and labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        if labels is not None and labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must have {images.shape[0]} rows, got {tuple(labels.shape)}")
         self.images = images
-        self.labels = labels
+        self.labels = labels  # class ids (N,), or text encodings (N, tokens, width)
+        self.null_condition = null_condition  # what a dropped caption becomes (the empty prompt's encoding)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -288,7 +308,7 @@ def is_hf_source(spec: str | Path) -> bool:
 
 
 def open_image_data(spec: str | Path, size: int, channels: int, *, split: str | None = None,
-                    image_column: str | None = None) -> Dataset:
+                    image_column: str | None = None, caption_column: str | None = None) -> Dataset:
     """Open user-given image data: a folder of image files (class labels from subfolders),
     a save_to_disk folder, parquet file(s), an imagefolder tree, or hf:NAME[:CONFIG].
 
@@ -297,7 +317,7 @@ def open_image_data(spec: str | Path, size: int, channels: int, *, split: str | 
     _check_size_channels(size, channels)
     path = Path(str(spec)).expanduser()
     if is_hf_source(spec):
-        return HFDataset(spec, size, channels, split=split, image_column=image_column)
+        return HFDataset(spec, size, channels, split=split, image_column=image_column, caption_column=caption_column)
     if path.is_dir():
         return ImageFolderDataset(path, size, channels)
     if path.exists():

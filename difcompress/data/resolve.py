@@ -17,19 +17,27 @@ from difcompress.data.datasets import (
     check_class_data,
     open_image_data,
 )
-from difcompress.data.latents import latent_training_data
+from difcompress.data.latents import default_cache_root, latent_training_data
 from difcompress.data.stream import BatchStream
+from difcompress.data.text import cached_text, read_prompts
+from difcompress.errors import UserError
 from difcompress.families.sampling import balanced_labels
 from difcompress.io.folders import disk_errors
 
 TEACHER = "teacher"
+TEXT_GUIDANCE = 7.5  # Stable Diffusion's default guidance scale (StableDiffusionPipeline)
 
 
-def image_data(data: str, loaded, split: str | None = None, image_column: str | None = None) -> Dataset:
-    """Pixel images (with class labels for class-conditional models) for `loaded`'s size and
-    channels; class labels are checked against the model before any long work."""
+def image_data(data: str, loaded, split: str | None = None, image_column: str | None = None,
+               caption_column: str | None = None) -> Dataset:
+    """Pixel images (with class labels for class-conditional models, captions for text-to-image
+    ones) for `loaded`'s size and channels; checked against the model before any long work."""
     c, h, _ = loaded.image_shape()
-    dataset = builtin_data(data, h, c) or open_image_data(data, h, c, split=split, image_column=image_column)
+    dataset = builtin_data(data, h, c) or open_image_data(data, h, c, split=split, image_column=image_column,
+                                                          caption_column=caption_column)
+    if loaded.family.conditioning == "text" and getattr(dataset, "captions", None) is None:
+        raise UserError(f"{data} has no captions for a text-to-image model: give an imagefolder with a metadata "
+                        "file, a dataset with a text column (--caption-column), or same-stem .txt files", 2)
     classes = loaded.family.num_classes(loaded.model)
     if classes:
         check_class_data(dataset, classes, data)
@@ -63,9 +71,15 @@ def teacher_samples(teacher, count: int, *, label_seed: int, noise_seed: int, st
 
 def training_data(data: str, student, teacher, *, samples: int, sampler_steps: int, seed: int,
                   cache_dir: Path, latent_cache: Path | None, is_main: bool, is_local_main: bool,
-                  show_progress: bool, split: str | None = None,
-                  image_column: str | None = None) -> tuple[Dataset, dict[str, Any]]:
-    """The training set in the denoiser's space and a report (data, latent cache, skipped files)."""
+                  show_progress: bool, split: str | None = None, image_column: str | None = None,
+                  caption_column: str | None = None, prompts: str | None = None) -> tuple[Dataset, dict[str, Any]]:
+    """The training set in the denoiser's space and a report (data, latent cache, skipped files);
+    for text-to-image models each item's condition is its caption's encoding."""
+    if student.family.conditioning == "text":
+        return _text_to_image_data(data, student, teacher, samples=samples, sampler_steps=sampler_steps, seed=seed,
+                                   cache_dir=cache_dir, latent_cache=latent_cache, is_local_main=is_local_main,
+                                   show_progress=show_progress, split=split, image_column=image_column,
+                                   caption_column=caption_column, prompts=prompts)
     if data == TEACHER:
         # Data-free: generated once and kept with the run, so a resume trains on the same samples.
         dataset = teacher_samples(teacher, samples, label_seed=seed, noise_seed=seed + 1_000_003, steps=sampler_steps,
@@ -99,3 +113,34 @@ def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, spli
         return images, labels if classes else None
     samples = teacher_samples(loaded, batch_size, label_seed=seed, noise_seed=seed, steps=50)
     return samples.images, samples.labels
+
+
+def _text_to_image_data(data, student, teacher, *, samples, sampler_steps, seed, cache_dir, latent_cache,
+                        is_local_main, show_progress, split, image_column, caption_column, prompts):
+    """Latents and caption encodings, both encoded once and cached; or, data-free, the
+    teacher's samples of --prompts (guidance 7.5, as Stable Diffusion samples)."""
+    root = latent_cache or default_cache_root()
+    if data == TEACHER:
+        if not prompts:
+            raise UserError("--data teacher for a text-to-image model needs --prompts FILE", exit_code=2)
+        captions = (read_prompts(prompts) * samples)[:samples]
+        encodings, empty, _ = cached_text(captions, student.text, root, encode_here=is_local_main)
+        cache = cache_dir / "teacher_samples.safetensors"
+        if cache.is_file():
+            images = load_file(cache)["images"]
+        else:
+            images = teacher.sample(samples, seed=seed + 1_000_003, steps=sampler_steps, class_labels=encodings,
+                                    guidance_scale=TEXT_GUIDANCE, null_condition=empty)
+            with disk_errors(cache.parent):
+                save_file({"images": images.contiguous()}, cache)
+        return TensorImageDataset(images, encodings, empty), {"data": TEACHER, "prompts": str(prompts),
+                                                              "items": samples}
+    images = image_data(data, student, split, image_column, caption_column)
+    c, h, _ = student.image_shape()
+    latents, latent_report = latent_training_data(images, student.autoencoder, h, cache_root=latent_cache,
+                                                  is_main=is_local_main, show_progress=show_progress)
+    encodings, empty, text_report = cached_text(images.captions, student.text, root, encode_here=is_local_main)
+    report = {"data": data, "resolved": str(Path(data).resolve()) if Path(data).exists() else data,
+              "split": getattr(images, "split", None), "items": len(images), "latent_cache": latent_report,
+              "text_cache": text_report, "unreadable_skipped": 0, "first_unreadable": None}
+    return TensorImageDataset(latents.images, encodings, empty), report

@@ -31,6 +31,7 @@ class PruneRequest:
     calibration: Any = None  # (x0, labels, scheduler) for data-driven criteria
     seed: int = 0
     round_to: int = 1  # every pruned width a multiple of this (tensor-core friendly)
+    preset: str | None = None  # block removal (text-to-image U-Nets: bk-base, bk-small, bk-tiny)
 
 
 @dataclass
@@ -46,13 +47,15 @@ class ModelFamily(ABC):
     model_class: type[nn.Module]
     component: str  # the denoiser's folder inside a pipeline ("unet", "transformer")
     supports_depth: bool = False  # whether whole blocks can be removed (--depth / --blocks)
+    conditioning: str | None = None  # None, "class" (labels) or "text" (prompt encodings)
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_class)
 
     @abstractmethod
-    def pipeline(self, model: nn.Module, scheduler: Any, autoencoder=None):
-        """The stock diffusers pipeline that holds this denoiser (and its autoencoder)."""
+    def pipeline(self, model: nn.Module, scheduler: Any, autoencoder=None, text=None):
+        """The stock diffusers pipeline that holds this denoiser (and its autoencoder, and its
+        text encoder and tokenizer for text-to-image)."""
 
     # ---- shapes, conditioning and forward --------------------------------------------------
     @abstractmethod
@@ -131,10 +134,12 @@ class ModelFamily(ABC):
         guidance_scale: float = 1.0,
         pixels: bool = True,
         on_batch=None,
+        null_condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draw samples in the denoiser's space as (N, C, H, W) on CPU; sample i depends only
         on (seed, i) and its class label. Pixels are clamped to [-1, 1]; latents (pixels=False) are never clipped."""
         return sample_images(
             self, model, scheduler, num_samples, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size,
             class_labels=class_labels, guidance_scale=guidance_scale, pixels=pixels, on_batch=on_batch,
+            null_condition=null_condition,
         )

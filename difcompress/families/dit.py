@@ -46,8 +46,9 @@ class DiTFamily(ModelFamily):
     model_class = DiTTransformer2DModel
     component = "transformer"
     supports_depth = True
+    conditioning = "class"
 
-    def pipeline(self, model, scheduler, autoencoder=None):
+    def pipeline(self, model, scheduler, autoencoder=None, text=None):
         # A pixel-space DiT has no VAE: the folder lists vae as null and loads with
         # DiTPipeline.from_pretrained(path, vae=None).
         return DiTPipeline(transformer=model, vae=autoencoder.model if autoencoder else None, scheduler=scheduler)

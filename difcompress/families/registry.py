@@ -7,9 +7,10 @@ from torch import nn
 from difcompress.errors import UserError
 from difcompress.families.base import ModelFamily
 from difcompress.families.dit import DiTFamily
+from difcompress.families.t2i import TextToImageFamily
 from difcompress.families.unet2d import PixelUNetFamily
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PixelUNetFamily(), DiTFamily())}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PixelUNetFamily(), DiTFamily(), TextToImageFamily())}
 SUPPORTED_CLASSES = {f.model_class.__name__: f for f in FAMILIES.values()}
 
 

@@ -37,12 +37,14 @@ def balanced_labels(num_samples: int, num_classes: int, seed: int = 0) -> torch.
     return order[torch.arange(num_samples) % num_classes]
 
 
-def guided_prediction(family, model, x, t, labels, guidance_scale: float):
+def guided_prediction(family, model, x, t, labels, guidance_scale: float, null: torch.Tensor | None = None):
     """(eps, learned variance or None). With guidance, eps = eps_null + s * (eps_label -
-    eps_null) from one batched call, and the variance is the labelled branch's."""
+    eps_null) from one batched call, and the variance is the labelled branch's. The
+    condition is a class label (null: the model's null class) or a text encoding (null: the
+    empty or negative prompt's encoding, given)."""
     if labels is None or guidance_scale == 1.0:
         return family.predict_split(model, x, t, labels)
-    null = torch.full_like(labels, family.null_class(model))
+    null = torch.full_like(labels, family.null_class(model)) if null is None else null.to(labels).expand_as(labels)
     eps, variance = family.predict_split(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
     cond, uncond = eps.chunk(2)
     return uncond + guidance_scale * (cond - uncond), (variance.chunk(2)[0] if variance is not None else None)
@@ -51,8 +53,9 @@ def guided_prediction(family, model, x, t, labels, guidance_scale: float):
 @torch.no_grad()
 def sample_images(family, model, scheduler, num_samples: int, *, seed: int, steps: int, sampler: str = "ddim",
                   batch_size: int = 64, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                  pixels: bool = True, on_batch=None) -> torch.Tensor:
-    """Samples in the denoiser's space; pixels are clamped to [-1, 1], latents never clipped."""
+                  pixels: bool = True, on_batch=None, null_condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Samples in the denoiser's space; pixels are clamped to [-1, 1], latents never clipped.
+    `class_labels` holds one condition per sample (class ids, or text encodings)."""
     model_device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     c, h, w = family.sample_shape(model)
@@ -66,7 +69,8 @@ def sample_images(family, model, scheduler, num_samples: int, *, seed: int, step
         x = x * sched.init_noise_sigma
         for t in sched.timesteps:
             tt = torch.full((len(idx),), int(t), device=model_device, dtype=torch.long)
-            eps, variance = guided_prediction(family, model, sched.scale_model_input(x, t), tt, labels, guidance_scale)
+            eps, variance = guided_prediction(family, model, sched.scale_model_input(x, t), tt, labels, guidance_scale,
+                                              null_condition)
             prediction = torch.cat([eps, variance], 1) if variance is not None and sampler == "ddpm" else eps
             kwargs = {"generator": gens} if sampler == "ddpm" else {"eta": 0.0}
             x = sched.step(prediction.float(), t, x.float(), **kwargs).prev_sample.to(model_dtype)

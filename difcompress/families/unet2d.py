@@ -51,7 +51,7 @@ class PixelUNetFamily(GraphPrunedFamily):
     model_class = UNet2DModel
     component = "unet"
 
-    def pipeline(self, model, scheduler, autoencoder=None):
+    def pipeline(self, model, scheduler, autoencoder=None, text=None):
         if autoencoder is None:
             return DDPMPipeline(unet=model, scheduler=scheduler)
         return LDMPipeline(vqvae=autoencoder.model, unet=model, scheduler=scheduler)

@@ -240,19 +240,26 @@ def check_output_folder(out: str | Path, inputs: Iterable[str | Path] = ()) -> P
     return out
 
 
+@contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """diffusers' warnings off for a call whose warnings are about things done on purpose."""
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def save_model_folder(folder: Path, model, scheduler, family, manifest: dict[str, Any],
                       structure: dict[str, Any] | None = None, *, autoencoder=None,
-                      pipeline_settings: dict[str, Any] | None = None, variant: str | None = None) -> None:
+                      pipeline_settings: dict[str, Any] | None = None, variant: str | None = None, text=None) -> None:
     """Write pipeline (with a latent model's autoencoder, unchanged) + manifest into `folder`
     (normally the temp folder of atomic_folder); `variant` names the weight files as
     diffusers variants (diffusion_pytorch_model.fp16.safetensors)."""
-    pipeline = family.pipeline(model, scheduler, autoencoder)
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # a pixel DiT's absent VAE is intended, not worth a warning
-    try:
+    pipeline = family.pipeline(model, scheduler, autoencoder, text)
+    with quiet_diffusers():  # a pixel DiT's absent VAE is intended, not worth a warning
         pipeline.save_pretrained(folder, safe_serialization=True, variant=variant)
-    finally:
-        diffusers_logging.set_verbosity(level)
     if pipeline_settings:  # e.g. DiT's id2label (ImageNet class names), which the pipeline takes as an argument
         index = json.loads((folder / "model_index.json").read_text())
         write_json(folder / "model_index.json", {**index, **pipeline_settings})

@@ -10,6 +10,7 @@ from typing import Any
 
 import diffusers
 import torch
+import transformers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
@@ -18,6 +19,7 @@ from torch import nn
 
 from difcompress.builtin import builtin_model_path
 from difcompress.data.latents import AUTOENCODER_CLASSES, Autoencoder
+from difcompress.data.text import TextEncoder, load_transformers_part
 from difcompress.environment import hub_offline
 from difcompress.errors import UserError
 from difcompress.families.base import ModelFamily
@@ -26,6 +28,7 @@ from difcompress.io.folders import STRUCTURE, read_manifest
 from difcompress.pruning.graph import replay_history
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TEXT_PIPELINES = ("StableDiffusionPipeline",)
 DENOISER_COMPONENTS = ("unet", "transformer")
 AUTOENCODER_COMPONENTS = ("vae", "vqvae")  # DiTPipeline, LDMPipeline
 
@@ -41,6 +44,7 @@ class LoadedModel:
     structure: dict[str, Any] | None = None  # the --global pruning record, when there is one
     autoencoder: Autoencoder | None = None  # latent pipelines: the frozen VAE / VQ-VAE
     pipeline_settings: dict[str, Any] | None = None  # model_index.json entries that are not components (id2label)
+    text: TextEncoder | None = None  # text-to-image pipelines: the frozen tokenizer and text encoder
 
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the images this model generates."""
@@ -67,6 +71,8 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> Loaded
     loaded.model.to(device).eval()
     if loaded.autoencoder is not None:
         loaded.autoencoder.model.to(device).eval().requires_grad_(False)
+    if loaded.text is not None:
+        loaded.text.model.to(device)
     return loaded
 
 
@@ -120,21 +126,28 @@ def _load_folder(path: Path, source: str) -> LoadedModel:
         if component is None:
             raise UserError(f"{path} is a pipeline without a unet or transformer; nothing to compress")
         family = family_for_class_name(index[component][1])
+        if family.conditioning == "text" and index.get("_class_name") not in TEXT_PIPELINES:
+            raise UserError(f"{path} is a {index.get('_class_name')} with a {index[component][1]}, which is not "
+                            f"supported yet: difcompress compresses the U-Net of {', '.join(TEXT_PIPELINES)} (SD 1.x and 2.x)")
         model_dir = path / component
         scheduler_dir = path / "scheduler"
         autoencoder = _load_autoencoder(path, index)
+        text = _load_text(path, index) if family.conditioning == "text" else None
         settings = {k: v for k, v in index.items() if not k.startswith("_") and not _is_component(v)}
     elif (path / "config.json").is_file():
         family = family_for_class_name(_read_json(path / "config.json").get("_class_name", "?"))
         model_dir = path
         scheduler_dir = path if (path / "scheduler_config.json").is_file() else path.parent / "scheduler"
-        autoencoder, settings = None, None
+        autoencoder, settings, text = None, None, None
+        if family.conditioning == "text":
+            raise UserError(f"{path} is a bare {family.model_class.__name__}; pass its StableDiffusionPipeline folder "
+                            "(the VAE, text encoder and tokenizer come from there)")
     else:
         raise UserError(f"{path} is not a diffusers model or pipeline folder (no model_index.json or config.json)")
     model = _load_weights(family, model_dir)
     structure = _read_json(model_dir / STRUCTURE) if (model_dir / STRUCTURE).is_file() else None
     return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest, structure, autoencoder,
-                       settings or None)
+                       settings or None, text)
 
 
 def _is_component(value: Any) -> bool:
@@ -174,6 +187,19 @@ def weights_file(folder: Path) -> tuple[Path | None, str | None]:
     if variants:
         return variants[0], variants[0].name.split(".")[1]
     return None, None
+
+
+def _load_text(path: Path, index: dict[str, Any]) -> TextEncoder:
+    """The pipeline's tokenizer and text encoder (safetensors only), frozen."""
+    for component in ("text_encoder", "tokenizer"):
+        if not index.get(component) or not index[component][1] or not (path / component).is_dir():
+            raise UserError(f"{path} is a text-to-image pipeline without its {component}; a text-to-image U-Net "
+                            "needs it to encode captions and prompts")
+    where = f"the text encoder or tokenizer in {path}"
+    tokenizer = load_transformers_part(getattr(transformers, index["tokenizer"][1]), path / "tokenizer", where)
+    encoder = load_transformers_part(getattr(transformers, index["text_encoder"][1]), path / "text_encoder", where,
+                                     use_safetensors=True)
+    return TextEncoder(tokenizer, encoder.eval().requires_grad_(False))
 
 
 def _load_weights(family: ModelFamily, model_dir: Path) -> nn.Module:

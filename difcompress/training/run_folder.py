@@ -105,7 +105,7 @@ def publish_student(output: Path, model, loaded_student, manifest: dict[str, Any
         try:
             save_model_folder(tmp, model, loaded_student.scheduler, loaded_student.family, manifest,
                               loaded_student.structure, autoencoder=loaded_student.autoencoder,
-                              pipeline_settings=loaded_student.pipeline_settings)
+                              pipeline_settings=loaded_student.pipeline_settings, text=loaded_student.text)
             share_permissions(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -114,8 +114,12 @@ class Trainer:
         self.rows = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
         self.stream = BatchStream(dataset, config.batch_size, seed=config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.null_class = family.null_class(student)
-        self.class_dropout = config.class_dropout if family.num_classes(student) else 0.0
+        # Classifier-free guidance training: what a dropped condition becomes, and how often.
+        if family.conditioning == "text":
+            self.null, self.dropout = dataset.null_condition, config.caption_dropout
+        else:
+            self.null = family.null_class(student)
+            self.dropout = config.class_dropout if family.num_classes(student) else 0.0
 
         self.model = student.train().requires_grad_(True)  # every student weight trains
         family.disable_label_dropout(self.model)
@@ -202,11 +206,11 @@ class Trainer:
             t = antithetic_timesteps(size, num_train, self.generator)[self.rows]
         else:
             t = torch.randint(0, num_train, (size,), generator=self.generator)[self.rows]
-        if labels is not None and self.class_dropout > 0:
-            # Classifier-free guidance training: labels dropped to the null class, seeded,
-            # the same for teacher and student.
-            dropped = (torch.rand((size,), generator=self.generator) < self.class_dropout)[self.rows]
-            labels = torch.where(dropped, self.null_class, labels)
+        if labels is not None and self.dropout > 0:
+            # Classifier-free guidance training: labels (or captions) dropped to the null
+            # condition, seeded, the same for teacher and student.
+            dropped = (torch.rand((size,), generator=self.generator) < self.dropout)[self.rows]
+            labels = torch.where(dropped.view(-1, *([1] * (labels.dim() - 1))), self.null, labels)
         device = self.accelerator.device
         return Batch(x0.to(device), labels.to(device) if labels is not None else None, noise.to(device), t.to(device))
 

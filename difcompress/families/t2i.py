@@ -1,0 +1,107 @@
+"""Text-to-image U-Net (`UNet2DConditionModel` in a `StableDiffusionPipeline`, SD 1.x and 2.x).
+
+Quirks handled here:
+- Conditioned on text: the U-Net reads the frozen text encoder's hidden states
+  (``encoder_hidden_states``); classifier-free guidance drops a caption to the empty
+  prompt's encoding. Epsilon and v-prediction both come from the scheduler config.
+- The pipeline's VAE, text encoder, tokenizer and scheduler are frozen and copied through
+  unchanged; only the U-Net is compressed.
+- Pruning removes whole blocks, BK-SDM's way (`--preset bk-base|bk-small|bk-tiny`,
+  difcompress/pruning/blocks.py); the student is the stock config with BK-SDM's deltas.
+- Feature KD hooks BK-SDM's modules for a preset (down and up block outputs; Tiny pairs
+  shifted blocks and a proj_out), else each stage's output.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from difcompress.errors import UserError
+from difcompress.families.base import ModelFamily, PruneOutcome, PruneRequest
+from difcompress.pruning.blocks import PRESETS, feature_pairs, remove_blocks
+
+
+class TextToImageFamily(ModelFamily):
+    name = "t2i"
+    model_class = UNet2DConditionModel
+    component = "unet"
+    conditioning = "text"
+
+    def pipeline(self, model, scheduler, autoencoder=None, text=None):
+        if autoencoder is None or text is None:
+            raise UserError("a text-to-image U-Net needs its pipeline's VAE, text encoder and tokenizer")
+        return StableDiffusionPipeline(vae=autoencoder.model, text_encoder=text.model, tokenizer=text.tokenizer,
+                                       unet=model, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+    def sample_shape(self, model):
+        size = model.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return model.config.in_channels, h, w
+
+    def example_inputs(self, model, batch_size=1):
+        inputs = super().example_inputs(model, batch_size)
+        width = model.config.cross_attention_dim
+        width = width[0] if isinstance(width, (list, tuple)) else width
+        return {**inputs, "encoder_hidden_states": torch.randn(batch_size, 8, width, device=inputs["sample"].device)}
+
+    def predict_split(self, model, noisy, timesteps, class_labels=None):
+        if class_labels is None:
+            raise UserError("a text-to-image U-Net needs text conditioning (captions or prompts)", exit_code=2)
+        return model(noisy, timesteps, encoder_hidden_states=class_labels.to(noisy.dtype)).sample, None
+
+    def learns_variance(self, model):
+        return False
+
+    def prune(self, model, request: PruneRequest) -> PruneOutcome:
+        if request.preset is None:
+            raise UserError("text-to-image U-Nets are pruned by --preset (bk-base, bk-small, bk-tiny); channel "
+                            "pruning with --ratio is not supported for UNet2DConditionModel yet", exit_code=2)
+        if request.ratio:
+            raise UserError("--preset with --ratio > 0 (channel pruning after block removal) is not supported for "
+                            "UNet2DConditionModel yet; pass --ratio 0", exit_code=2)
+        if request.preset not in PRESETS:
+            raise UserError(f"unknown --preset {request.preset!r}; choose one of {', '.join(PRESETS)}", exit_code=2)
+        teacher_blocks = _block_names(model)
+        student = remove_blocks(model, request.preset)
+        kept = set(_block_names(student))
+        return PruneOutcome(model=student, details={
+            "preset": request.preset, "removed_blocks": [b for b in teacher_blocks if b not in kept]
+            if request.preset != "bk-tiny" else _tiny_removed(teacher_blocks)})
+
+    def check_pruned(self, model):
+        with torch.no_grad():
+            model(**self.example_inputs(model, 2))
+
+    def stage_widths(self, model):
+        widths = {"conv_in": model.conv_in.out_channels}
+        for i, block in enumerate(model.down_blocks):
+            widths[f"down_blocks.{i} (layers)"] = f"{block.resnets[-1].conv2.out_channels} x {len(block.resnets)}"
+        widths["mid_block"] = "none" if model.mid_block is None else model.mid_block.resnets[-1].conv2.out_channels
+        for i, block in enumerate(model.up_blocks):
+            widths[f"up_blocks.{i} (layers)"] = f"{block.resnets[-1].conv2.out_channels} x {len(block.resnets)}"
+        return widths
+
+    def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):
+        """BK-SDM's pairs for the preset the student was made with, else every stage's output."""
+        pairs = feature_pairs((pruning or {}).get("preset"))
+        if pairs is not None:
+            return pairs
+        names = [f"down_blocks.{i}" for i in range(len(student.down_blocks))]
+        names += ["mid_block"] if student.mid_block is not None else []
+        return [(n, n) for n in names + [f"up_blocks.{i}" for i in range(len(student.up_blocks))]]
+
+
+def _block_names(model) -> list[str]:
+    """Every resnet and attention of the U-Net's blocks, by name."""
+    return [n for n, m in model.named_modules() if n.count(".") == 3 and (".resnets." in n or ".attentions." in n)
+            or n == "mid_block"]
+
+
+def _tiny_removed(teacher_blocks: list[str]) -> list[str]:
+    """Tiny drops the innermost stage, then the base removals of what remains."""
+    return ["down_blocks.3", "up_blocks.0", "mid_block"] + [
+        b for b in teacher_blocks if b.startswith(("down_blocks.0.", "down_blocks.1.", "down_blocks.2."))
+        and b.endswith(".1")] + [b for b in teacher_blocks if b.startswith(("up_blocks.1.", "up_blocks.2.",
+                                                                              "up_blocks.3.")) and b.endswith(".1")]

@@ -1,0 +1,202 @@
+"""Text-to-image (Stable Diffusion U-Nets): BK-SDM block removal, captioned data and its
+caches, distillation with caption dropout and BK-SDM feature KD, evaluation from prompts
+with CLIP score, and a StableDiffusionPipeline export that stock diffusers loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import (
+    NO_DIFCOMPRESS_CHECK,
+    assert_one_line_error,
+    run_distill,
+    run_eval,
+    run_export,
+    run_prune,
+    write_captioned_digits,
+)
+
+from difcompress.errors import UserError
+from difcompress.io.loading import load_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    return write_captioned_digits(tmp_path_factory.mktemp("captioned") / "digits")
+
+
+@pytest.fixture(scope="module")
+def small(tiny_sd_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("t2i") / "bk-small"
+    report = run_prune(tiny_sd_dir, 0.0, out, preset="bk-small", device="cpu")
+    return out, report
+
+
+def test_presets_remove_bk_sdms_blocks_and_copy_the_teacher_weights(tiny_sd_dir, small, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from difcompress.pruning.blocks import teacher_key
+
+    out, report = small
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    student = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    assert student.config.layers_per_block == 1 and student.mid_block is None
+    assert report["preset"] == "bk-small" and "mid_block" in report["removed_blocks"]
+    source = teacher.state_dict()
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, source[teacher_key(key, "bk-small")]), key
+    assert teacher_key("up_blocks.2.resnets.1.conv1.weight", "bk-small") == "up_blocks.2.resnets.2.conv1.weight"
+    tiny = run_prune(tiny_sd_dir, 0.0, tmp_path / "tiny", preset="bk-tiny", device="cpu")
+    tiny_unet = UNet2DConditionModel.from_pretrained(tmp_path / "tiny", subfolder="unet")
+    assert len(tiny_unet.down_blocks) == 3 and tiny_unet.config.block_out_channels == [16, 32, 32]
+    assert torch.equal(tiny_unet.up_blocks[0].resnets[1].conv1.weight, teacher.up_blocks[1].resnets[2].conv1.weight)
+    assert tiny["params"][1] < report["params"][1] < report["params"][0]
+
+
+def test_a_unet_without_sds_pattern_and_other_pipelines_are_clear_errors(tiny_sd_dir, tmp_path, run_cli):
+    from conftest import build_tiny_sd
+
+    odd = build_tiny_sd(tmp_path / "odd", layers_per_block=1)
+    code, _, err = run_cli("prune", odd, "--preset", "bk-base", "--ratio", "0", "-o", tmp_path / "p", "--device",
+                           "cpu")
+    assert "block pattern" in assert_one_line_error(code, err, 2)
+    other = tmp_path / "sdxl-like"
+    shutil.copytree(tiny_sd_dir, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(UserError, match="StableDiffusionXLPipeline with a UNet2DConditionModel, which is not supported yet"):
+        load_model(other)
+    code, _, err = run_cli("prune", tiny_sd_dir, "--ratio", "0.5", "-o", tmp_path / "q", "--device", "cpu")
+    assert "--preset" in assert_one_line_error(code, err, 2)
+
+
+@pytest.fixture(scope="module")
+def distilled(small, captioned, tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i-distill")
+    summary = run_distill(small[0], root / "run", loss="place", data=str(captioned), w_feat=1.0,
+                          feature_reduction="sum", coarse_norm="l1", fit_eps=1e-8, steps=4, batch_size=4,
+                          checkpoint_every=2, log_every=1, device="cpu", latent_cache=root / "cache")
+    return root, summary
+
+
+def test_distill_on_captions_with_bk_sdm_feature_kd(distilled):
+    root, summary = distilled
+    settings = summary["settings"]
+    assert settings["caption_dropout"] == 0.1 and settings["objective"] == "place+feat"
+    assert "down_blocks.0" in settings["feature_layers"] and "up_blocks.3" in settings["feature_layers"]
+    assert summary["data"]["items"] == 24 and not summary["data"]["text_cache"]["reused"]
+    final = summary["final"]
+    assert {"task", "kd", "feature", "w"} <= set(final)
+    assert json.loads((root / "run" / "difcompress.json").read_text())["status"] == "complete"
+
+
+def test_the_text_and_latent_caches_are_reused_across_runs(distilled, small, captioned, monkeypatch):
+    from difcompress.data.text import TextEncoder
+
+    root, _ = distilled
+    calls = []
+    real = TextEncoder.encode
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, prompts, **kw: calls.append(len(prompts)) or real(
+        self, prompts, **kw))
+    summary = run_distill(small[0], root / "again", loss="place", data=str(captioned), steps=1, batch_size=4,
+                          checkpoint_every=0, device="cpu", latent_cache=root / "cache")
+    assert summary["data"]["text_cache"]["reused"] and summary["data"]["latent_cache"]["reused"]
+    assert calls == []
+
+
+def test_resume_with_captions_and_caption_dropout_is_bit_identical(small, captioned, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from difcompress.training.trainer import Trainer
+
+    settings = dict(loss="place", data=str(captioned), steps=6, batch_size=4, checkpoint_every=3, log_every=1,
+                    caption_dropout=0.5, device="cpu", latent_cache=tmp_path / "cache")
+    run_distill(small[0], tmp_path / "full", **settings)
+    real = Trainer.train_step
+
+    def crash(self, batch):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    with pytest.raises(UserError, match="interrupted at step 4"):
+        run_distill(small[0], tmp_path / "resumed", **settings)
+    monkeypatch.setattr(Trainer, "train_step", real)
+    run_distill(small[0], tmp_path / "resumed", resume=True, **settings)
+    a, b = (load_file(p / "unet" / "diffusion_pytorch_model.safetensors") for p in (tmp_path / "full",
+                                                                                      tmp_path / "resumed"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_eval_from_prompts_with_guidance_and_clip_score(tiny_sd_dir, distilled, tmp_path):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from difcompress.data.text import write_character_tokenizer
+
+    root, _ = distilled
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten 3\nthe digit 7\n")
+    clip = tmp_path / "clip"
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(write_character_tokenizer(clip))
+    CLIPModel(CLIPConfig(text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 16,
+                                      "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
+                                      "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+                         vision_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+                         projection_dim=8)).save_pretrained(clip, safe_serialization=True)
+    result = run_eval([tiny_sd_dir, root / "run"], prompts=str(prompts), clip_model=str(clip), sampler_steps=2,
+                      grid_size=4, latency_batch_size=2, device="cpu", output=tmp_path / "eval", negative_prompt="blur")
+    for row in result["models"]:
+        assert row["guidance_scale"] == 7.5 and -1 <= row["clip_score"] <= 1
+        assert row["prompts"] == ["a handwritten 3", "the digit 7", "a handwritten 3", "the digit 7"]
+    assert (tmp_path / "eval" / "samples.png").is_file()
+    with pytest.raises(UserError, match="--prompts"):
+        run_eval([tiny_sd_dir], sampler_steps=2, device="cpu", output=tmp_path / "e2")
+
+
+def test_export_is_a_stable_diffusion_pipeline_stock_diffusers_runs(tiny_sd_dir, distilled, tmp_path,
+                                                                     run_subprocess):
+    root, _ = distilled
+    out = tmp_path / "export"
+    run_export(root / "run", out, dtype="fp16")
+    for part in ("vae", "text_encoder"):  # the frozen parts, as the teacher has them (in the export dtype)
+        ours = sorted(p.name for p in (out / part).iterdir())
+        assert any(name.endswith(".fp16.safetensors") for name in ours), ours
+    vocab = [json.loads((d / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"] for d in (out, tiny_sd_dir)]
+    assert vocab[0] == vocab[1]
+    code = f"""
+import torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({str(out)!r}, variant="fp16", torch_dtype=torch.float32)
+image = pipe("a handwritten 5", num_inference_steps=2, height=16, width=16, output_type="np").images
+assert image.shape == (1, 16, 16, 3), image.shape
+print("t2i-ok")
+""" + NO_DIFCOMPRESS_CHECK
+    proc = run_subprocess(code)
+    assert proc.returncode == 0 and "t2i-ok" in proc.stdout, proc.stderr[-3000:]
+    card = (out / "README.md").read_text()
+    assert "text-to-image" in card and "StableDiffusionPipeline" in card
+
+
+def test_full_layout_presets_match_bk_sdms_parameter_counts():
+    """SD-2.1-base's U-Net from its config (no weights: meta tensors); BK-SDM's own student
+    configs counted with diffusers 0.42 give 583.48M / 485.79M / 326.83M (teacher 865.91M)."""
+    from diffusers import UNet2DConditionModel
+
+    from difcompress.layouts import SD21_BASE_UNET
+    from difcompress.pruning.blocks import student_config
+
+    published = {"bk-base": 583.48e6, "bk-small": 485.79e6, "bk-tiny": 326.83e6}
+    with torch.device("meta"):
+        teacher = UNet2DConditionModel(**SD21_BASE_UNET)
+        assert sum(p.numel() for p in teacher.parameters()) == pytest.approx(865.91e6, rel=5e-3)
+        for preset, count in published.items():
+            student = UNet2DConditionModel.from_config(student_config(dict(teacher.config), preset))
+            assert sum(p.numel() for p in student.parameters()) == pytest.approx(count, rel=5e-3), preset
