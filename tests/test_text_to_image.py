@@ -200,3 +200,16 @@ def test_full_layout_presets_match_bk_sdms_parameter_counts():
         for preset, count in published.items():
             student = UNet2DConditionModel.from_config(student_config(dict(teacher.config), preset))
             assert sum(p.numel() for p in student.parameters()) == pytest.approx(count, rel=5e-3), preset
+
+
+def test_data_free_distill_samples_the_teacher_from_prompts_once(small, tmp_path):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("file_name,text\na.png,a handwritten 3\nb.png,the digit 7\n")
+    settings = dict(loss="place", data="teacher", prompts=str(prompts), teacher_samples=4, teacher_sampler_steps=2,
+                    steps=2, batch_size=2, checkpoint_every=1, device="cpu", latent_cache=tmp_path / "cache")
+    summary = run_distill(small[0], tmp_path / "free", **settings)
+    assert summary["data"] == {"data": "teacher", "prompts": str(prompts), "items": 4}
+    kept = tmp_path / "free" / "teacher_samples.safetensors"
+    assert kept.is_file() and not list(kept.parent.glob(".teacher_samples*"))
+    with pytest.raises(UserError, match="--prompts"):
+        run_distill(small[0], tmp_path / "none", **{**settings, "prompts": None})

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from difcompress.builtin import builtin_data
@@ -22,7 +22,7 @@ from difcompress.data.stream import BatchStream
 from difcompress.data.text import cached_text, read_prompts
 from difcompress.errors import UserError
 from difcompress.families.sampling import balanced_labels
-from difcompress.io.folders import disk_errors
+from difcompress.io.folders import write_tensors
 
 TEACHER = "teacher"
 TEXT_GUIDANCE = 7.5  # Stable Diffusion's default guidance scale (StableDiffusionPipeline)
@@ -54,19 +54,25 @@ def teacher_samples(teacher, count: int, *, label_seed: int, noise_seed: int, st
                     write_cache: bool = True) -> TensorImageDataset:
     """The teacher's own samples (latents for latent models; labels balanced over classes),
     generated once and kept in `cache` when given."""
-    if cache is not None and cache.is_file():
-        saved = load_file(cache)
-        return TensorImageDataset(saved["images"], saved.get("labels"))
     classes = teacher.family.num_classes(teacher.model)
     labels = balanced_labels(count, classes, label_seed) if classes else None
-    images = teacher.sample(count, seed=noise_seed, steps=steps, class_labels=labels)
+
+    def generate():
+        images = teacher.sample(count, seed=noise_seed, steps=steps, class_labels=labels)
+        return {"images": images, **({"labels": labels} if labels is not None else {})}
+
+    saved = _kept_samples(cache, write_cache, generate)
+    return TensorImageDataset(saved["images"], saved.get("labels"))
+
+
+def _kept_samples(cache: Path | None, write_cache: bool, generate) -> dict[str, torch.Tensor]:
+    """Generated tensors, read back from `cache` when an earlier run (or process) kept them."""
+    if cache is not None and cache.is_file():
+        return load_file(cache)
+    tensors = generate()
     if cache is not None and write_cache:
-        tensors = {"images": images.contiguous(), **({"labels": labels} if labels is not None else {})}
-        with disk_errors(cache.parent, sum(t.numel() * t.element_size() for t in tensors.values())):
-            tmp = cache.with_name(f".{cache.name}.tmp")
-            save_file(tensors, tmp)
-            tmp.replace(cache)
-    return TensorImageDataset(images, labels)
+        write_tensors(cache, tensors)
+    return tensors
 
 
 def training_data(data: str, student, teacher, *, samples: int, sampler_steps: int, seed: int,
@@ -125,14 +131,9 @@ def _text_to_image_data(data, student, teacher, *, samples, sampler_steps, seed,
             raise UserError("--data teacher for a text-to-image model needs --prompts FILE", exit_code=2)
         captions = (read_prompts(prompts) * samples)[:samples]
         encodings, empty, _ = cached_text(captions, student.text, root, encode_here=is_local_main)
-        cache = cache_dir / "teacher_samples.safetensors"
-        if cache.is_file():
-            images = load_file(cache)["images"]
-        else:
-            images = teacher.sample(samples, seed=seed + 1_000_003, steps=sampler_steps, class_labels=encodings,
-                                    guidance_scale=TEXT_GUIDANCE, null_condition=empty)
-            with disk_errors(cache.parent):
-                save_file({"images": images.contiguous()}, cache)
+        images = _kept_samples(cache_dir / "teacher_samples.safetensors", is_local_main, lambda: {
+            "images": teacher.sample(samples, seed=seed + 1_000_003, steps=sampler_steps, class_labels=encodings,
+                                     guidance_scale=TEXT_GUIDANCE, null_condition=empty)})["images"]
         return TensorImageDataset(images, encodings, empty), {"data": TEACHER, "prompts": str(prompts),
                                                               "items": samples}
     images = image_data(data, student, split, image_column, caption_column)

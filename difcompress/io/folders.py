@@ -37,8 +37,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import torch
 from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from difcompress.errors import UserError
 from difcompress.io.report import human
@@ -118,12 +120,22 @@ def atomic_folder(out: str | Path, needed_bytes: int | None = None) -> Iterator[
 
 def write_text(path: Path, text: str) -> None:
     """Write a file atomically: beside it under a temporary name, then renamed over it."""
+    _write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file, written atomically (as write_text)."""
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_atomically(path, lambda tmp: save_file({k: t.contiguous() for k, t in tensors.items()}, tmp), needed)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], Any], needed_bytes: int | None = None) -> None:
     path = Path(path)
-    with disk_errors(path.parent):
+    with disk_errors(path.parent, needed_bytes):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            tmp.write_text(text)
+            write(tmp)
             tmp.chmod(0o666 & ~_umask())
             tmp.replace(path)
         except BaseException:

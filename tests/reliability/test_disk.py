@@ -82,7 +82,6 @@ def test_final_student_write_fails_cleanly(student, tmp_path, monkeypatch):
 def test_other_run_files_fail_cleanly(writer, student, tmp_path, monkeypatch):
     import matplotlib.figure
 
-    import difcompress.data.resolve as resolve
     import difcompress.training.run_folder as run_folder
     from difcompress.errors import UserError
 
@@ -91,7 +90,8 @@ def test_other_run_files_fail_cleanly(writer, student, tmp_path, monkeypatch):
         monkeypatch.setattr(run_folder, "json", type("J", (), {"dumps": staticmethod(no_space),
                                                                "loads": json.loads}))
     elif writer == "teacher samples":
-        monkeypatch.setattr(resolve, "save_file", no_space)
+        import difcompress.io.folders as folders
+        monkeypatch.setattr(folders, "save_file", no_space)
     else:
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
     with pytest.raises(UserError, match="No space left"):
