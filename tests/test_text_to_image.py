@@ -71,8 +71,51 @@ def test_a_unet_without_sds_pattern_and_other_pipelines_are_clear_errors(tiny_sd
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(UserError, match="StableDiffusionXLPipeline with a UNet2DConditionModel, which is not supported yet"):
         load_model(other)
-    code, _, err = run_cli("prune", tiny_sd_dir, "--ratio", "0.5", "-o", tmp_path / "q", "--device", "cpu")
-    assert "--preset" in assert_one_line_error(code, err, 2)
+    code, _, err = run_cli("prune", tiny_sd_dir, "--preset", "bk-small", "--ratio", "0.5", "--global", "-o",
+                           tmp_path / "q", "--device", "cpu")
+    assert "two steps" in assert_one_line_error(code, err, 2)
+
+
+def test_channel_pruning_after_a_preset_keeps_heads_and_rebuilds_from_the_stock_config(tiny_sd_dir, small, tmp_path):
+    """--preset bk-small --ratio 0.5: blocks go, then half of every width; each level keeps
+    its head count (SD's config names heads, not head dims) and the GEGLU halves stay paired."""
+    from diffusers import UNet2DConditionModel
+
+    report = run_prune(tiny_sd_dir, 0.5, tmp_path / "both", preset="bk-small", importance="magnitude", device="cpu")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "both", subfolder="unet")
+    assert unet.config.block_out_channels == [8, 16, 16, 16] and unet.config.norm_num_groups == 4
+    assert list(unet.config.attention_head_dim) == [2, 4, 4, 4] and unet.mid_block is None
+    assert report["preset"] == "bk-small" and report["widths"]["down_blocks.0 (layers)"] == ["16 x 2", "8 x 1"]
+    attention = unet.down_blocks[1].attentions[0].transformer_blocks[0]
+    assert attention.attn2.heads == 4 and attention.attn2.to_k.in_features == 32  # still reads the text width
+    assert attention.ff.net[0].proj.out_features == 2 * 4 * 16
+    assert report["params"][1] < small[1]["params"][1] / 2
+    loaded = load_model(tmp_path / "both")
+    assert loaded.family.name == "t2i"
+    with torch.no_grad():
+        out = loaded.model(torch.randn(2, 4, 8, 8), torch.tensor([3, 500]),
+                           encoder_hidden_states=torch.randn(2, 5, 32)).sample
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_channel_pruning_alone_keeps_each_geglu_value_beside_its_gate(tiny_sd_dir, tmp_path):
+    """A GEGLU projects to (value | gate) halves multiplied position by position: value j must
+    stay with gate j. Teacher biases are distinct, so each kept row names its teacher row."""
+    from diffusers import UNet2DConditionModel
+
+    from difcompress.pruning.graph import ChannelUnit
+
+    assert ChannelUnit(copies=2).channels(3, 16) == [3, 11]
+    assert ChannelUnit(size=2, copies=3).channels(1, 12) == [2, 3, 6, 7, 10, 11]
+    run_prune(tiny_sd_dir, 0.5, tmp_path / "ratio", importance="magnitude", device="cpu")
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    student = UNet2DConditionModel.from_pretrained(tmp_path / "ratio", subfolder="unet")
+    assert student.config.block_out_channels == [8, 16, 16, 16] and student.config.layers_per_block == 2
+    name = "up_blocks.2.attentions.1.transformer_blocks.0.ff.net.0.proj"
+    bias, kept = teacher.get_submodule(name).bias.tolist(), student.get_submodule(name).bias.tolist()
+    rows = [bias.index(b) for b in kept]
+    half = len(bias) // 2
+    assert len(rows) == half and [r + half for r in rows[: half // 2]] == rows[half // 2:]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,11 @@ Quirks handled here:
 - The pipeline's VAE, text encoder, tokenizer and scheduler are frozen and copied through
   unchanged; only the U-Net is compressed.
 - Pruning removes whole blocks, BK-SDM's way (`--preset bk-base|bk-small|bk-tiny`,
-  difcompress/pruning/blocks.py); the student is the stock config with BK-SDM's deltas.
+  difcompress/pruning/blocks.py), and/or channels (`--ratio`) as for the pixel U-Net. SD's
+  config names the head COUNT per level (`attention_head_dim`, or `num_attention_heads`),
+  so channel pruning keeps every head and shrinks its dim: a q/k/v unit is one position in
+  every head. A GEGLU feed-forward projects to (value | gate) halves that lose the same
+  positions. The cross-attention keys and values keep reading the text encoder's width.
 - Feature KD hooks BK-SDM's modules for a preset (down and up block outputs; Tiny pairs
   shifted blocks and a proj_out), else each stage's output.
 """
@@ -16,17 +20,21 @@ from __future__ import annotations
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.activations import GEGLU
 
 from difcompress.errors import UserError
-from difcompress.families.base import ModelFamily, PruneOutcome, PruneRequest
+from difcompress.families.base import PruneOutcome, PruneRequest
+from difcompress.families.unet2d import PixelUNetFamily, attention_modules
 from difcompress.pruning.blocks import PRESETS, feature_pairs, remove_blocks
+from difcompress.pruning.graph import ChannelUnit
 
 
-class TextToImageFamily(ModelFamily):
+class TextToImageFamily(PixelUNetFamily):
     name = "t2i"
     model_class = UNet2DConditionModel
     component = "unet"
     conditioning = "text"
+    keeps_head_count = True
 
     def pipeline(self, model, scheduler, autoencoder=None, text=None):
         if autoencoder is None or text is None:
@@ -34,11 +42,6 @@ class TextToImageFamily(ModelFamily):
         return StableDiffusionPipeline(vae=autoencoder.model, text_encoder=text.model, tokenizer=text.tokenizer,
                                        unet=model, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-
-    def sample_shape(self, model):
-        size = model.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return model.config.in_channels, h, w
 
     def example_inputs(self, model, batch_size=1):
         inputs = super().example_inputs(model, batch_size)
@@ -54,28 +57,41 @@ class TextToImageFamily(ModelFamily):
     def learns_variance(self, model):
         return False
 
-    def prune(self, model, request: PruneRequest) -> PruneOutcome:
-        if request.preset is None:
-            raise UserError("text-to-image U-Nets are pruned by --preset (bk-base, bk-small, bk-tiny); channel "
-                            "pruning with --ratio is not supported for UNet2DConditionModel yet", exit_code=2)
-        if request.ratio:
-            raise UserError("--preset with --ratio > 0 (channel pruning after block removal) is not supported for "
-                            "UNet2DConditionModel yet; pass --ratio 0", exit_code=2)
-        if request.preset not in PRESETS:
-            raise UserError(f"unknown --preset {request.preset!r}; choose one of {', '.join(PRESETS)}", exit_code=2)
-        teacher_blocks = _block_names(model)
-        student = remove_blocks(model, request.preset)
-        kept = set(_block_names(student))
-        return PruneOutcome(model=student, details={
-            "preset": request.preset, "removed_blocks": [b for b in teacher_blocks if b not in kept]
-            if request.preset != "bk-tiny" else _tiny_removed(teacher_blocks)})
+    def linear_units(self, model):
+        units = {f"{n}.{proj}": ChannelUnit(copies=a.heads) for n, a in attention_modules(model)
+                 for proj in ("to_q", "to_k", "to_v")}
+        return units | {f"{n}.proj": ChannelUnit(copies=2) for n, m in model.named_modules() if isinstance(m, GEGLU)}
 
-    def check_pruned(self, model):
-        with torch.no_grad():
-            model(**self.example_inputs(model, 2))
+    def whole_heads(self, model, kept_widths):
+        config = model.config
+        heads = config.num_attention_heads or config.attention_head_dim
+        heads = heads if isinstance(heads, (list, tuple)) else [heads] * len(kept_widths)
+        return all(w % h == 0 for w, h in zip(kept_widths, heads))
+
+    def prune(self, model, request: PruneRequest) -> PruneOutcome:
+        if request.preset is None and not request.ratio:
+            raise UserError("pass --preset (bk-base, bk-small, bk-tiny) and/or --ratio", exit_code=2)
+        details = {}
+        if request.preset is not None:
+            if request.preset not in PRESETS:
+                raise UserError(f"unknown --preset {request.preset!r}; choose one of {', '.join(PRESETS)}",
+                                exit_code=2)
+            if request.ratio and request.global_pruning:
+                raise UserError("--global after --preset: prune in two steps (the preset first, then --global "
+                                "--ratio on its output)", exit_code=2)
+            teacher_blocks = _block_names(model)
+            model = remove_blocks(model, request.preset)
+            kept = set(_block_names(model))
+            details = {"preset": request.preset, "removed_blocks": [b for b in teacher_blocks if b not in kept]
+                       if request.preset != "bk-tiny" else _tiny_removed(teacher_blocks)}
+        if not request.ratio:
+            return PruneOutcome(model=model, details=details)
+        outcome = super().prune(model, request)
+        return PruneOutcome(model=outcome.model, history=outcome.history, warnings=outcome.warnings,
+                            details=details | outcome.details)
 
     def stage_widths(self, model):
-        widths = {"conv_in": model.conv_in.out_channels}
+        widths = {"conv_in": model.conv_in.out_channels, "time_embedding": model.time_embedding.linear_1.out_features}
         for i, block in enumerate(model.down_blocks):
             widths[f"down_blocks.{i} (layers)"] = f"{block.resnets[-1].conv2.out_channels} x {len(block.resnets)}"
         widths["mid_block"] = "none" if model.mid_block is None else model.mid_block.resnets[-1].conv2.out_channels
@@ -86,11 +102,7 @@ class TextToImageFamily(ModelFamily):
     def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):
         """BK-SDM's pairs for the preset the student was made with, else every stage's output."""
         pairs = feature_pairs((pruning or {}).get("preset"))
-        if pairs is not None:
-            return pairs
-        names = [f"down_blocks.{i}" for i in range(len(student.down_blocks))]
-        names += ["mid_block"] if student.mid_block is not None else []
-        return [(n, n) for n in names + [f"up_blocks.{i}" for i in range(len(student.up_blocks))]]
+        return super().feature_layer_pairs(student, teacher, pruning, hooks) if pairs is None else pairs
 
 
 def _block_names(model) -> list[str]:

@@ -31,15 +31,15 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from difcompress.errors import UserError
-from difcompress.pruning.graph import GraphPrunedFamily
+from difcompress.pruning.graph import ChannelUnit, GraphPrunedFamily
 
 
-def _attention_modules(model: nn.Module) -> list[tuple[str, Attention]]:
+def attention_modules(model: nn.Module) -> list[tuple[str, Attention]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
 
 
 def set_attention_processor(model: nn.Module, processor_cls) -> None:
-    for _, attn in _attention_modules(model):
+    for _, attn in attention_modules(model):
         attn.set_processor(processor_cls())
 
 
@@ -50,6 +50,7 @@ class PixelUNetFamily(GraphPrunedFamily):
     name = "unet2d"
     model_class = UNet2DModel
     component = "unet"
+    keeps_head_count = False  # several heads lose whole heads; a single head shrinks its dim
 
     def pipeline(self, model, scheduler, autoencoder=None, text=None):
         if autoencoder is None:
@@ -75,12 +76,12 @@ class PixelUNetFamily(GraphPrunedFamily):
         # understands, and both processors share the same weights.
         @contextlib.contextmanager
         def classic():
-            previous = {n: a.processor for n, a in _attention_modules(model)}
+            previous = {n: a.processor for n, a in attention_modules(model)}
             set_attention_processor(model, AttnProcessor)
             try:
                 yield
             finally:
-                for n, a in _attention_modules(model):
+                for n, a in attention_modules(model):
                     a.set_processor(previous[n])
 
         return classic()
@@ -89,24 +90,21 @@ class PixelUNetFamily(GraphPrunedFamily):
         for dep, _ in group:
             module = dep.target.module
             if isinstance(module, nn.GroupNorm) and module.num_channels == num_channels:
-                return module.num_channels // module.num_groups
+                return ChannelUnit(size=module.num_channels // module.num_groups)
         for dep, _ in group:
-            head_dim = before["multi_head_linears"].get(names.get(dep.target.module))
-            if head_dim and dep.target.module.out_features == num_channels:
-                return head_dim
-        return 1
+            unit = before["linear_units"].get(names.get(dep.target.module))
+            if unit and dep.target.module.out_features == num_channels:
+                return unit
+        return ChannelUnit()
 
     def record_structure(self, model):
-        attentions = _attention_modules(model)
+        attentions = attention_modules(model)
         return {
             "channels_per_group": {
                 n: m.num_channels // m.num_groups for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)
             },
             "head_dim": {n: (a.inner_dim // a.heads, a.heads) for n, a in attentions},
-            # q/k/v of multi-head attention lose whole heads: their channel unit is the head dim.
-            "multi_head_linears": {
-                f"{n}.{proj}": a.inner_dim // a.heads for n, a in attentions if a.heads > 1 for proj in ("to_q", "to_k", "to_v")
-            },
+            "linear_units": self.linear_units(model),
             "time_proj": {
                 "num_channels": model.time_proj.num_channels,
                 "downscale_freq_shift": model.time_proj.downscale_freq_shift,
@@ -115,17 +113,25 @@ class PixelUNetFamily(GraphPrunedFamily):
             else None,
         }
 
+    def linear_units(self, model) -> dict[str, ChannelUnit]:
+        """q/k/v of multi-head attention lose whole heads: their unit is the head dim."""
+        return {f"{n}.{proj}": ChannelUnit(size=a.inner_dim // a.heads) for n, a in attention_modules(model)
+                if a.heads > 1 for proj in ("to_q", "to_k", "to_v")}
+
+    def whole_heads(self, model, kept_widths: list[int]) -> bool:
+        """Whether pruned block widths still split into the config's attention heads."""
+        head_dim = model.config.attention_head_dim
+        return not head_dim or all(w % head_dim == 0 for w in kept_widths)
+
     def uniform_groups(self, model, ratio, round_to=1):
         """Groups to keep: the count nearest to (1 - ratio) of them whose widths stay whole
         heads (several heads) and multiples of `round_to` (the time embedding's too)."""
         groups = model.config.norm_num_groups
-        head_dim = model.config.attention_head_dim
         widths = [*model.config.block_out_channels, model.time_embedding.linear_1.out_features]
 
         def ok(k):
             kept = [c * k // groups for c in widths]
-            return all(w % round_to == 0 for w in kept) and (
-                not head_dim or all(w % head_dim == 0 for w in kept[:-1]))
+            return all(w % round_to == 0 for w in kept) and self.whole_heads(model, kept[:-1])
 
         candidates = sorted(range(1, groups + 1), key=lambda k: (abs(k - groups * (1 - ratio)), k))
         keep = next((k for k in candidates if ok(k)), None)
@@ -141,11 +147,11 @@ class PixelUNetFamily(GraphPrunedFamily):
                     gn.num_groups = uniform_groups
                 else:
                     gn.num_groups = _group_count(gn.num_channels, before["channels_per_group"][name])
-        for name, attn in _attention_modules(model):
+        for name, attn in attention_modules(model):
             head_dim, heads = before["head_dim"][name]
             inner = attn.to_q.out_features
-            if heads == 1:
-                head_dim = inner
+            if heads == 1 or self.keeps_head_count:
+                head_dim = inner // heads
             attn.heads = attn.sliceable_head_dim = inner // head_dim
             attn.inner_dim = attn.inner_kv_dim = inner
             attn.query_dim = attn.to_q.in_features
@@ -234,7 +240,7 @@ class PixelUNetFamily(GraphPrunedFamily):
             widths["mid_block"] = model.mid_block.resnets[-1].conv2.out_channels
         for i, blk in enumerate(model.up_blocks):
             widths[f"up_blocks.{i}"] = blk.resnets[-1].conv2.out_channels
-        for name, attn in _attention_modules(model):
+        for name, attn in attention_modules(model):
             widths[f"{name} (heads x dim)"] = f"{attn.heads}x{attn.inner_dim // attn.heads}"
         return widths
 

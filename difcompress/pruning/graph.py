@@ -51,11 +51,33 @@ def build_graph(model: nn.Module, family: ModelFamily) -> tp.DependencyGraph:
             p.requires_grad_(False)
 
 
+@dataclass(frozen=True)
+class ChannelUnit:
+    """What is removed together: `size` consecutive channels (a GroupNorm group, a whole
+    head), in each of `copies` equal slices of the layer at once (heads that keep their
+    count while their dim shrinks, the value and gate halves of a GEGLU projection)."""
+
+    size: int = 1
+    copies: int = 1
+
+    @property
+    def width(self) -> int:
+        """Channels one unit holds."""
+        return self.size * self.copies
+
+    def channels(self, unit: int, num_channels: int) -> list[int]:
+        stride = num_channels // self.copies
+        return [c * stride + unit * self.size + k for c in range(self.copies) for k in range(self.size)]
+
+    def fits(self, num_channels: int) -> bool:
+        return num_channels % self.width == 0
+
+
 @dataclass
 class _GroupPlan:
     root: nn.Module
     prune_fn: Callable
-    unit: int
+    unit: ChannelUnit
     scores: torch.Tensor  # one score per unit
     keep_units: int = 0
 
@@ -81,13 +103,14 @@ def prune_channels(
         root_dep = group[0].dep
         n = len(group[0].idxs)
         unit = family.channel_unit(group, n, names, before)
-        if n % unit:
-            unit = 1
+        if not unit.fits(n):
+            unit = ChannelUnit()
         with torch.no_grad():
             scores = importance(group)
         if scores is None:  # torch-pruning gives None when a criterion has nothing to score
             scores = torch.zeros(n)
-        scores = scores.detach().float().cpu().view(n // unit, unit).mean(1)
+        # (copies, units, size): a unit's score is the mean over its channels in every copy
+        scores = scores.detach().float().cpu().view(unit.copies, -1, unit.size).mean((0, 2))
         plans.append(_GroupPlan(root_dep.target.module, root_dep.handler, unit, scores))
 
     uniform_groups = None
@@ -102,11 +125,13 @@ def prune_channels(
     for plan in plans:
         units = len(plan.scores)
         drop_units = torch.argsort(plan.scores, stable=True)[: units - plan.keep_units].tolist()
-        drop = sorted(u * plan.unit + k for u in drop_units for k in range(plan.unit))
+        n = units * plan.unit.width
+        drop = sorted(c for u in drop_units for c in plan.unit.channels(u, n))
         name = names[plan.root]
         achieved = 1 - plan.keep_units / units
         if abs(achieved - ratio) > 0.1:
-            warnings.append(f"{name}: removed {achieved:.0%} of its channels, not {ratio:.0%} (whole units of {plan.unit})")
+            warnings.append(f"{name}: removed {achieved:.0%} of its channels, not {ratio:.0%} "
+                            f"(whole units of {plan.unit.width})")
         if drop:
             graph.get_pruning_group(plan.root, plan.prune_fn, drop).prune()
 
@@ -130,7 +155,7 @@ def _plan_global(plans: list[_GroupPlan], ratio: float) -> None:
         normalized = plan.scores / (plan.scores.abs().mean() + 1e-12)
         entries += [(float(s), i) for s in normalized]
         plan.keep_units = len(plan.scores)
-    total = sum(len(p.scores) * p.unit for p in plans)
+    total = sum(len(p.scores) * p.unit.width for p in plans)
     removed = 0
     for score, i in sorted(entries, key=lambda e: e[0]):
         if removed >= ratio * total:
@@ -138,7 +163,7 @@ def _plan_global(plans: list[_GroupPlan], ratio: float) -> None:
         plan = plans[i]
         if plan.keep_units > 1:
             plan.keep_units -= 1
-            removed += plan.unit
+            removed += plan.unit.width
 
 
 def replay_history(model: nn.Module, family: ModelFamily, history: list[list],
@@ -201,8 +226,9 @@ class GraphPrunedFamily(ModelFamily):
         """Layers whose output channels must keep their size (image channels, ...)."""
 
     @abstractmethod
-    def channel_unit(self, group: Any, num_channels: int, names: dict[nn.Module, str], before: dict[str, Any]) -> int:
-        """How many consecutive root channels are removed together (a GroupNorm group, a head)."""
+    def channel_unit(self, group: Any, num_channels: int, names: dict[nn.Module, str], before: dict[str, Any]
+                     ) -> ChannelUnit:
+        """Which root channels are removed together (a GroupNorm group, a head, ...)."""
 
     @abstractmethod
     def record_structure(self, model: nn.Module) -> dict[str, Any]:
