@@ -25,6 +25,7 @@ KEYS = {
     "stats": {"output", "feature_dim", "extractor", "mode", "source", "kind", "count", "size", "split"},
 }
 EVAL_ROW = {"model", "path", "family", "latent", "params", "macs", "latency_s_per_image", "throughput_img_s",
+            "pipeline_s_per_image", "pipeline_batch_size",
             "peak_memory_bytes", "peak_memory_kind", "batch_size", "steps", "denoiser_calls_per_step", "fid", "kid",
             "num_samples"}
 

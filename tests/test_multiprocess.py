@@ -77,3 +77,27 @@ def test_one_and_two_processes_train_the_same_student(tmp_path):
     differences = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert differences.max() < 1e-4  # Adam's first steps amplify float-order noise in near-zero gradients ...
     assert (differences < 1e-6).float().mean() > 0.99  # ... of a few elements only
+
+
+def test_two_process_text_to_image_distill_with_bk_sdm_feature_hooks(tiny_sd_dir, tmp_path):
+    """BK-SDM's hooked modules are found inside the DDP-wrapped student (its users hit
+    KeyError on `module.`-prefixed names); the feature term is logged from both ranks' work."""
+    from conftest import write_captioned_digits
+
+    pruned = tmp_path / "pruned"
+    run_prune(str(tiny_sd_dir), 0.0, pruned, preset="bk-small", device="cpu")
+    captions = write_captioned_digits(tmp_path / "captioned")
+    out = tmp_path / "run"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "difcompress", "distill",
+           "--student", str(pruned), "--loss", "place", "--w-feat", "1", "--feature-reduction", "sum",
+           "--data", str(captions), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "0",
+           "--log-every", "1", "-o", str(out), "--device", "cpu", "--latent-cache", str(tmp_path / "cache"), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((out / "difcompress.json").read_text())
+    assert manifest["status"] == "complete"
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2] and all(r["feature"] > 0 for r in logs)

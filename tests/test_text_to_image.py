@@ -198,6 +198,7 @@ def test_eval_from_prompts_with_guidance_and_clip_score(tiny_sd_dir, distilled, 
                       grid_size=4, latency_batch_size=2, device="cpu", output=tmp_path / "eval", negative_prompt="blur")
     for row in result["models"]:
         assert row["guidance_scale"] == 7.5 and -1 <= row["clip_score"] <= 1
+        assert row["pipeline_s_per_image"] > 0 and row["pipeline_batch_size"] == 4  # beside the U-Net's latency
         assert row["prompts"] == ["a handwritten 3", "the digit 7", "a handwritten 3", "the digit 7"]
     assert (tmp_path / "eval" / "samples.png").is_file()
     with pytest.raises(UserError, match="--prompts"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,9 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
     for spec, item in zip(config.models, loaded):
         seed_everything(config.seed)
         count = config.num_samples if config.fid else config.grid_size
+        started = time.perf_counter()
         cond = conditioning(item, count, config)
+        pipeline_s = time.perf_counter() - started  # prompt encoding is part of the pipeline
         labels, guidance = cond.labels, cond.guidance
         row: dict[str, Any] = {"model": spec, "path": str(item.path.resolve()), "family": item.family.name,
                                "latent": item.autoencoder is not None}
@@ -169,10 +172,12 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
         # memory does not grow with --num-samples. Sample i still depends only on seed + i.
         for start in range(0, count, config.batch_size):
             end = min(count, start + config.batch_size)
+            started = time.perf_counter()
             images = item.to_images(item.sample(
                 end - start, seed=config.seed + start, steps=config.sampler_steps, sampler=config.sampler,
                 batch_size=config.batch_size, class_labels=labels[start:end] if labels is not None else None,
                 guidance_scale=guidance, null_condition=cond.null))
+            pipeline_s += time.perf_counter() - started
             if config.fid:
                 features.append(features_of_images(images, extractor, batch_size=config.batch_size))
                 progress.advance(task, end - start)
@@ -182,6 +187,8 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
                 shown.append(images[: config.grid_size - sum(len(x) for x in shown)])
         if config.fid:
             row.update(fid_kid(np.concatenate(features), reference, seed=config.seed), num_samples=count)
+        # The whole pipeline as this eval ran it (encode, sample, decode), beside the denoiser alone.
+        row.update(pipeline_s_per_image=pipeline_s / count, pipeline_batch_size=min(count, config.batch_size))
         if clip:
             row["clip_score"] = float(torch.cat(clip).mean())
         grid.append((Path(spec).name or spec, torch.cat(shown)))

@@ -70,10 +70,13 @@ def print_eval_report(result: dict[str, Any]) -> None:
     for row in rows:
         table.add_column(row["model"], justify="right")
     first = rows[0]
+    denoiser = "U-Net" if first["family"] != "dit" else "transformer"
     lines = [
         ("params", lambda r: human(r["params"])),
         ("MACs / call", lambda r: human(r["macs"])),
-        ("latency / image", lambda r: f"{r['latency_s_per_image'] * 1000:.1f} ms"),
+        (f"latency / image ({denoiser} alone)", lambda r: f"{r['latency_s_per_image'] * 1000:.1f} ms"),
+        (f"whole pipeline / image (batch {first['pipeline_batch_size']})",
+         lambda r: f"{r['pipeline_s_per_image'] * 1000:.1f} ms"),
         (f"throughput (batch {first['batch_size']})", lambda r: f"{r['throughput_img_s']:.2f} img/s"),
         (f"peak memory ({first['peak_memory_kind']})", lambda r: human(r["peak_memory_bytes"], "B")),
     ]
