@@ -188,7 +188,7 @@ class DistillConfig(StageConfig):
         "w_feat_schedule", "class_dropout", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
         "optimizer", "weight_decay", "fit_eps", "feature_hooks", "feature_reduction", "feature_adapter_bias",
         "feature_adapter_init", "feature_adapter_always", "feature_mask_by", "loss_reduction", "variance_loss",
-        "caption_dropout", "caption_column", "prompts")
+        "caption_dropout", "caption_column", "prompts", "resolution", "center_crop", "random_flip")
     # Settings added later, left out of the identity at these values so older checkpoints still resume.
     neutral: ClassVar[dict[str, Any]] = {
         "feature_mask_std": 0.0, "w_feat_schedule": "constant", "class_dropout": 0.0,
@@ -196,7 +196,7 @@ class DistillConfig(StageConfig):
         "weight_decay": 0.0, "fit_eps": FIT_EPS, "feature_hooks": "stages", "feature_reduction": "mean",
         "feature_adapter_bias": True, "feature_adapter_init": None, "feature_adapter_always": False,
         "feature_mask_by": "teacher", "loss_reduction": "mean", "variance_loss": "mse", "caption_dropout": 0.0,
-        "caption_column": None, "prompts": None}
+        "caption_column": None, "prompts": None, "resolution": None, "center_crop": True, "random_flip": False}
 
     student: Ref = Field(description="Pruned student (difcompress folder or any diffusers model).")
     output: Path = OutputField("Run folder (checkpoints, logs, final student).")
@@ -273,6 +273,13 @@ class DistillConfig(StageConfig):
                                    "empty prompt, for classifier-free guidance.")
     caption_column: Optional[str] = Field(None, description="Text-to-image data: the caption column (default: "
                                           "text, caption or prompt).")
+    resolution: Optional[int] = Field(None, ge=8, description="Short side training images are resized to "
+                                      "(default: the model's own size; U-Nets only).")
+    center_crop: bool = Field(True, description="Crop training images at the centre; --no-center-crop draws a "
+                              "crop position once per image from --seed (kept across epochs and in the latent "
+                              "cache).")
+    random_flip: bool = Field(False, description="Mirror training images left-right with probability 1/2 (each "
+                              "image is kept both ways; latent models encode both once).")
     prompts: Optional[Ref] = Field(None, description="Text-to-image, --data teacher: prompts the teacher draws "
                                    "its samples from (.txt lines, .csv/.jsonl caption column, COCO captions .json).")
     teacher_samples: int = Field(512, ge=1, description="Images the teacher generates for --data teacher.")

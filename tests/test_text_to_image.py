@@ -257,3 +257,38 @@ def test_data_free_distill_samples_the_teacher_from_prompts_once(small, tmp_path
     assert kept.is_file() and not list(kept.parent.glob(".teacher_samples*"))
     with pytest.raises(UserError, match="--prompts"):
         run_distill(small[0], tmp_path / "none", **{**settings, "prompts": None})
+
+
+def test_resolution_seeded_crops_and_random_flip_frame_the_training_images(small, tiny_dit_dir, tmp_path):
+    """--resolution resizes the short side, --no-center-crop crops each image where (seed,
+    index) says, the same every epoch, and --random-flip keeps each image both ways (their
+    latents encoded once)."""
+    from PIL import Image
+
+    from difcompress.data.datasets import MirroredDataset, open_image_data
+    from difcompress.data.images import crop_position
+    from difcompress.data.resolve import training_size
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    torch.manual_seed(0)
+    for i in range(6):
+        Image.fromarray((torch.rand(32, 64, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"the digit {i}")
+    centred, cropped = open_image_data(folder, 32, 3), open_image_data(folder, 32, 3, crop_seed=5)
+    assert torch.equal(cropped[2], open_image_data(folder, 32, 3, crop_seed=5)[2])
+    assert crop_position(5, 2) != crop_position(5, 3) and crop_position(None, 2) is None
+    assert not all(torch.equal(centred[i], cropped[i]) for i in range(6))
+    mirrored = MirroredDataset(centred)
+    assert len(mirrored) == 12 and torch.equal(mirrored[8], centred[2].flip(-1))
+    assert mirrored.captions[8] == "the digit 2"
+    settings = dict(loss="mse", data=str(folder), steps=2, batch_size=4, checkpoint_every=0, device="cpu",
+                    latent_cache=tmp_path / "cache")
+    summary = run_distill(small[0], tmp_path / "run", resolution=32, center_crop=False, random_flip=True, **settings)
+    assert summary["data"]["items"] == 12 and summary["data"]["latent_cache"]["shape"] == [4, 16, 16]
+    with pytest.raises(UserError, match="multiple of 16"):
+        run_distill(small[0], tmp_path / "odd", resolution=24, **settings)
+    with pytest.raises(UserError, match="--data teacher"):
+        run_distill(small[0], tmp_path / "free", **{**settings, "data": "teacher", "random_flip": True})
+    with pytest.raises(UserError, match="position embeddings"):
+        training_size(load_model(tiny_dit_dir), 64)

@@ -19,6 +19,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 
 from difcompress.config import DistillConfig
+from difcompress.data.datasets import Framing
 from difcompress.data.resolve import training_data
 from difcompress.environment import launched, resolve_device, seed_everything, versions
 from difcompress.errors import Interrupted, UserError
@@ -120,7 +121,8 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
         seed=config.seed, cache_dir=output, latent_cache=config.latent_cache,
         is_main=accelerator.is_main_process, is_local_main=accelerator.is_local_main_process,
         show_progress=show_progress, split=config.split, image_column=config.image_column,
-        caption_column=config.caption_column, prompts=config.prompts)
+        caption_column=config.caption_column, prompts=config.prompts,
+        framing=Framing(config.resolution, config.center_crop, config.random_flip))
     if data_report.get("unreadable_skipped") and accelerator.is_main_process:
         warn(f"skipped {data_report['unreadable_skipped']} unreadable image(s) in {config.data} "
              f"(first: {data_report['first_unreadable']})")

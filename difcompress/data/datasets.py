@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from difcompress.data.images import image_to_tensor, load_image, scan_image_folder
+from difcompress.data.images import (
+    crop_position,
+    image_to_tensor,
+    load_image,
+    scan_image_folder,
+)
 from difcompress.errors import UserError
 
 # Files that `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top level.
@@ -62,10 +68,11 @@ class ImageFolderDataset(Dataset):
     reported to the user) and files that are not images.
     """
 
-    def __init__(self, root: str | Path, size: int, channels: int = 3):
+    def __init__(self, root: str | Path, size: int, channels: int = 3, crop_seed: int | None = None):
         _check_size_channels(size, channels)
         self.size = size
         self.channels = channels
+        self.crop_seed = crop_seed  # None: centre crops
         self.scan = scan_image_folder(root)
         self.root = self.scan.root
         self.paths = self.scan.images
@@ -81,7 +88,7 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return load_image(self.paths[index], self.size, self.channels)
+        return load_image(self.paths[index], self.size, self.channels, crop_position(self.crop_seed, index))
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset({str(self.root)!r}, size={self.size}, channels={self.channels}, "
@@ -159,10 +166,10 @@ class HFDataset(Dataset):
     ``image`` or ``img``. Class labels come from a ClassLabel column or one named label."""
 
     def __init__(self, spec: str | Path, size: int, channels: int = 3, *, split: str | None = None,
-                 image_column: str | None = None, caption_column: str | None = None):
+                 image_column: str | None = None, caption_column: str | None = None, crop_seed: int | None = None):
         _check_size_channels(size, channels)
         datasets = _import_datasets()
-        self.source, self.size, self.channels = str(spec), size, channels
+        self.source, self.size, self.channels, self.crop_seed = str(spec), size, channels, crop_seed
         ds, self.split = _load_hf(spec, split)
         self.captions = _caption_column(ds, caption_column, spec)
         self.column = image_column or _pick_image_column(ds, datasets)
@@ -191,7 +198,7 @@ class HFDataset(Dataset):
             raise UserError(f"row {index} of {self.source} column {self.column!r} is not a readable image: {e}") from e
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return image_to_tensor(self.pil(index), self.size, self.channels)
+        return image_to_tensor(self.pil(index), self.size, self.channels, crop_position(self.crop_seed, index))
 
     def __repr__(self) -> str:
         return (f"HFDataset({self.source!r}, split={self.split!r}, column={self.column!r}, size={self.size}, "
@@ -264,6 +271,44 @@ def _coerce_pil(value: Any) -> Image.Image:
     raise TypeError(f"unsupported image value of type {type(value).__name__}")
 
 
+@dataclass(frozen=True)
+class Framing:
+    """How training images are framed (diffusers' --resolution, --center-crop, --random-flip)."""
+
+    resolution: int | None = None  # the short side images are resized to; None: the model's own size
+    center_crop: bool = True  # else a crop position drawn once per image from the run's seed
+    random_flip: bool = False
+
+    @property
+    def is_default(self) -> bool:
+        return self == Framing()
+
+
+class MirroredDataset(Dataset):
+    """Every image, then every image mirrored left-right (items N..2N-1), labels and captions
+    repeated: `--random-flip` as data. Latents of both are encoded once and stay exact, and
+    a shuffled epoch shows each image both ways, a flip with probability 1/2 per draw."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        labels, captions = getattr(dataset, "labels", None), getattr(dataset, "captions", None)
+        self.labels = None if labels is None else torch.cat([labels, labels])
+        self.captions = None if captions is None else captions + captions
+        self.class_names = getattr(dataset, "class_names", None)
+        self.split = getattr(dataset, "split", None)
+        self.scan = getattr(dataset, "scan", None)  # unreadable files the image folder passed over
+
+    def __len__(self) -> int:
+        return 2 * len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.dataset[index % len(self.dataset)]
+        return image.flip(-1) if index >= len(self.dataset) else image
+
+    def __repr__(self) -> str:
+        return f"MirroredDataset({self.dataset!r})"
+
+
 class TensorImageDataset(Dataset):
     """Images (or latents) already in memory: a ``(N, C, H, W)`` float tensor, with optional
     class labels ``(N,)``."""
@@ -308,7 +353,8 @@ def is_hf_source(spec: str | Path) -> bool:
 
 
 def open_image_data(spec: str | Path, size: int, channels: int, *, split: str | None = None,
-                    image_column: str | None = None, caption_column: str | None = None) -> Dataset:
+                    image_column: str | None = None, caption_column: str | None = None,
+                    crop_seed: int | None = None) -> Dataset:
     """Open user-given image data: a folder of image files (class labels from subfolders),
     a save_to_disk folder, parquet file(s), an imagefolder tree, or hf:NAME[:CONFIG].
 
@@ -317,9 +363,10 @@ def open_image_data(spec: str | Path, size: int, channels: int, *, split: str | 
     _check_size_channels(size, channels)
     path = Path(str(spec)).expanduser()
     if is_hf_source(spec):
-        return HFDataset(spec, size, channels, split=split, image_column=image_column, caption_column=caption_column)
+        return HFDataset(spec, size, channels, split=split, image_column=image_column, caption_column=caption_column,
+                         crop_seed=crop_seed)
     if path.is_dir():
-        return ImageFolderDataset(path, size, channels)
+        return ImageFolderDataset(path, size, channels, crop_seed)
     if path.exists():
         raise UserError(f"data must be a folder of images, a dataset folder or a parquet file, got the file {path}")
     raise UserError(f"data not found: {spec}; pass a folder of images, a save_to_disk or imagefolder dataset, "

@@ -109,22 +109,38 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert(target)
 
 
-def image_to_tensor(img: Image.Image, size: int, channels: int) -> torch.Tensor:
+def image_to_tensor(img: Image.Image, size: int, channels: int,
+                    crop_at: tuple[float, float] | None = None) -> torch.Tensor:
     """PIL image -> float32 ``(channels, size, size)`` in [-1, 1].
 
-    Shorter side resized to ``size`` (bicubic, antialiased), then center-cropped.
+    Shorter side resized to ``size`` (bicubic, antialiased), then cropped: centred, or at
+    ``crop_at`` = (top, left) as fractions of the room the crop has.
     """
     t = TF.pil_to_tensor(to_mode(img, channels))  # uint8 (C, H, W)
     if t.shape[-2:] != (size, size):
         if min(t.shape[-2:]) != size:
             t = TF.resize(t, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        t = TF.center_crop(t, [size, size])
+        if crop_at is None:
+            t = TF.center_crop(t, [size, size])
+        else:
+            h, w = t.shape[-2:]
+            t = TF.crop(t, round(crop_at[0] * (h - size)), round(crop_at[1] * (w - size)), size, size)
     return t.to(torch.float32).div_(127.5).sub_(1.0).clamp_(-1.0, 1.0).contiguous()
 
 
-def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
+def load_image(path: str | Path, size: int, channels: int, crop_at: tuple[float, float] | None = None
+               ) -> torch.Tensor:
     """Read one image file into a float32 ``(channels, size, size)`` tensor in [-1, 1]."""
-    return image_to_tensor(read_image(path, draft_size=size), size, channels)
+    return image_to_tensor(read_image(path, draft_size=size), size, channels, crop_at)
+
+
+def crop_position(crop_seed: int | None, index: int) -> tuple[float, float] | None:
+    """Where image `index` is cropped: centred (no seed), else a position drawn once from
+    (seed, index), so an image keeps its crop across epochs, processes and resumes."""
+    if crop_seed is None:
+        return None
+    top, left = torch.rand(2, generator=torch.Generator().manual_seed(crop_seed * 1_000_003 + index)).tolist()
+    return top, left
 
 
 def load_rgb_uint8(path: str | Path) -> torch.Tensor:

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from difcompress.data.datasets import (
     HFDataset,
     ImageFolderDataset,
+    MirroredDataset,
     TensorImageDataset,
 )
 from difcompress.errors import UserError
@@ -99,7 +100,11 @@ def dataset_identity(dataset: Dataset) -> str:
     """What makes two datasets the same data, cheaply: files with sizes and times, the
     saved dataset's fingerprint, or the tensor bytes."""
     digest = hashlib.sha256(type(dataset).__name__.encode())
-    if isinstance(dataset, ImageFolderDataset):
+    if getattr(dataset, "crop_seed", None) is not None:
+        digest.update(f"crop_seed:{dataset.crop_seed}".encode())
+    if isinstance(dataset, MirroredDataset):
+        digest.update(dataset_identity(dataset.dataset).encode())
+    elif isinstance(dataset, ImageFolderDataset):
         digest.update(str(dataset.root.resolve()).encode())
         for path in dataset.paths:
             stat = path.stat()

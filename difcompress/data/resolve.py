@@ -13,6 +13,8 @@ from torch.utils.data import Dataset
 
 from difcompress.builtin import builtin_data
 from difcompress.data.datasets import (
+    Framing,
+    MirroredDataset,
     TensorImageDataset,
     check_class_data,
     open_image_data,
@@ -29,12 +31,14 @@ TEXT_GUIDANCE = 7.5  # Stable Diffusion's default guidance scale (StableDiffusio
 
 
 def image_data(data: str, loaded, split: str | None = None, image_column: str | None = None,
-               caption_column: str | None = None) -> Dataset:
+               caption_column: str | None = None, size: int | None = None, crop_seed: int | None = None) -> Dataset:
     """Pixel images (with class labels for class-conditional models, captions for text-to-image
-    ones) for `loaded`'s size and channels; checked against the model before any long work."""
+    ones) for `loaded`'s channels, at its size unless `size` is given; checked against the
+    model before any long work."""
     c, h, _ = loaded.image_shape()
+    h = size or h
     dataset = builtin_data(data, h, c) or open_image_data(data, h, c, split=split, image_column=image_column,
-                                                          caption_column=caption_column)
+                                                          caption_column=caption_column, crop_seed=crop_seed)
     if loaded.family.conditioning == "text" and getattr(dataset, "captions", None) is None:
         raise UserError(f"{data} has no captions for a text-to-image model: give an imagefolder with a metadata "
                         "file, a dataset with a text column (--caption-column), or same-stem .txt files", 2)
@@ -42,6 +46,30 @@ def image_data(data: str, loaded, split: str | None = None, image_column: str | 
     if classes:
         check_class_data(dataset, classes, data)
     return dataset
+
+
+def training_size(loaded, resolution: int | None) -> int:
+    """The image size training reads: the model's own, or --resolution where its U-Net can
+    take it (every level halves it, after the autoencoder's downscale)."""
+    native = loaded.image_shape()[1]
+    if resolution is None or resolution == native:
+        return native
+    levels = loaded.model.config.get("block_out_channels")
+    if levels is None:
+        raise UserError(f"--resolution: a {loaded.family.name} model's position embeddings fix its image size "
+                        f"({native}); drop --resolution", exit_code=2)
+    factor = (loaded.autoencoder.downscale if loaded.autoencoder else 1) * 2 ** (len(levels) - 1)
+    if resolution % factor:
+        raise UserError(f"--resolution {resolution} must be a multiple of {factor} for this model (its size is "
+                        f"{native})", exit_code=2)
+    return resolution
+
+
+def framed_image_data(data: str, loaded, framing: Framing, seed: int, **columns) -> Dataset:
+    """Training images framed as asked: resolution, centre or seeded crops, mirrored copies."""
+    images = image_data(data, loaded, size=training_size(loaded, framing.resolution),
+                        crop_seed=None if framing.center_crop else seed, **columns)
+    return MirroredDataset(images) if framing.random_flip else images
 
 
 def unreadable_note(dataset: Dataset) -> str | None:
@@ -78,27 +106,31 @@ def _kept_samples(cache: Path | None, write_cache: bool, generate) -> dict[str, 
 def training_data(data: str, student, teacher, *, samples: int, sampler_steps: int, seed: int,
                   cache_dir: Path, latent_cache: Path | None, is_main: bool, is_local_main: bool,
                   show_progress: bool, split: str | None = None, image_column: str | None = None,
-                  caption_column: str | None = None, prompts: str | None = None) -> tuple[Dataset, dict[str, Any]]:
+                  caption_column: str | None = None, prompts: str | None = None,
+                  framing: Framing = Framing()) -> tuple[Dataset, dict[str, Any]]:
     """The training set in the denoiser's space and a report (data, latent cache, skipped files);
     for text-to-image models each item's condition is its caption's encoding."""
+    if data == TEACHER and not framing.is_default:
+        raise UserError("--resolution, --no-center-crop and --random-flip frame image data; --data teacher is "
+                        "the teacher's own samples", exit_code=2)
     if student.family.conditioning == "text":
         return _text_to_image_data(data, student, teacher, samples=samples, sampler_steps=sampler_steps, seed=seed,
                                    cache_dir=cache_dir, latent_cache=latent_cache, is_local_main=is_local_main,
                                    show_progress=show_progress, split=split, image_column=image_column,
-                                   caption_column=caption_column, prompts=prompts)
+                                   caption_column=caption_column, prompts=prompts, framing=framing)
     if data == TEACHER:
         # Data-free: generated once and kept with the run, so a resume trains on the same samples.
         dataset = teacher_samples(teacher, samples, label_seed=seed, noise_seed=seed + 1_000_003, steps=sampler_steps,
                                   cache=cache_dir / "teacher_samples.safetensors", write_cache=is_main)
         return dataset, {"data": TEACHER, "items": len(dataset)}
-    images = image_data(data, student, split, image_column)
+    images = framed_image_data(data, student, framing, seed, split=split, image_column=image_column)
     scan = getattr(images, "scan", None)
     resolved = str(Path(data).resolve()) if Path(data).exists() else data
     report = {"data": data, "resolved": resolved, "split": getattr(images, "split", None), "items": len(images),
               "unreadable_skipped": len(scan.unreadable) if scan else 0,
               "first_unreadable": str(scan.unreadable[0]) if scan and scan.unreadable else None}
-    c, h, _ = student.image_shape()
-    dataset, latents = latent_training_data(images, student.autoencoder, h, cache_root=latent_cache,
+    size = training_size(student, framing.resolution)
+    dataset, latents = latent_training_data(images, student.autoencoder, size, cache_root=latent_cache,
                                             is_main=is_local_main, show_progress=show_progress)
     if latents:
         report["latent_cache"] = latents
@@ -122,7 +154,7 @@ def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, spli
 
 
 def _text_to_image_data(data, student, teacher, *, samples, sampler_steps, seed, cache_dir, latent_cache,
-                        is_local_main, show_progress, split, image_column, caption_column, prompts):
+                        is_local_main, show_progress, split, image_column, caption_column, prompts, framing):
     """Latents and caption encodings, both encoded once and cached; or, data-free, the
     teacher's samples of --prompts (guidance 7.5, as Stable Diffusion samples)."""
     root = latent_cache or default_cache_root()
@@ -136,9 +168,10 @@ def _text_to_image_data(data, student, teacher, *, samples, sampler_steps, seed,
                                      guidance_scale=TEXT_GUIDANCE, null_condition=empty)})["images"]
         return TensorImageDataset(images, encodings, empty), {"data": TEACHER, "prompts": str(prompts),
                                                               "items": samples}
-    images = image_data(data, student, split, image_column, caption_column)
-    c, h, _ = student.image_shape()
-    latents, latent_report = latent_training_data(images, student.autoencoder, h, cache_root=latent_cache,
+    images = framed_image_data(data, student, framing, seed, split=split, image_column=image_column,
+                               caption_column=caption_column)
+    size = training_size(student, framing.resolution)
+    latents, latent_report = latent_training_data(images, student.autoencoder, size, cache_root=latent_cache,
                                                   is_main=is_local_main, show_progress=show_progress)
     encodings, empty, text_report = cached_text(images.captions, student.text, root, encode_here=is_local_main)
     report = {"data": data, "resolved": str(Path(data).resolve()) if Path(data).exists() else data,
