@@ -50,6 +50,7 @@ from difcompress.io.report import (
     console,
     err_console,
     human,
+    print_distill_plan,
     print_eval_report,
     print_json,
     print_prune_report,
@@ -65,6 +66,9 @@ app = typer.Typer(
 
 JSON_PARAM = inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
     bool, typer.Option("--json", metavar="", help="Print the result as JSON instead of a table.")])
+DRY_RUN_PARAM = inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+    bool, typer.Option("--dry-run", metavar="", help="Print the resolved settings and the estimated peak memory "
+                       "per process; train nothing, write nothing.")])
 
 
 def _version(value: bool) -> None:
@@ -126,13 +130,13 @@ def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
 def config_command(name: str, config_cls: type[StageConfig], run: Callable[[StageConfig, bool], None],
                    extra: tuple[inspect.Parameter, ...] = (JSON_PARAM,)) -> None:
     """Register `difcompress NAME` with one option per config field (plus `extra`);
-    `run(config, json_output)` does the work."""
+    `run(config, **extra values)` does the work."""
     params = [_parameter(n, f) for n, f in config_cls.model_fields.items()]
     params = sorted(params, key=lambda p: p.default is not inspect.Parameter.empty) + list(extra)
 
     def command(**values):
-        json_output = values.pop("json_output", False)
-        run(config_cls.build({k: v for k, v in values.items() if v is not None}), json_output)
+        flags = {p.name: values.pop(p.name, p.default) for p in extra}  # command-line only, not settings
+        run(config_cls.build({k: v for k, v in values.items() if v is not None}), **flags)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -159,10 +163,14 @@ def _prune(config: PruneConfig, json_output: bool) -> None:
     print_json(report) if json_output else print_prune_report(report)
 
 
-def _distill(config: DistillConfig, json_output: bool) -> None:
+def _distill(config: DistillConfig, json_output: bool, dry_run: bool = False) -> None:
     with starting("distill"):
-        from difcompress.commands.distill import distill  # start-up time
+        from difcompress.commands.distill import distill, plan_distill  # start-up time
 
+    if dry_run:
+        plan = plan_distill(config)
+        print_json(plan) if json_output else print_distill_plan(plan)
+        return
     summary = distill(config, show_progress=not json_output)
     if json_output:
         print_json(summary)
@@ -238,7 +246,7 @@ def _build_digits(config: BuildDigitsConfig, json_output: bool) -> None:
 
 
 config_command("prune", PruneConfig, _prune)
-config_command("distill", DistillConfig, _distill)
+config_command("distill", DistillConfig, _distill, extra=(DRY_RUN_PARAM, JSON_PARAM))
 config_command("eval", EvalConfig, _eval)
 config_command("export", ExportConfig, _export)
 config_command("stats", StatsConfig, _stats)
@@ -264,6 +272,10 @@ def run_command(
             if dry_run:
                 for key, value in entry["settings"].items():
                     console.print(f"    {key}: {value}")
+                memory = entry.get("memory")
+                if memory:
+                    said = memory if isinstance(memory, str) else f"{human(memory['total_bytes'], 'B')} (estimate)"
+                    console.print(f"    peak memory per process: {escape(said)}")
 
     results = run_recipe(recipe, dry_run=dry_run, on_stage=announce, show_progress=not json_output)
     if json_output:

@@ -95,3 +95,7 @@ SD21_BASE_UNET = dict(
     attention_head_dim=(5, 10, 20, 20),
     use_linear_projection=True,
 )
+
+# CompVis/stable-diffusion-v1-4 unet/config.json: SD 1.x differs from 2.x in 8 heads at every
+# level (attention_head_dim 8), CLIP ViT-L/14 text width 768 and 1x1-conv projections.
+SD14_UNET = {**SD21_BASE_UNET, "attention_head_dim": 8, "cross_attention_dim": 768, "use_linear_projection": False}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from difcompress.errors import UserError
 from difcompress.io.loading import load_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +294,46 @@ def test_resolution_seeded_crops_and_random_flip_frame_the_training_images(small
         run_distill(small[0], tmp_path / "free", **{**settings, "data": "teacher", "random_flip": True})
     with pytest.raises(UserError, match="position embeddings"):
         training_size(load_model(tiny_dit_dir), 64)
+
+
+def _sd_memory(layout, preset, *, micro_batch, ema=True):
+    from diffusers import UNet2DConditionModel
+
+    from difcompress.families.t2i import TextToImageFamily
+    from difcompress.pruning.blocks import feature_pairs, student_config
+    from difcompress.training.memory import estimate_distill_memory
+
+    with torch.device("meta"):
+        teacher = UNet2DConditionModel(**layout)
+        student = UNet2DConditionModel.from_config(student_config(dict(teacher.config), preset))
+    return estimate_distill_memory(TextToImageFamily(), student, teacher, micro_batch=micro_batch,
+                                   mixed_precision="fp16", gradient_checkpointing=True, teacher_dtype="fp16",
+                                   optimizer="adamw", ema=ema, ema_offload=False, feature_pairs=feature_pairs(preset),
+                                   text_tokens=77)
+
+
+def test_the_memory_estimate_meets_bk_sdms_published_figure():
+    """BK-SDM's README: BK-SDM-Base from SD-1.4, fp16, gradient checkpointing, EMA, micro-batch
+    16 x 4 accumulation: 28 GB on an A100."""
+    from difcompress.layouts import SD14_UNET
+
+    total = _sd_memory(SD14_UNET, "bk-base", micro_batch=16)["total_bytes"]
+    assert total == pytest.approx(28 * 2**30, rel=0.15)
+
+
+@pytest.mark.parametrize("recipe", ["bk-sdm-small.yaml", "bk-sdm-v2-small-place.yaml", "bk-sdm-v2-tiny-place.yaml"])
+def test_the_stable_diffusion_recipes_fit_one_24gb_gpu(recipe):
+    """At the recipe's micro-batch, with its checkpointing and fp16 teacher, with 15% left for
+    the allocator's fragmentation."""
+    import yaml
+
+    from difcompress.layouts import SD14_UNET, SD21_BASE_UNET
+
+    settings = yaml.safe_load((REPO / "recipes" / recipe).read_text())
+    distill = settings["distill"]
+    assert distill["gradient_checkpointing"] and distill["teacher_dtype"] == "fp16"
+    assert distill["mixed_precision"] == "fp16"
+    micro_batch = distill["batch_size"] // distill["gradient_accumulation_steps"]
+    layout = SD21_BASE_UNET if "v2" in recipe else SD14_UNET
+    total = _sd_memory(layout, settings["prune"]["preset"], micro_batch=micro_batch)["total_bytes"]
+    assert total * 1.15 < 24e9, f"{total / 2**30:.1f} GiB"

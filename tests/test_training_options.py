@@ -176,3 +176,30 @@ def test_accelerates_mixed_precision_setting_is_honoured(pruned_dir, tmp_path, m
     assert summary["settings"]["mixed_precision"] == "bf16"
     summary = run_distill(pruned_dir, tmp_path / "flag", loss="mse", mixed_precision="no", **BASE)
     assert summary["settings"]["mixed_precision"] == "no"  # an explicit option still wins
+
+
+def test_distill_dry_run_estimates_memory_and_writes_nothing(tmp_path, run_cli):
+    """The estimate's parts follow the options: checkpointing shrinks the step, a bf16 teacher
+    halves the teacher's weights, an offloaded EMA leaves the GPU, 8-bit AdamW keeps 2 bytes."""
+    from conftest import run_prune
+
+    pruned = tmp_path / "pruned"
+    run_prune("digits", 0.5, pruned, device="cpu")
+
+    def plan(*options):
+        code, out, err = run_cli("distill", "--student", pruned, "--data", "digits", "-o", tmp_path / "run",
+                                 "--batch-size", "256", "--dry-run", "--json", *options)
+        assert code == 0, err
+        return json.loads(out)
+
+    plain = plan()
+    parts = dict(plain["memory"]["parts"])
+    assert not (tmp_path / "run").exists() and plain["memory"]["micro_batch"] == 256
+    step = next(v for k, v in parts.items() if k.startswith("one step"))
+    checkpointed = plan("--gradient-checkpointing")["memory"]["parts"]
+    assert next(v for k, v in checkpointed.items() if k.startswith("one step")) < step
+    cheap = plan("--teacher-dtype", "bf16", "--ema-offload", "--gradient-accumulation-steps", "4")["memory"]
+    assert cheap["parts"]["teacher weights (bf16)"] * 2 == parts["teacher weights (fp32)"]
+    assert cheap["parts"]["EMA weights"] == 0 and cheap["micro_batch"] == 64
+    assert parts["optimizer state (adamw)"] == 2 * parts["student weights (fp32)"]
+    assert plain["memory"]["total_bytes"] == sum(parts.values())

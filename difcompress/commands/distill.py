@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from difcompress.training.checkpoint import (
     save_checkpoint,
 )
 from difcompress.training.feature_taps import parse_feature_layers
+from difcompress.training.memory import estimate_distill_memory
 from difcompress.training.run_folder import (
     append_metrics,
     prepare_run_folder,
@@ -69,6 +72,30 @@ def distill(config: DistillConfig, *, show_progress: bool = False) -> dict[str, 
                 warn(note)
         accelerator.wait_for_everyone()
         return _run(config, accelerator, resume, show_progress)
+
+
+def plan_distill(config: DistillConfig) -> dict[str, Any]:
+    """`--dry-run`: the settings the run would record and its estimated peak memory per
+    process (training/memory.py); loads student and teacher on the CPU, writes nothing."""
+    check_trainable(config)
+    check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
+    cpu = torch.device("cpu")
+    student = load_model(config.student, cpu)
+    teacher, teacher_ref = _load_teacher(config, student, cpu)
+    w_feat = config.resolved_w_feat()
+    pairs = _feature_pairs(config, student, teacher, w_feat) or []
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    micro_batch = math.ceil(config.batch_size / (processes * config.gradient_accumulation_steps))
+    memory = estimate_distill_memory(
+        student.family, student.model, teacher.model if teacher else None, micro_batch=micro_batch,
+        mixed_precision=config.mixed_precision, gradient_checkpointing=config.gradient_checkpointing,
+        teacher_dtype=config.teacher_dtype, optimizer=config.optimizer, ema=config.ema_decay > 0,
+        ema_offload=config.ema_offload, feature_pairs=pairs,
+        text_tokens=student.text.tokenizer.model_max_length if student.text else None)
+    settings = config.model_dump(mode="json", exclude=NOT_SETTINGS)
+    settings.update(teacher=teacher_ref, w_feat=w_feat, objective=objective_name(config.loss, w_feat),
+                    processes=processes)
+    return {"settings": settings, "memory": memory, "output": str(Path(config.output).resolve())}
 
 
 def check_trainable(config: DistillConfig) -> None:
@@ -115,7 +142,7 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
     seed_everything(config.seed)
     output = Path(config.output)
     student = load_model(config.student, accelerator.device)
-    teacher, teacher_ref = _load_teacher(config, student, accelerator)
+    teacher, teacher_ref = _load_teacher(config, student, accelerator.device)
     dataset, data_report = training_data(
         config.data, student, teacher, samples=config.teacher_samples, sampler_steps=config.teacher_sampler_steps,
         seed=config.seed, cache_dir=output, latent_cache=config.latent_cache,
@@ -145,7 +172,7 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
     return summary
 
 
-def _load_teacher(config: DistillConfig, student: LoadedModel, accelerator: Accelerator
+def _load_teacher(config: DistillConfig, student: LoadedModel, device: torch.device
                   ) -> tuple[LoadedModel | None, str | None]:
     """The frozen teacher when the objective, the feature term, data-free training or a
     learned-variance student needs one, and the teacher reference the run records."""
@@ -158,7 +185,7 @@ def _load_teacher(config: DistillConfig, student: LoadedModel, accelerator: Acce
     if not (needs or wants):
         return None, config.teacher
     try:
-        teacher = load_model(teacher_ref, accelerator.device)
+        teacher = load_model(teacher_ref, device)
     except UserError as err:
         if needs:
             raise

@@ -21,13 +21,14 @@ from huggingface_hub import try_to_load_from_cache
 from pydantic import ValidationError
 
 from difcompress.builtin import builtin_model_path
-from difcompress.commands.distill import distill
+from difcompress.commands.distill import distill, plan_distill
 from difcompress.commands.evaluate import evaluate
 from difcompress.commands.export import export
 from difcompress.commands.prune import prune
 from difcompress.config import (
     CHAIN_FIELDS,
     STAGE_CONFIGS,
+    DistillConfig,
     Recipe,
     SettingsError,
     StageConfig,
@@ -169,6 +170,8 @@ def run_recipe(path: str | Path, *, dry_run: bool = False, on_stage=None,
         done = stage_complete(name, out)
         entry = {"stage": name, "output": str(out), "settings": config.model_dump(mode="json"),
                  "status": "complete (skipped)" if done else ("planned" if dry_run else "ran")}
+        if dry_run and name == "distill" and not done:
+            entry["memory"] = _planned_memory(config)
         if on_stage:
             on_stage(entry)
         if not dry_run and not done:
@@ -184,6 +187,13 @@ def run_recipe(path: str | Path, *, dry_run: bool = False, on_stage=None,
         if problems:
             raise UserError(f"{len(problems)} input(s) of {path} are missing: " + "; ".join(problems))
     return results
+
+
+def _planned_memory(config: DistillConfig) -> dict[str, Any] | str:
+    """The distill stage's peak-memory estimate, once its student exists."""
+    if not stage_complete("prune", Path(config.student)):
+        return "estimated once the student exists (difcompress distill --dry-run with the same settings)"
+    return plan_distill(config)["memory"]
 
 
 def run_stage(name: str, config: StageConfig, show_progress: bool = False) -> dict[str, Any]:

@@ -63,6 +63,23 @@ def print_prune_report(report: dict[str, Any]) -> None:
     console.print(f"saved to {report['output']}")
 
 
+def print_distill_plan(plan: dict[str, Any]) -> None:
+    """`distill --dry-run`: the resolved settings, then the peak-memory estimate by part."""
+    for key, value in plan["settings"].items():
+        console.print(f"    {key}: {value}")
+    memory = plan["memory"]
+    table = Table(title=f"estimated peak memory per process (micro-batch {memory['micro_batch']}, mixed precision "
+                        f"{memory['mixed_precision']}, gradient checkpointing "
+                        f"{'on' if memory['gradient_checkpointing'] else 'off'})")
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    for part, size in memory["parts"].items():
+        table.add_row(part, human(size, "B"))
+    table.add_row("[bold]total[/]", f"[bold]{human(memory['total_bytes'], 'B')}[/]")
+    console.print(table)
+    console.print("An estimate: allocator fragmentation and kernel workspaces come on top (README: Will it fit?).")
+
+
 def print_eval_report(result: dict[str, Any]) -> None:
     rows = result["models"]
     table = Table(title=f"difcompress eval ({result['sampler']}, {result['sampler_steps']} steps, {result['device']})")
