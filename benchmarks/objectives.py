@@ -2,8 +2,8 @@
 
 Prunes the teacher at each ratio, distills every student with every objective under the
 same steps, lr, batch and seeds, evaluates digits-FID, and writes results.json (one row per
-run), curves.json (w, slope and intercept over the steps of every PLACE/LIFT run) and the
-markdown table. Runs go to parallel worker processes; a finished run folder is skipped,
+run), curves.json (w, slope and intercept over the steps of every PLACE/LIFT run),
+fid_by_ratio.png and the markdown table. Runs go to parallel worker processes; a finished run folder is skipped,
 so the benchmark resumes after an interruption (and `--budget-s` stops starting new runs).
 
 Every objective is trained as the LIFT/PLACE authors train theirs (their code, commit
@@ -13,11 +13,17 @@ for the feature term their FitNet (every block hooked, bias-free adapters at eve
 summed): weight 1e-6 beside an output objective (`mse+feat`, `place+feat`), weight 1 as
 the only KD term (`feature`). For the DiT teacher (`--teacher digits-dit`) their TinyFusion
 weights: task/KD 0.1/0.9 in mean form, feature 1e-2 decayed per epoch, masks 2 std by each
-model's own statistics; `--ratios` then removes attention heads.
+model's own statistics; `--ratios` then removes attention heads. For the text-to-image
+teacher (`--teacher digits-t2i`) the student is BK-SDM's bk-small (then `--ratios` of every
+width; 0 keeps them) and the objectives are the authors' SD settings: BK-SDM's KD (`mse+feat`:
+output and feature MSE, features summed, weights 1/1/1) against PLACE + feature with the L1
+coarse term and eps 1e-8 (`place+feat`); eval adds prompt accuracy (one prompt per digit).
 
     .venv/bin/python benchmarks/objectives.py -o runs/objectives --ratios 0.9 0.95 --seeds 3
     .venv/bin/python benchmarks/objectives.py --teacher digits-dit --ratios 0.5 0.75 \\
         --objectives mse place place+feat -o runs/objectives-dit
+    .venv/bin/python benchmarks/objectives.py --teacher digits-t2i --ratios 0 \\
+        --objectives mse+feat place+feat -o runs/objectives-t2i
 """
 
 from __future__ import annotations
@@ -34,11 +40,18 @@ from pathlib import Path
 
 import torch
 
-from difcompress.builtin import DIT_TEACHER_NAME, TEACHER_NAME, TEACHERS
+from difcompress.builtin import (
+    DIT_TEACHER_NAME,
+    T2I_TEACHER_NAME,
+    TEACHER_NAME,
+    TEACHERS,
+)
+from difcompress.commands.demo import DIGIT_PROMPTS
 from difcompress.commands.evaluate import evaluate
 from difcompress.commands.prune import prune
 from difcompress.commands.run import run_stage, stage_complete
 from difcompress.config import DistillConfig, EvalConfig, PruneConfig
+from difcompress.io.plots import plot_by_ratio
 
 UNET_OBJECTIVES = ("task", "mse", "feature", "mse+feat", "lift", "place", "place+feat")
 CURVE_KEYS = ("w", "slope", "intercept", "coarse", "fine", "kd", "task")
@@ -46,6 +59,9 @@ CURVE_KEYS = ("w", "slope", "intercept", "coarse", "fine", "kd", "task")
 
 def objective_settings(teacher: str, loss: str) -> dict:
     """The authors' composition of `loss` for this teacher (see the module docstring)."""
+    if teacher == T2I_TEACHER_NAME:
+        return {"coarse_norm": "l1", "fit_eps": 1e-8, "feature_reduction": "sum",
+                "w_feat": 1.0 if loss.endswith("+feat") else None}
     if teacher == DIT_TEACHER_NAME:
         return {"w_task": 0.1, "w_kd": 0.9, "w_feat": 1e-2 if loss.endswith("feat") or loss == "feature" else None,
                 "w_feat_schedule": "epoch-linear", "feature_mask_std": 2.0, "feature_mask_by": "own"}
@@ -69,33 +85,45 @@ def run_one(job: dict) -> dict:
     if not (run / "eval" / "eval.json").is_file():
         evaluate(EvalConfig(models=[str(run)], fid=True, num_samples=args["fid_samples"],
                             sampler_steps=args["sampler_steps"], seed=job["seed"], output=run / "eval",
-                            device=args["device"], grid_size=8))
+                            device=args["device"], grid_size=8, **job.get("eval", {})))
     row = json.loads((run / "eval" / "eval.json").read_text())["models"][0]
     curve = [{k: r[k] for k in ("step", *CURVE_KEYS) if k in r}
              for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     return {"ratio": job["label"], "loss": job["loss"], "seed": job["seed"], "fid": row["fid"], "kid": row["kid"],
             "params": row["params"], "macs": row["macs"], "seconds": time.time() - started,
+            "prompt_accuracy": row.get("prompt_accuracy"),
             "curve": curve if job["loss"] in ("lift", "place", "place+feat") else None}
+
+
+def eval_settings(args) -> dict:
+    """What eval adds for the text-to-image teacher: one prompt per digit, guidance 2."""
+    if args.teacher != T2I_TEACHER_NAME:
+        return {}
+    prompts = args.output / "prompts.txt"
+    prompts.write_text("\n".join(DIGIT_PROMPTS) + "\n")
+    return {"prompts": str(prompts), "guidance_scale": 2.0}
 
 
 def plan(args) -> tuple[list[dict], dict]:
     root = args.output
+    extra = eval_settings(args)
     teacher_row = evaluate(EvalConfig(models=[args.teacher], fid=True, num_samples=args.fid_samples,
                                       sampler_steps=args.sampler_steps, output=root / "teacher-eval",
-                                      device=args.device, grid_size=8))["models"][0] \
+                                      device=args.device, grid_size=8, **extra))["models"][0] \
         if not (root / "teacher-eval" / "eval.json").is_file() else \
         json.loads((root / "teacher-eval" / "eval.json").read_text())["models"][0]
     jobs = []
     for ratio in args.ratios:
         pruned = root / f"pruned-{ratio}"
         if not stage_complete("prune", pruned):
-            prune(PruneConfig(model=args.teacher, ratio=ratio, output=pruned, seed=0, device=args.device))
+            preset = {"preset": "bk-small"} if args.teacher == T2I_TEACHER_NAME else {}
+            prune(PruneConfig(model=args.teacher, ratio=ratio, output=pruned, seed=0, device=args.device, **preset))
         for seed in range(args.seeds):  # seed-major: a budget cut leaves whole seeds of every objective
             for loss in args.objectives:
                 jobs.append({"label": str(ratio), "loss": loss, "seed": seed, "pruned": str(pruned),
                              "run": str(root / f"r{ratio}-{loss}-s{seed}"), "threads": args.threads,
-                             "settings": objective_settings(args.teacher, loss), "args": vars(args) | {
-                                 "output": str(root)}})
+                             "settings": objective_settings(args.teacher, loss), "eval": extra,
+                             "args": vars(args) | {"output": str(root)}})
     return jobs, teacher_row
 
 
@@ -106,15 +134,17 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (ratio, loss), runs in groups.items():
         fids = [r["fid"] for r in sorted(runs, key=lambda r: r["seed"])]
+        hits = [r["prompt_accuracy"] for r in runs if r.get("prompt_accuracy") is not None]
         out.append({"ratio": ratio, "loss": loss, "seeds": len(fids), "fid": fids, "fid_mean": statistics.mean(fids),
                     "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0, "params": runs[0]["params"],
-                    "macs": runs[0]["macs"]})
+                    "macs": runs[0]["macs"], "prompt_accuracy": statistics.mean(hits) if hits else None})
     return out
 
 
 def write_results(args, teacher_row: dict, rows: list[dict], planned: int, started: float) -> dict:
     """results.json (rows, runs, settings, machine) and curves.json, as they stand."""
-    result = {"teacher": {k: teacher_row[k] for k in ("fid", "params", "macs")}, "rows": summarise(rows),
+    result = {"teacher": {k: teacher_row.get(k) for k in ("fid", "params", "macs", "prompt_accuracy")},
+              "rows": summarise(rows),
               "runs": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
               "settings": vars(args) | {"output": str(args.output), "results": str(args.results)},
               "composition": {loss: objective_settings(args.teacher, loss) for loss in args.objectives},
@@ -124,6 +154,9 @@ def write_results(args, teacher_row: dict, rows: list[dict], planned: int, start
     target = args.results or args.output
     target.mkdir(parents=True, exist_ok=True)
     (target / "results.json").write_text(json.dumps(result, indent=2))
+    if result["rows"]:
+        plot_by_ratio(result["rows"], target / "fid_by_ratio.png", floor=result["teacher"]["fid"],
+                      title=f"{args.teacher}: {args.steps} steps, digits-FID of {args.fid_samples} samples")
     (target / "curves.json").write_text(json.dumps({f"{r['ratio']}-{r['loss']}-s{r['seed']}": r["curve"]
                                                     for r in rows if r["curve"]}))
     return result
@@ -135,15 +168,19 @@ def markdown_table(result) -> str:
     losses = [loss for loss in result["settings"]["objectives"] if any(r["loss"] == loss for r in rows)]
     by_key = {(r["ratio"], r["loss"]): r for r in rows}
     lines = [f"Teacher digits-FID (floor): {result['teacher']['fid']:.2f}, "
-             f"{result['teacher']['params'] / 1e6:.2f}M params, {result['teacher']['macs'] / 1e6:.1f}M MACs", "",
+             f"{result['teacher']['params'] / 1e6:.2f}M params, {result['teacher']['macs'] / 1e6:.1f}M MACs"
+             + (f", prompt accuracy {result['teacher']['prompt_accuracy']:.0%}"
+                if result["teacher"].get("prompt_accuracy") is not None else ""), "",
              "| ratio | params / MACs | " + " | ".join(losses) + " |", "|---|---|" + "---|" * len(losses)]
     for ratio in ratios:
         any_row = next(r for r in rows if r["ratio"] == ratio)
         cells = []
         for loss in losses:
             r = by_key.get((ratio, loss))
-            cells.append("" if r is None else f"{r['fid_mean']:.2f} ± {r['fid_std']:.2f} (n={r['seeds']})"
-                         if r["seeds"] > 1 else f"{r['fid_mean']:.2f} (n=1)")
+            cell = "" if r is None else f"{r['fid_mean']:.2f} ± {r['fid_std']:.2f} (n={r['seeds']})" \
+                if r["seeds"] > 1 else f"{r['fid_mean']:.2f} (n=1)"
+            cells.append(cell + (f", prompts {r['prompt_accuracy']:.0%}" if r and r["prompt_accuracy"] is not None
+                                 else ""))
         lines.append(f"| {ratio} | {any_row['params'] / 1e3:.1f}K / {any_row['macs'] / 1e6:.2f}M | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -29,8 +29,12 @@ from difcompress.metrics.extractors import (
 
 ASSETS = Path(__file__).parent / "assets" / "digits"
 # Short name -> (asset folder, family): the pixel U-Net and the pixel DiT digits teachers.
-TEACHER_NAME, DIT_TEACHER_NAME = "digits", "digits-dit"
-TEACHERS = {TEACHER_NAME: ("teacher", "unet2d"), DIT_TEACHER_NAME: ("dit-teacher", "dit")}
+TEACHER_NAME, DIT_TEACHER_NAME, T2I_TEACHER_NAME = "digits", "digits-dit", "digits-t2i"
+TEACHERS = {TEACHER_NAME: ("teacher", "unet2d"), DIT_TEACHER_NAME: ("dit-teacher", "dit"),
+            T2I_TEACHER_NAME: ("t2i-teacher", "t2i")}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# The captions of the digits: image i gets template i mod 4 (deterministic, both wordings).
+CAPTION_TEMPLATES = ("a handwritten {word}", "the digit {digit}", "handwritten digit {digit}", "a drawn {word}")
 DIGITS_SIZE = DIGITS_TEACHER_CONFIG["sample_size"]
 
 def digits_images(size: int = DIGITS_SIZE, channels: int = 1) -> torch.Tensor:
@@ -47,10 +51,23 @@ def digits_labels() -> torch.Tensor:
     return torch.tensor(load_digits().target, dtype=torch.long)
 
 
+def digits_captions() -> list[str]:
+    """A caption per digit image ("a handwritten seven", "the digit 7", ...)."""
+    return [CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)].format(word=NUMBER_WORDS[d], digit=d)
+            for i, d in enumerate(digits_labels().tolist())]
+
+
+def digit_in_prompt(prompt: str) -> int | None:
+    """The one digit a prompt asks for (as a numeral or a word), or None."""
+    found = {int(c) for c in prompt if c.isdigit()}
+    found |= {NUMBER_WORDS.index(w) for w in prompt.lower().replace(",", " ").split() if w in NUMBER_WORDS}
+    return found.pop() if len(found) == 1 else None
+
+
 def builtin_data(name: str, size: int, channels: int) -> TensorImageDataset | None:
-    """The dataset a built-in name stands for, or None for anything else."""
+    """The dataset a built-in name stands for (with labels and captions), or None."""
     if name == "digits":
-        return TensorImageDataset(digits_images(size, channels), digits_labels())
+        return TensorImageDataset(digits_images(size, channels), digits_labels(), captions=digits_captions())
     return None
 
 
@@ -130,13 +147,29 @@ class DigitsFeatureExtractor:
             return self.model.features(x)
 
 
-def digits_extractor(weights_path=None, device="cpu") -> DigitsFeatureExtractor:
+def load_digits_classifier(weights_path=None, device="cpu") -> DigitsClassifier:
     path = Path(weights_path) if weights_path else ASSETS / "classifier.safetensors"
     if not path.is_file():
         raise UserError(f"digits classifier weights not found at {path}; rebuild with `difcompress build-digits`")
     model = DigitsClassifier()
     model.load_state_dict(load_file(path))
-    return DigitsFeatureExtractor(model, torch.device(device))
+    return model.to(device).eval()
+
+
+def digits_extractor(weights_path=None, device="cpu") -> DigitsFeatureExtractor:
+    return DigitsFeatureExtractor(load_digits_classifier(weights_path), torch.device(device))
+
+
+@torch.no_grad()
+def prompt_hits(classifier: DigitsClassifier, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Prompt accuracy per image, CLIP score's analogue for digits-t2i: 1 where the digits
+    classifier reads the digit the prompt asked for. Images in [-1, 1], any channels."""
+    wanted = torch.tensor([digit_in_prompt(p) for p in prompts])
+    grey = images.float().mean(1, keepdim=True)
+    if grey.shape[-1] != DIGITS_SIZE:
+        grey = F.interpolate(grey, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    device = next(classifier.parameters()).device
+    return (classifier(grey.to(device)).argmax(1).cpu() == wanted).float()
 
 
 def register_digits_extractor() -> None:

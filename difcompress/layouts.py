@@ -99,3 +99,36 @@ SD21_BASE_UNET = dict(
 # CompVis/stable-diffusion-v1-4 unet/config.json: SD 1.x differs from 2.x in 8 heads at every
 # level (attention_head_dim 8), CLIP ViT-L/14 text width 768 and 1x1-conv projections.
 SD14_UNET = {**SD21_BASE_UNET, "attention_head_dim": 8, "cross_attention_dim": 768, "use_linear_projection": False}
+
+# The embedded digits-t2i teacher (difcompress build-digits --family t2i): Stable Diffusion's
+# U-Net block pattern (so the BK-SDM presets apply) over 8x8x4 latents of 16x16 digits, 16
+# GroupNorm groups (so --ratio 0.5 keeps 8), heads per level as SD 2.x names them.
+DIGITS_T2I_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=SD21_BASE_UNET["down_block_types"],
+    up_block_types=SD21_BASE_UNET["up_block_types"],
+    block_out_channels=(32, 48, 48, 48),
+    layers_per_block=2,
+    norm_num_groups=16,
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4, 4, 4),
+    use_linear_projection=True,
+)
+# Its autoencoder: 16x16 grey digits to 8x8x4 latents (one downsampling).
+DIGITS_T2I_VAE = dict(
+    in_channels=1,
+    out_channels=1,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=16,
+)
+# Its frozen text encoder: a 2-layer CLIP text transformer over the character tokenizer
+# difcompress writes (data/text.py), prompts of up to 22 characters.
+DIGITS_T2I_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=24, bos_token_id=0, eos_token_id=1, pad_token_id=1)

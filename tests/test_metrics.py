@@ -345,3 +345,17 @@ def test_plot_metrics_png(tmp_path):
         plot_metrics(log, tmp_path / "x.png", keys=["phase"])
     with pytest.raises(UserError):
         plot_metrics(tmp_path / "absent.jsonl", tmp_path / "y.png")
+
+
+def test_plot_by_ratio_draws_one_line_per_objective(tmp_path):
+    from difcompress.io.plots import plot_by_ratio
+
+    rows = [{"ratio": r, "loss": loss, "fid_mean": fid, "fid_std": 0.1, "seeds": 3}
+            for r, loss, fid in (("0.9", "mse", 1.1), ("0.95", "mse", 3.0), ("0.9", "place", 1.4),
+                                 ("0.95", "place", 2.5))]
+    out = plot_by_ratio(rows, tmp_path / "fid.png", floor=0.25, title="test")
+    with Image.open(out) as im:
+        im.load()
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    # matplotlib's C0 (blue) and C1 (orange): both objectives are drawn
+    assert (np.abs(pixels - [31, 119, 180]).sum(1) < 30).any() and (np.abs(pixels - [255, 127, 14]).sum(1) < 30).any()

@@ -9,17 +9,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from difcompress.builtin import ASSETS, TEACHERS, train_digits_classifier
+from difcompress.builtin import ASSETS, TEACHERS, digits_images, train_digits_classifier
 from difcompress.commands.run import run_stage
 from difcompress.config import BuildDigitsConfig, DistillConfig
+from difcompress.data.text import write_character_tokenizer
 from difcompress.families.registry import FAMILIES
 from difcompress.io.folders import atomic_folder, write_json
-from difcompress.layouts import DIGITS_DIT_CONFIG, DIGITS_TEACHER_CONFIG
+from difcompress.layouts import (
+    DIGITS_DIT_CONFIG,
+    DIGITS_T2I_TEXT,
+    DIGITS_T2I_UNET,
+    DIGITS_T2I_VAE,
+    DIGITS_TEACHER_CONFIG,
+)
 
-LAYOUTS = {"unet2d": DIGITS_TEACHER_CONFIG, "dit": DIGITS_DIT_CONFIG}
+LAYOUTS = {"unet2d": DIGITS_TEACHER_CONFIG, "dit": DIGITS_DIT_CONFIG, "t2i": DIGITS_T2I_UNET}
+# Stable Diffusion's noise schedule (its scheduler_config.json): latents are never clipped.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   clip_sample=False, steps_offset=1)
+# Per family, what the teacher's training adds to the shared settings: the text-to-image
+# U-Net warms its learning rate up (attention from scratch at lr 1e-3 diverges otherwise).
+TRAINING = {"unet2d": {}, "dit": {}, "t2i": {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 200}}
 # Training state stays in the run folder; only the pipeline ships.
 NOT_SHIPPED = ("checkpoints", "metrics.jsonl", "teacher_samples.safetensors")
 
@@ -35,6 +54,48 @@ def create_untrained_teacher(folder: Path, seed: int, config: dict[str, Any] = D
         write_json(tmp / "difcompress.json", {"stage": "init", "status": "complete", "config": config})
 
 
+def train_digits_autoencoder(seed: int, steps: int = 1500) -> tuple[AutoencoderKL, dict[str, Any]]:
+    """The digits-t2i autoencoder: reconstruction MSE plus a tiny KL (SD's VAE recipe in
+    miniature), then SD's convention of a scaling factor giving latents unit variance."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**DIGITS_T2I_VAE)
+    images = digits_images(DIGITS_T2I_VAE["sample_size"], 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = images[torch.randint(len(images), (64,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        loss = (vae.decode(posterior.sample(generator)).sample - batch).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mean
+        error = (vae.decode(latents).sample - images).pow(2).mean().item()
+    vae.register_to_config(scaling_factor=round(1 / latents.std().item(), 5))
+    return vae, {"autoencoder_steps": steps, "reconstruction_mse": error,
+                 "scaling_factor": vae.config.scaling_factor}
+
+
+def create_untrained_t2i_teacher(folder: Path, seed: int) -> dict[str, Any]:
+    """The digits-t2i starting point: a trained autoencoder, a frozen random CLIP text
+    encoder over the project's character tokenizer, an untrained SD-pattern U-Net."""
+    vae, report = train_digits_autoencoder(seed)
+    torch.manual_seed(seed)
+    with atomic_folder(folder) as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_character_tokenizer(
+            tmp / "tokenizer", model_max_length=DIGITS_T2I_TEXT["max_position_embeddings"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **DIGITS_T2I_TEXT)).eval()
+        StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=UNet2DConditionModel(**DIGITS_T2I_UNET),
+            scheduler=DDPMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False).save_pretrained(tmp, safe_serialization=True)
+        write_json(tmp / "difcompress.json", {"stage": "init", "status": "complete", "config": DIGITS_T2I_UNET,
+                                              "autoencoder": report})
+    return report
+
+
 def build_digits_assets(config: BuildDigitsConfig, *, show_progress: bool = False) -> dict[str, Any]:
     """Train the digits classifier (with the U-Net) and a digits teacher; write them to the
     output (default: the package's assets)."""
@@ -48,15 +109,18 @@ def build_digits_assets(config: BuildDigitsConfig, *, show_progress: bool = Fals
         (output / "classifier.json").write_text(json.dumps(report, indent=2) + "\n")
     work_dir = Path(config.work_dir)
     init = work_dir / f"{folder_name}-init"
-    if not init.is_dir():
+    if config.family == "t2i":
+        report = create_untrained_t2i_teacher(init, config.seed) if not init.is_dir() else \
+            json.loads((init / "difcompress.json").read_text())["autoencoder"]
+    elif not init.is_dir():
         create_untrained_teacher(init, config.seed, LAYOUTS[config.family], config.family)
     run = work_dir / folder_name
     summary = run_stage("distill", DistillConfig(
         student=str(init), output=run, loss="task", data="digits", steps=config.teacher_steps,
         batch_size=config.batch_size, lr=config.lr, ema_decay=0.999, seed=config.seed, checkpoint_every=500,
-        device=config.device), show_progress)
+        device=config.device, latent_cache=work_dir / "cache", **TRAINING[config.family]), show_progress)
     target = output / folder_name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run, target, ignore=lambda _folder, names: [n for n in names if n in NOT_SHIPPED])
-    return {"classifier": report, "teacher_steps": config.teacher_steps,
+    return {"classifier" if config.family == "unet2d" else "autoencoder": report, "teacher_steps": config.teacher_steps,
             "final_loss": summary["final"].get("loss"), "output": str(output)}

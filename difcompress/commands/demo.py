@@ -1,9 +1,15 @@
 """`difcompress demo`: the whole chain offline, on real handwritten digits.
 
-Starts from the embedded teacher (a pixel U-Net trained on scikit-learn's digits, shipped
-in the package), prunes 90% of its channels, distills the student with PLACE, compares
-teacher and student (digits-FID, params, MACs, latency), and exports the student. Each
-step is skipped when its output is already complete, so an interrupted demo continues.
+Starts from an embedded teacher trained on scikit-learn's digits and shipped in the
+package, prunes it, distills the student with PLACE, compares teacher and student
+(digits-FID, params, MACs, latency; prompt accuracy for text-to-image), and exports the
+student. Each step is skipped when its output is already complete, so an interrupted demo
+continues.
+
+- unet2d: the pixel U-Net, 90% of its channels removed.
+- t2i: the digits-t2i Stable-Diffusion-layout pipeline; BK-SDM's bk-small, then half of
+  every width; PLACE with the authors' SD setting (L1 coarse term) plus BK-SDM's feature KD;
+  evaluated from one prompt per digit.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from difcompress.builtin import TEACHER_NAME
+from difcompress.builtin import NUMBER_WORDS, T2I_TEACHER_NAME, TEACHER_NAME
 from difcompress.commands.run import run_stage, stage_complete
 from difcompress.config import (
     DemoConfig,
@@ -23,23 +29,35 @@ from difcompress.config import (
 
 FULL = {"steps": 2000, "batch_size": 64, "sampler_steps": 50, "fid_samples": 1000, "grid": 16}
 QUICK = {"steps": 20, "batch_size": 16, "sampler_steps": 10, "fid_samples": 64, "grid": 8}
+# Per family: the teacher, its default ratio, and what prune, distill and eval add.
+FAMILY = {
+    "unet2d": {"teacher": TEACHER_NAME, "ratio": 0.9, "prune": {}, "distill": {"loss": "place"}, "eval": {},
+               "output": Path("runs/demo")},
+    "t2i": {"teacher": T2I_TEACHER_NAME, "ratio": 0.5, "prune": {"preset": "bk-small"},
+            "distill": {"loss": "place+feat", "coarse_norm": "l1", "feature_reduction": "sum"},
+            "eval": {"guidance_scale": 2.0}, "output": Path("runs/demo-t2i")},
+}
+DIGIT_PROMPTS = [f"a handwritten {word}" for word in NUMBER_WORDS]
 
 
 def demo_stages(config: DemoConfig) -> list[tuple[str, str, Any]]:
     """(step name, stage, config) of the demo chain."""
-    s = QUICK if config.quick else FULL
-    out = Path(config.output)
+    s, family = QUICK if config.quick else FULL, FAMILY[config.family]
+    out, teacher = Path(config.output or family["output"]), family["teacher"]
     common = {"seed": config.seed, "device": config.device}
+    prompts = {"prompts": str(out / "prompts.txt")} if config.family == "t2i" else {}
     return [
-        ("pruned", "prune", PruneConfig(model=TEACHER_NAME, ratio=config.ratio, output=out / "pruned", **common)),
+        ("pruned", "prune", PruneConfig(model=teacher, ratio=config.ratio or family["ratio"], output=out / "pruned",
+                                        **family["prune"], **common)),
         ("student", "distill", DistillConfig(
-            student=str(out / "pruned"), output=out / "student", teacher=TEACHER_NAME, loss="place", data="digits",
-            steps=s["steps"], batch_size=s["batch_size"], lr=1e-3, ema_decay=0.999, checkpoint_every=500,
+            student=str(out / "pruned"), output=out / "student", teacher=teacher, data="digits", steps=s["steps"],
+            batch_size=s["batch_size"], lr=1e-3, ema_decay=0.999, checkpoint_every=500, **family["distill"],
             **common)),
         # The student's own eval folder: export puts these numbers in the model card.
         ("eval", "eval", EvalConfig(
-            models=[TEACHER_NAME, str(out / "student")], fid=True, num_samples=s["fid_samples"],
-            sampler_steps=s["sampler_steps"], grid_size=s["grid"], output=out / "student" / "eval", **common)),
+            models=[teacher, str(out / "student")], fid=True, num_samples=s["fid_samples"],
+            sampler_steps=s["sampler_steps"], grid_size=s["grid"], output=out / "student" / "eval",
+            **family["eval"], **prompts, **common)),
         ("export", "export", ExportConfig(model=str(out / "student"), output=out / "export")),
     ]
 
@@ -48,7 +66,12 @@ def demo(config: DemoConfig, *, announce: Callable[[str], None] = print,
          show_progress: bool = False) -> dict[str, Any]:
     """Run the demo chain into `config.output`; returns every stage's result."""
     results: dict[str, Any] = {}
-    for name, stage, stage_config in demo_stages(config):
+    stages = demo_stages(config)
+    if config.family == "t2i":  # one prompt per digit, cycled over the samples
+        prompts = Path(stages[2][2].prompts)
+        prompts.parent.mkdir(parents=True, exist_ok=True)
+        prompts.write_text("\n".join(DIGIT_PROMPTS) + "\n")
+    for name, stage, stage_config in stages:
         if name != "eval" and stage_complete(stage, Path(stage_config.output)):
             announce(f"{name}: complete, skipped")
             results[name] = None
@@ -56,4 +79,4 @@ def demo(config: DemoConfig, *, announce: Callable[[str], None] = print,
         announce(f"{name} ...")
         results[name] = run_stage(stage, stage_config, show_progress)
     return {"eval": results["eval"], "pruning": results["pruned"], "export": results["export"],
-            "output": str(config.output)}
+            "output": str(Path(stages[0][2].output).parent)}

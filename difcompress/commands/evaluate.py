@@ -11,8 +11,11 @@ import numpy as np
 import torch
 
 from difcompress.builtin import (
+    digit_in_prompt,
     digits_images,
     is_digits_model,
+    load_digits_classifier,
+    prompt_hits,
     register_digits_extractor,
 )
 from difcompress.config import EvalConfig
@@ -145,6 +148,13 @@ def conditioning(item, count: int, config: EvalConfig) -> Conditioning:
     return Conditioning(balanced_labels(count, classes, config.seed), guidance)
 
 
+def _digits_reader(item, prompts: list[str] | None):
+    """The digits classifier, for prompt accuracy on digits-t2i models when every prompt names a digit."""
+    if not prompts or not is_digits_model(item) or any(digit_in_prompt(p) is None for p in prompts):
+        return None
+    return load_digits_classifier(device=next(item.model.parameters()).device)
+
+
 def _measure_all(config: EvalConfig, loaded: list, progress, extractor, reference):
     rows, grid = [], []
     scorer = ClipScorer(config.clip_model, next(loaded[0].model.parameters()).device) if config.clip_model else None
@@ -167,7 +177,8 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
                                  steps=config.sampler_steps,
                                  calls_per_step=2 if labels is not None and guidance != 1.0 else 1))
         task = progress.add_task(f"sampling {Path(spec).name or spec}", total=count) if config.fid else None
-        features, shown, clip = [], [], []
+        features, shown, clip, hits = [], [], [], []
+        digits_reader = _digits_reader(item, cond.prompts)
         # A batch at a time: decoded images go to the feature extractor and are dropped, so
         # memory does not grow with --num-samples. Sample i still depends only on seed + i.
         for start in range(0, count, config.batch_size):
@@ -183,6 +194,8 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
                 progress.advance(task, end - start)
             if scorer is not None and cond.prompts:
                 clip.append(scorer(images, cond.prompts[start:end]))
+            if digits_reader is not None:
+                hits.append(prompt_hits(digits_reader, images, cond.prompts[start:end]))
             if sum(len(x) for x in shown) < config.grid_size:
                 shown.append(images[: config.grid_size - sum(len(x) for x in shown)])
         if config.fid:
@@ -191,6 +204,8 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
         row.update(pipeline_s_per_image=pipeline_s / count, pipeline_batch_size=min(count, config.batch_size))
         if clip:
             row["clip_score"] = float(torch.cat(clip).mean())
+        if hits:
+            row["prompt_accuracy"] = float(torch.cat(hits).mean())
         grid.append((Path(spec).name or spec, torch.cat(shown)))
         rows.append(row)
     return rows, grid

@@ -314,7 +314,7 @@ class TensorImageDataset(Dataset):
     class labels ``(N,)``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
-                 null_condition: torch.Tensor | None = None):
+                 null_condition: torch.Tensor | None = None, captions: list[str] | None = None):
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"TensorImageDataset needs an (N, C, H, W) tensor, got {got}")
@@ -327,6 +327,7 @@ class TensorImageDataset(Dataset):
         self.images = images
         self.labels = labels  # class ids (N,), or text encodings (N, tokens, width)
         self.null_condition = null_condition  # what a dropped caption becomes (the empty prompt's encoding)
+        self.captions = captions  # text-to-image training text, one per image
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -22,7 +22,7 @@ from difcompress.errors import UserError
 from difcompress.io.folders import disk_errors
 from difcompress.metrics.extractors import to_uint8
 
-__all__ = ["save_sample_grid", "plot_metrics", "LOSS_KEYS"]
+__all__ = ["save_sample_grid", "plot_metrics", "plot_by_ratio", "LOSS_KEYS"]
 
 #: Keys smoothed with a moving average (plus any key containing "loss").
 LOSS_KEYS = frozenset({"loss", "task", "kd", "coarse", "fine", "feature", "total"})
@@ -214,5 +214,32 @@ def plot_metrics(
     for i, ax in enumerate(list(axes.flat)[: len(series)]):
         if i + ncols >= len(series):  # bottom-most visible plot of its column
             ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, png_path)
+
+
+def plot_by_ratio(rows: Sequence[dict], png_path: str | os.PathLike, *, floor: float | None = None,
+                  title: str | None = None) -> Path:
+    """FID against pruning ratio, one line per objective (mean, with the seeds' standard
+    deviation as error bars), on a log scale; `floor` (the teacher's FID) as a dashed line.
+    Each row: ratio, loss, fid_mean, fid_std, seeds."""
+    fig = Figure(figsize=(5.2, 3.6), dpi=_DPI)
+    ax = fig.subplots()
+    for i, loss in enumerate(dict.fromkeys(r["loss"] for r in rows)):
+        points = sorted((float(r["ratio"]), r["fid_mean"], r["fid_std"], r["seeds"]) for r in rows
+                        if r["loss"] == loss)
+        x, y, err, seeds = zip(*points)
+        ax.errorbar(x, y, yerr=err, label=f"{loss} (n={min(seeds)}-{max(seeds)})" if min(seeds) != max(seeds)
+                    else f"{loss} (n={seeds[0]})", marker="o", ms=4, lw=1.2, capsize=3, color=f"C{i}")
+    if floor is not None:
+        ax.axhline(floor, ls="--", lw=0.8, color="grey", label="teacher")
+    ax.set_yscale("log")
+    ax.set_xlabel("pruning ratio (channels removed)", fontsize=8)
+    ax.set_ylabel("FID (lower is better)", fontsize=8)
+    ax.tick_params(which="both", labelsize=7)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, png_path)

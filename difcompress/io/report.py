@@ -102,6 +102,9 @@ def print_eval_report(result: dict[str, Any]) -> None:
         lines.append(("measured speed-up vs 1st", lambda r: f"{r.get('speedup_vs_first', 1):.1f}x"))
     if any("clip_score" in r for r in rows):
         lines.append(("CLIP score", lambda r: f"{r['clip_score']:.4f}" if "clip_score" in r else "-"))
+    if any("prompt_accuracy" in r for r in rows):
+        lines.append(("prompt accuracy (digits)", lambda r: f"{r['prompt_accuracy']:.1%}" if "prompt_accuracy" in r
+                      else "-"))
     if any("guidance_scale" in r for r in rows):
         lines.append(("guidance scale", lambda r: f"{r['guidance_scale']:g}" if "guidance_scale" in r else "-"))
     if "fid" in first:
