@@ -96,3 +96,25 @@ def test_dit_teacher_draws_the_digit_it_is_asked_for():
     with torch.no_grad():
         predicted = extractor.model(images).argmax(1)
     assert (predicted == labels).float().mean() >= 0.8
+
+
+def test_t2i_teacher_draws_the_digit_its_prompt_names():
+    """digits-t2i: Stable Diffusion's U-Net pattern over a trained autoencoder and a frozen
+    CLIP text encoder; guided samples of "a handwritten k" are read as k by the digits
+    classifier (prompt accuracy), and the captions name every digit both ways."""
+    from difcompress.builtin import T2I_TEACHER_NAME, digit_in_prompt, digits_captions, load_digits_classifier, \
+        prompt_hits
+    from difcompress.commands.demo import DIGIT_PROMPTS
+    from difcompress.io.loading import load_model
+
+    torch.set_num_threads(1)
+    captions = digits_captions()
+    assert captions[:2] == ["a handwritten zero", "the digit 1"] and digit_in_prompt("a drawn seven") == 7
+    assert digit_in_prompt("the digit 7 or 8") is None
+    loaded = load_model(T2I_TEACHER_NAME)
+    assert loaded.family.name == "t2i" and loaded.image_shape() == (1, 16, 16)
+    prompts = [DIGIT_PROMPTS[i % 10] for i in range(40)]
+    cond = loaded.text.encode(prompts)
+    images = loaded.to_images(loaded.sample(40, seed=0, steps=25, class_labels=cond, guidance_scale=2.0,
+                                            null_condition=loaded.text.encode([""])[0]))
+    assert prompt_hits(load_digits_classifier(), images, prompts).mean() >= 0.6

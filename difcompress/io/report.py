@@ -91,7 +91,8 @@ def print_eval_report(result: dict[str, Any]) -> None:
     lines = [
         ("params", lambda r: human(r["params"])),
         ("MACs / call", lambda r: human(r["macs"])),
-        (f"latency / image ({denoiser} alone)", lambda r: f"{r['latency_s_per_image'] * 1000:.1f} ms"),
+        (f"latency / image ({denoiser} alone, batch {first['batch_size']})",
+         lambda r: f"{r['latency_s_per_image'] * 1000:.1f} ms"),
         (f"whole pipeline / image (batch {first['pipeline_batch_size']})",
          lambda r: f"{r['pipeline_s_per_image'] * 1000:.1f} ms"),
         (f"throughput (batch {first['batch_size']})", lambda r: f"{r['throughput_img_s']:.2f} img/s"),

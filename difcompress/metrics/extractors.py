@@ -75,26 +75,23 @@ def cleanfid_inception_cache_path() -> Path:
     return Path(CLEANFID_CACHE_DIR) / INCEPTION_FILENAME
 
 
+def _existing_file(path: str | Path, missing: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(missing)
+    return p
+
+
 def resolve_inception_path(weights_path: str | os.PathLike | None = None) -> Path:
     """Find the local Inception file: ``weights_path``, then ``$DIFCOMPRESS_INCEPTION``, then
     clean-fid's cache. Never downloads; raises :class:`UserError` if nothing is found."""
     if weights_path is not None and str(weights_path) != "":
-        p = Path(weights_path).expanduser()
-        if not p.is_file():
-            raise UserError(
-                f"Inception weights not found at {p}: download {INCEPTION_URL} and pass its path "
-                f"with --inception PATH."
-            )
-        return p
+        return _existing_file(weights_path, f"Inception weights not found at {Path(weights_path).expanduser()}: "
+                                            f"download {INCEPTION_URL} and pass its path with --inception PATH.")
     env = os.environ.get(INCEPTION_ENV_VAR, "").strip()
     if env:
-        p = Path(env).expanduser()
-        if not p.is_file():
-            raise UserError(
-                f"{INCEPTION_ENV_VAR}={env} is not a file: download {INCEPTION_URL} there, or "
-                f"pass --inception PATH."
-            )
-        return p
+        return _existing_file(env, f"{INCEPTION_ENV_VAR}={env} is not a file: download {INCEPTION_URL} there, or "
+                                   "pass --inception PATH.")
     cached = cleanfid_inception_cache_path()
     if cached.is_file():
         return cached
