@@ -204,10 +204,15 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new run after this many seconds")
     parser.add_argument("--results", type=Path, default=None, help="where results.json goes (default: -o)")
+    parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs; train nothing")
     args = parser.parse_args()
     started = time.time()
     args.output.mkdir(parents=True, exist_ok=True)
     jobs, teacher_row = plan(args)
+    if args.report_only:  # a partial grid, honestly counted: unfinished runs stay out
+        rows = [run_one(job) for job in jobs if (Path(job["run"]) / "eval" / "eval.json").is_file()]
+        print(markdown_table(write_results(args, teacher_row, rows, len(jobs), started)))
+        return
     rows: list[dict] = []
     result = write_results(args, teacher_row, rows, len(jobs), started)
     # spawn: workers start clean (a forked child cannot use CUDA once the parent has).

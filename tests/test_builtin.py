@@ -102,8 +102,13 @@ def test_t2i_teacher_draws_the_digit_its_prompt_names():
     """digits-t2i: Stable Diffusion's U-Net pattern over a trained autoencoder and a frozen
     CLIP text encoder; guided samples of "a handwritten k" are read as k by the digits
     classifier (prompt accuracy), and the captions name every digit both ways."""
-    from difcompress.builtin import T2I_TEACHER_NAME, digit_in_prompt, digits_captions, load_digits_classifier, \
-        prompt_hits
+    from difcompress.builtin import (
+        T2I_TEACHER_NAME,
+        digit_in_prompt,
+        digits_captions,
+        load_digits_classifier,
+        prompt_hits,
+    )
     from difcompress.commands.demo import DIGIT_PROMPTS
     from difcompress.io.loading import load_model
 

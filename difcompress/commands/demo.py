@@ -35,14 +35,17 @@ FAMILY = {
                "output": Path("runs/demo")},
     "t2i": {"teacher": T2I_TEACHER_NAME, "ratio": 0.5, "prune": {"preset": "bk-small"},
             "distill": {"loss": "place+feat", "coarse_norm": "l1", "feature_reduction": "sum"},
-            "eval": {"guidance_scale": 2.0}, "output": Path("runs/demo-t2i")},
+            "eval": {"guidance_scale": 2.0}, "output": Path("runs/demo-t2i"),
+            # Guided sampling doubles every step: fewer, still enough to compare teacher and student.
+            "full": {"steps": 1000, "sampler_steps": 25, "fid_samples": 500, "grid": 10}},
 }
 DIGIT_PROMPTS = [f"a handwritten {word}" for word in NUMBER_WORDS]
 
 
 def demo_stages(config: DemoConfig) -> list[tuple[str, str, Any]]:
     """(step name, stage, config) of the demo chain."""
-    s, family = QUICK if config.quick else FULL, FAMILY[config.family]
+    family = FAMILY[config.family]
+    s = QUICK if config.quick else {**FULL, **family.get("full", {})}
     out, teacher = Path(config.output or family["output"]), family["teacher"]
     common = {"seed": config.seed, "device": config.device}
     prompts = {"prompts": str(out / "prompts.txt")} if config.family == "t2i" else {}
