@@ -3,7 +3,10 @@ schema version, and absolute paths."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -45,17 +48,20 @@ def outputs(tmp_path_factory):
         "stats": ["stats", "digits", "-o", root / "ref.npz", "--feature-extractor", "digits"],
     }
     results = {}
-    for name, args in commands.items():
-        import contextlib
-        import io
-
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            try:
-                main([str(a) for a in args] + ["--json"])
-            except SystemExit as exit_:
-                assert not exit_.code, name
-        results[name] = json.loads(out.getvalue())
+    here = os.getcwd()
+    os.chdir(root)  # eval writes to its default ./difcompress-eval: here, not in the repository
+    try:
+        for name, args in commands.items():
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    main([str(a) for a in args] + ["--json"])
+                except SystemExit as exit_:
+                    assert not exit_.code, name
+            results[name] = json.loads(out.getvalue())
+    finally:
+        os.chdir(here)
+    assert (root / "difcompress-eval" / "eval.json").is_file()
     return results
 
 
