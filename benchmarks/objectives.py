@@ -46,7 +46,7 @@ from difcompress.builtin import (
     TEACHER_NAME,
     TEACHERS,
 )
-from difcompress.commands.demo import DIGIT_PROMPTS
+from difcompress.commands.demo import write_digit_prompts
 from difcompress.commands.evaluate import evaluate
 from difcompress.commands.prune import prune
 from difcompress.commands.run import run_stage, stage_complete
@@ -99,9 +99,7 @@ def eval_settings(args) -> dict:
     """What eval adds for the text-to-image teacher: one prompt per digit, guidance 2."""
     if args.teacher != T2I_TEACHER_NAME:
         return {}
-    prompts = args.output / "prompts.txt"
-    prompts.write_text("\n".join(DIGIT_PROMPTS) + "\n")
-    return {"prompts": str(prompts), "guidance_scale": 2.0}
+    return {"prompts": str(write_digit_prompts(args.output / "prompts.txt")), "guidance_scale": 2.0}
 
 
 def plan(args) -> tuple[list[dict], dict]:

@@ -12,6 +12,9 @@ import torch
 
 from difcompress.errors import UserError
 
+# The dtype names the options take (--dtype, --teacher-dtype), as torch dtypes.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """auto (the GPU when there is one), cpu, cuda, cuda:N or mps; a device this machine does

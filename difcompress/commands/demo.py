@@ -42,6 +42,13 @@ FAMILY = {
 DIGIT_PROMPTS = [f"a handwritten {word}" for word in NUMBER_WORDS]
 
 
+def write_digit_prompts(path: Path) -> Path:
+    """One prompt per digit, a line each (eval cycles them over the samples)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(DIGIT_PROMPTS) + "\n")
+    return path
+
+
 def demo_stages(config: DemoConfig) -> list[tuple[str, str, Any]]:
     """(step name, stage, config) of the demo chain."""
     family = FAMILY[config.family]
@@ -70,10 +77,8 @@ def demo(config: DemoConfig, *, announce: Callable[[str], None] = print,
     """Run the demo chain into `config.output`; returns every stage's result."""
     results: dict[str, Any] = {}
     stages = demo_stages(config)
-    if config.family == "t2i":  # one prompt per digit, cycled over the samples
-        prompts = Path(stages[2][2].prompts)
-        prompts.parent.mkdir(parents=True, exist_ok=True)
-        prompts.write_text("\n".join(DIGIT_PROMPTS) + "\n")
+    if config.family == "t2i":
+        write_digit_prompts(Path(stages[2][2].prompts))
     for name, stage, stage_config in stages:
         if name != "eval" and stage_complete(stage, Path(stage_config.output)):
             announce(f"{name}: complete, skipped")

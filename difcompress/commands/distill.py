@@ -23,7 +23,13 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from difcompress.config import DistillConfig
 from difcompress.data.datasets import Framing
 from difcompress.data.resolve import training_data
-from difcompress.environment import launched, resolve_device, seed_everything, versions
+from difcompress.environment import (
+    DTYPES,
+    launched,
+    resolve_device,
+    seed_everything,
+    versions,
+)
 from difcompress.errors import Interrupted, UserError
 from difcompress.io.folders import check_output_folder, folder_lock, pruning_report
 from difcompress.io.loading import LoadedModel, load_model
@@ -47,7 +53,6 @@ from difcompress.training.run_folder import (
 )
 from difcompress.training.trainer import NonFiniteLoss, Trainer
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings that describe where the run happens, not what it computes.
 NOT_SETTINGS = {"output", "resume", "resume_from", "device", "latent_cache"}
 # Schedules that depend on the total step count: more --steps is then another run.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,11 +149,17 @@ def conditioning(item, count: int, config: EvalConfig) -> Conditioning:
     return Conditioning(balanced_labels(count, classes, config.seed), guidance)
 
 
+@functools.lru_cache(maxsize=1)
+def _digits_classifier(device: torch.device):
+    return load_digits_classifier(device=device)
+
+
 def _digits_reader(item, prompts: list[str] | None):
-    """The digits classifier, for prompt accuracy on digits-t2i models when every prompt names a digit."""
+    """The digits classifier (loaded once), for prompt accuracy on digits-t2i models when
+    every prompt names a digit."""
     if not prompts or not is_digits_model(item) or any(digit_in_prompt(p) is None for p in prompts):
         return None
-    return load_digits_classifier(device=next(item.model.parameters()).device)
+    return _digits_classifier(next(item.model.parameters()).device)
 
 
 def _measure_all(config: EvalConfig, loaded: list, progress, extractor, reference):

@@ -14,7 +14,7 @@ from difcompress.commands.model_card import model_card, teacher_license
 from difcompress.config import ExportConfig
 from difcompress.data.latents import Autoencoder
 from difcompress.data.text import TextEncoder
-from difcompress.environment import hub_offline, versions
+from difcompress.environment import DTYPES, hub_offline, versions
 from difcompress.errors import UserError
 from difcompress.io.folders import (
     EVAL_FILE,
@@ -29,8 +29,6 @@ from difcompress.io.folders import (
 )
 from difcompress.io.loading import load_model, load_model_folder
 from difcompress.metrics.cost import model_size, peak_activation_bytes_estimate
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, Any]:

@@ -27,11 +27,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from difcompress.environment import DTYPES
 from difcompress.io.folders import quiet_diffusers
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adam": 8, "adamw-8bit": 2}
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class _LiveStorageBytes(TorchDispatchMode):
@@ -111,7 +110,7 @@ def estimate_distill_memory(family, student: nn.Module, teacher: nn.Module | Non
         "student weights (fp32)": params * 4,
         f"optimizer state ({optimizer})": params * OPTIMIZER_BYTES_PER_PARAM[optimizer],
         "EMA weights": params * 4 if ema and not ema_offload else 0,
-        f"teacher weights ({teacher_dtype or 'fp32'})": teacher_params * DTYPE_BYTES[teacher_dtype or "fp32"],
+        f"teacher weights ({teacher_dtype or 'fp32'})": teacher_params * DTYPES[teacher_dtype or "fp32"].itemsize,
         f"one step at micro-batch {micro_batch} (activations, gradients, teacher forward)":
             int(one - (two - one) + per_sample * micro_batch),
     }
