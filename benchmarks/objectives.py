@@ -2,9 +2,10 @@
 
 Prunes the teacher at each ratio, distills every student with every objective under the
 same steps, lr, batch and seeds, evaluates digits-FID, and writes results.json (one row per
-run), curves.json (w, slope and intercept over the steps of every PLACE/LIFT run),
-fid_by_ratio.png and the markdown table. Runs go to parallel worker processes; a finished run folder is skipped,
-so the benchmark resumes after an interruption (and `--budget-s` stops starting new runs).
+run), curves.json and place_curves.png (w, slope and intercept over the steps of every
+PLACE/LIFT run), fid_by_ratio.png and the markdown table. Runs go to parallel worker
+processes; a finished run folder is skipped, so the benchmark resumes after an interruption
+(and `--budget-s` stops starting new runs).
 
 Every objective is trained as the LIFT/PLACE authors train theirs (their code, commit
 839a663, Diff_Pruning_EXP; see recipes/ddpm-cifar10-place.yaml for the citations): the sum
@@ -51,7 +52,7 @@ from difcompress.commands.evaluate import evaluate
 from difcompress.commands.prune import prune
 from difcompress.commands.run import run_stage, stage_complete
 from difcompress.config import DistillConfig, EvalConfig, PruneConfig
-from difcompress.io.plots import plot_by_ratio
+from difcompress.io.plots import plot_by_ratio, plot_runs
 
 UNET_OBJECTIVES = ("task", "mse", "feature", "mse+feat", "lift", "place", "place+feat")
 CURVE_KEYS = ("w", "slope", "intercept", "coarse", "fine", "kd", "task")
@@ -75,22 +76,25 @@ def run_one(job: dict) -> dict:
     """Distill and evaluate one (ratio, objective, seed); a finished run is read back."""
     torch.set_num_threads(job["threads"])
     run, args = Path(job["run"]), job["args"]
-    started = time.time()
+    started, worked = time.time(), False
     if not stage_complete("distill", run):
+        worked = True
         config = DistillConfig(student=job["pruned"], output=run, teacher=args["teacher"], loss=job["loss"],
                                data="digits", steps=args["steps"], batch_size=args["batch_size"], lr=args["lr"],
                                ema_decay=args["ema_decay"], seed=job["seed"], checkpoint_every=500,
                                device=args["device"], **{k: v for k, v in job["settings"].items() if v is not None})
         run_stage("distill", config)
     if not (run / "eval" / "eval.json").is_file():
+        worked = True
         evaluate(EvalConfig(models=[str(run)], fid=True, num_samples=args["fid_samples"],
                             sampler_steps=args["sampler_steps"], seed=job["seed"], output=run / "eval",
                             device=args["device"], grid_size=8, **job.get("eval", {})))
     row = json.loads((run / "eval" / "eval.json").read_text())["models"][0]
+    seconds = time.time() - started if worked else None  # None: a finished run read back
     curve = [{k: r[k] for k in ("step", *CURVE_KEYS) if k in r}
              for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     return {"ratio": job["label"], "loss": job["loss"], "seed": job["seed"], "fid": row["fid"], "kid": row["kid"],
-            "params": row["params"], "macs": row["macs"], "seconds": time.time() - started,
+            "params": row["params"], "macs": row["macs"], "seconds": seconds,
             "prompt_accuracy": row.get("prompt_accuracy"),
             "curve": curve if job["loss"] in ("lift", "place", "place+feat") else None}
 
@@ -155,8 +159,11 @@ def write_results(args, teacher_row: dict, rows: list[dict], planned: int, start
     if result["rows"]:
         plot_by_ratio(result["rows"], target / "fid_by_ratio.png", floor=result["teacher"]["fid"],
                       title=f"{args.teacher}: {args.steps} steps, digits-FID of {args.fid_samples} samples")
-    (target / "curves.json").write_text(json.dumps({f"{r['ratio']}-{r['loss']}-s{r['seed']}": r["curve"]
-                                                    for r in rows if r["curve"]}))
+    curves = {f"{r['ratio']}-{r['loss']}-s{r['seed']}": r["curve"] for r in rows if r["curve"]}
+    (target / "curves.json").write_text(json.dumps(curves))
+    if curves:
+        plot_runs(curves, target / "place_curves.png", ("w", "slope", "intercept"),
+                  title=f"{args.teacher}: PLACE/LIFT per-position fit over training")
     return result
 
 
@@ -227,8 +234,9 @@ def main():
             done = next(as_completed(pending))
             job = pending.pop(done)
             rows.append(done.result())
-            print(f"{job['label']} {job['loss']:10s} seed {job['seed']}: FID {rows[-1]['fid']:.2f} "
-                  f"({rows[-1]['seconds']:.0f} s)", flush=True)
+            took = "read back" if rows[-1]["seconds"] is None else f"{rows[-1]['seconds']:.0f} s"
+            print(f"{job['label']} {job['loss']:10s} seed {job['seed']}: FID {rows[-1]['fid']:.2f} ({took})",
+                  flush=True)
             result = write_results(args, teacher_row, rows, len(jobs), started)  # after every run: kill-safe
     print(markdown_table(result))
 

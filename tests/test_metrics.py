@@ -359,3 +359,20 @@ def test_plot_by_ratio_draws_one_line_per_objective(tmp_path):
         pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
     # matplotlib's C0 (blue) and C1 (orange): both objectives are drawn
     assert (np.abs(pixels - [31, 119, 180]).sum(1) < 30).any() and (np.abs(pixels - [255, 127, 14]).sum(1) < 30).any()
+
+
+def test_plot_runs_draws_every_key_and_run_and_skips_missing_values(tmp_path):
+    from difcompress.io.plots import plot_runs
+
+    def log(w_end):
+        return [{"step": s, "w": w_end * s / 300, "slope": 1.0, "intercept": 0.0} for s in range(10, 310, 10)] \
+            + [{"step": 310, "task": 0.1}]  # a row without the keys leaves a gap, not an error
+
+    curves = {"0.9-place-s0": log(0.9), "0.9-lift-s0": log(0.5)}
+    with Image.open(plot_runs(curves, tmp_path / "one.png", ("w",))) as im:
+        narrow = im.size[0]
+    with Image.open(plot_runs(curves, tmp_path / "c.png", ("w", "slope", "intercept"), title="t")) as im:
+        im.load()
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+        assert im.size[0] > 2 * narrow  # one subplot per key
+    assert (np.abs(pixels - [31, 119, 180]).sum(1) < 30).any() and (np.abs(pixels - [255, 127, 14]).sum(1) < 30).any()

@@ -22,7 +22,7 @@ from difcompress.errors import UserError
 from difcompress.io.folders import disk_errors
 from difcompress.metrics.extractors import to_uint8
 
-__all__ = ["save_sample_grid", "plot_metrics", "plot_by_ratio", "LOSS_KEYS"]
+__all__ = ["save_sample_grid", "plot_metrics", "plot_by_ratio", "plot_runs", "LOSS_KEYS"]
 
 #: Keys smoothed with a moving average (plus any key containing "loss").
 LOSS_KEYS = frozenset({"loss", "task", "kd", "coarse", "fine", "feature", "total"})
@@ -241,5 +241,28 @@ def plot_by_ratio(rows: Sequence[dict], png_path: str | os.PathLike, *, floor: f
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, png_path)
+
+
+def plot_runs(curves: dict[str, Sequence[dict]], png_path: str | os.PathLike, keys: Sequence[str], *,
+              title: str | None = None) -> Path:
+    """Several runs' logged values against ``step``, one subplot per key and one line per run
+    (e.g. PLACE's ``w``, slope and intercept across objectives and seeds). `curves` maps a
+    run's label to its log rows; a row missing a key leaves a gap."""
+    fig = Figure(figsize=(3.6 * len(keys), 3.0 + (0.3 if title else 0)), dpi=_DPI)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    if title:
+        fig.suptitle(title, fontsize=10)
+    for ax, key in zip(axes, keys):
+        for i, (label, rows) in enumerate(curves.items()):
+            x = [r["step"] for r in rows if _is_number(r.get(key))]
+            ax.plot(x, [r[key] for r in rows if _is_number(r.get(key))], lw=1.0, color=f"C{i % 10}", label=label)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_xscale("symlog", linthresh=100)  # the early steps are where these move
+        ax.tick_params(which="both", labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     return _save(fig, png_path)
