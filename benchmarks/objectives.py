@@ -55,7 +55,8 @@ from difcompress.config import DistillConfig, EvalConfig, PruneConfig
 from difcompress.io.plots import plot_by_ratio, plot_runs
 
 UNET_OBJECTIVES = ("task", "mse", "feature", "mse+feat", "lift", "place", "place+feat")
-CURVE_KEYS = ("w", "slope", "intercept", "coarse", "fine", "kd", "task")
+PLACE_FIT_KEYS = ("w", "slope", "intercept")  # PLACE's per-position fit, the figure's three panels
+CURVE_KEYS = (*PLACE_FIT_KEYS, "coarse", "fine", "kd", "task")
 
 
 def objective_settings(teacher: str, loss: str) -> dict:
@@ -162,7 +163,7 @@ def write_results(args, teacher_row: dict, rows: list[dict], planned: int, start
     curves = {f"{r['ratio']}-{r['loss']}-s{r['seed']}": r["curve"] for r in rows if r["curve"]}
     (target / "curves.json").write_text(json.dumps(curves))
     if curves:
-        plot_runs(curves, target / "place_curves.png", ("w", "slope", "intercept"),
+        plot_runs(curves, target / "place_curves.png", PLACE_FIT_KEYS,
                   title=f"{args.teacher}: PLACE/LIFT per-position fit over training")
     return result
 

@@ -347,6 +347,11 @@ def test_plot_metrics_png(tmp_path):
         plot_metrics(tmp_path / "absent.jsonl", tmp_path / "y.png")
 
 
+def _draws_first_two_colours(pixels: np.ndarray) -> bool:
+    """matplotlib's C0 (blue) and C1 (orange) both appear among the RGB pixels."""
+    return (np.abs(pixels - [31, 119, 180]).sum(1) < 30).any() and (np.abs(pixels - [255, 127, 14]).sum(1) < 30).any()
+
+
 def test_plot_by_ratio_draws_one_line_per_objective(tmp_path):
     from difcompress.io.plots import plot_by_ratio
 
@@ -358,7 +363,7 @@ def test_plot_by_ratio_draws_one_line_per_objective(tmp_path):
         im.load()
         pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
     # matplotlib's C0 (blue) and C1 (orange): both objectives are drawn
-    assert (np.abs(pixels - [31, 119, 180]).sum(1) < 30).any() and (np.abs(pixels - [255, 127, 14]).sum(1) < 30).any()
+    assert _draws_first_two_colours(pixels)
 
 
 def test_plot_runs_draws_every_key_and_run_and_skips_missing_values(tmp_path):
@@ -375,4 +380,4 @@ def test_plot_runs_draws_every_key_and_run_and_skips_missing_values(tmp_path):
         im.load()
         pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
         assert im.size[0] > 2 * narrow  # one subplot per key
-    assert (np.abs(pixels - [31, 119, 180]).sum(1) < 30).any() and (np.abs(pixels - [255, 127, 14]).sum(1) < 30).any()
+    assert _draws_first_two_colours(pixels)

@@ -256,8 +256,8 @@ def plot_runs(curves: dict[str, Sequence[dict]], png_path: str | os.PathLike, ke
         fig.suptitle(title, fontsize=10)
     for ax, key in zip(axes, keys):
         for i, (label, rows) in enumerate(curves.items()):
-            x = [r["step"] for r in rows if _is_number(r.get(key))]
-            ax.plot(x, [r[key] for r in rows if _is_number(r.get(key))], lw=1.0, color=f"C{i % 10}", label=label)
+            points = [(r["step"], r[key]) for r in rows if _is_number(r.get(key))]
+            ax.plot(*zip(*points) if points else ([], []), lw=1.0, color=f"C{i % 10}", label=label)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_xscale("symlog", linthresh=100)  # the early steps are where these move
