@@ -52,7 +52,9 @@ from difcompress.commands.evaluate import evaluate
 from difcompress.commands.prune import prune
 from difcompress.commands.run import run_stage, stage_complete
 from difcompress.config import DistillConfig, EvalConfig, PruneConfig
+from difcompress.io.loading import load_model
 from difcompress.io.plots import plot_by_ratio, plot_runs
+from difcompress.metrics.cost import model_size
 
 UNET_OBJECTIVES = ("task", "mse", "feature", "mse+feat", "lift", "place", "place+feat")
 PLACE_FIT_KEYS = ("w", "slope", "intercept")  # PLACE's per-position fit, the figure's three panels
@@ -90,12 +92,13 @@ def run_one(job: dict) -> dict:
         evaluate(EvalConfig(models=[str(run)], fid=True, num_samples=args["fid_samples"],
                             sampler_steps=args["sampler_steps"], seed=job["seed"], output=run / "eval",
                             device=args["device"], grid_size=8, **job.get("eval", {})))
-    row = json.loads((run / "eval" / "eval.json").read_text())["models"][0]
+    evaluation = json.loads((run / "eval" / "eval.json").read_text())
+    row = evaluation["models"][0]
     seconds = time.time() - started if worked else None  # None: a finished run read back
     curve = [{k: r[k] for k in ("step", *CURVE_KEYS) if k in r}
              for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
     return {"ratio": job["label"], "loss": job["loss"], "seed": job["seed"], "fid": row["fid"], "kid": row["kid"],
-            "params": row["params"], "macs": row["macs"], "seconds": seconds,
+            **job["size"], "seconds": seconds, "device": evaluation["device"],
             "prompt_accuracy": row.get("prompt_accuracy"),
             "curve": curve if job["loss"] in ("lift", "place", "place+feat") else None}
 
@@ -107,6 +110,13 @@ def eval_settings(args) -> dict:
     return {"prompts": str(write_digit_prompts(args.output / "prompts.txt")), "guidance_scale": 2.0}
 
 
+def architecture_size(reference: str | Path) -> dict[str, int]:
+    """Params and MACs counted here and now, not read from eval.json: older eval.json files
+    written on CPU left out the attention matmuls (see metrics.cost.count_macs)."""
+    loaded = load_model(reference)
+    return model_size(loaded.model, loaded.family)
+
+
 def plan(args) -> tuple[list[dict], dict]:
     root = args.output
     extra = eval_settings(args)
@@ -115,15 +125,17 @@ def plan(args) -> tuple[list[dict], dict]:
                                       device=args.device, grid_size=8, **extra))["models"][0] \
         if not (root / "teacher-eval" / "eval.json").is_file() else \
         json.loads((root / "teacher-eval" / "eval.json").read_text())["models"][0]
+    teacher_row |= architecture_size(args.teacher)
     jobs = []
     for ratio in args.ratios:
         pruned = root / f"pruned-{ratio}"
         if not stage_complete("prune", pruned):
             preset = {"preset": "bk-small"} if args.teacher == T2I_TEACHER_NAME else {}
             prune(PruneConfig(model=args.teacher, ratio=ratio, output=pruned, seed=0, device=args.device, **preset))
+        size = architecture_size(pruned)
         for seed in range(args.seeds):  # seed-major: a budget cut leaves whole seeds of every objective
             for loss in args.objectives:
-                jobs.append({"label": str(ratio), "loss": loss, "seed": seed, "pruned": str(pruned),
+                jobs.append({"label": str(ratio), "loss": loss, "seed": seed, "pruned": str(pruned), "size": size,
                              "run": str(root / f"r{ratio}-{loss}-s{seed}"), "threads": args.threads,
                              "settings": objective_settings(args.teacher, loss), "eval": extra,
                              "args": vars(args) | {"output": str(root)}})

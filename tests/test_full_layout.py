@@ -28,7 +28,7 @@ def test_params_and_macs_at_most_3_percent(pruned_090):
     model, family, before, _, _ = pruned_090
     after = model_size(model, family)
     assert before["params"] == 35_746_307  # the published 35.7M
-    assert 5.9e9 < before["macs"] < 6.2e9  # published 6.1G, attention matmuls included
+    assert 6.2e9 < before["macs"] < 6.25e9  # published 6.1G (convolutions, linears) + 0.17G of attention matmuls
     assert after["params"] <= 0.03 * before["params"]
     assert after["macs"] <= 0.03 * before["macs"]
 
@@ -71,7 +71,7 @@ def test_dit_xl_d14_and_half_heads():
     assert per_block_embedder == 2_777_472
     assert before["params"] == 749_826_464
     assert before["params"] - 27 * per_block_embedder == pytest.approx(675e6, rel=0.001)
-    assert 0.96 * 118.6e9 < before["macs"] < 118.6e9  # attention and linears; fvcore adds a little more
+    assert before["macs"] == pytest.approx(118.6e9, rel=0.002)  # fvcore: linears, convolutions, attention
 
     d14 = family.prune(model, PruneRequest(ratio=0.0, importance="magnitude", depth=14))
     after = model_size(d14.model, family)
@@ -81,4 +81,4 @@ def test_dit_xl_d14_and_half_heads():
 
     half = family.prune(model, PruneRequest(ratio=0.5, importance="magnitude"))
     assert half.model.config.num_attention_heads == 8 and half.model.config.num_layers == 28
-    assert model_size(half.model, family)["macs"] < 0.26 * before["macs"]  # width^2: about a quarter
+    assert model_size(half.model, family)["macs"] < 0.27 * before["macs"]  # linears width^2, attention width: ~0.26

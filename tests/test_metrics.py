@@ -15,6 +15,7 @@ from PIL import Image
 from difcompress.errors import UserError
 from difcompress.io.plots import plot_metrics, save_sample_grid
 from difcompress.metrics import extractors as metrics
+from difcompress.metrics.cost import count_macs
 from difcompress.metrics.extractors import (
     INCEPTION_URL,
     features_of_folder,
@@ -381,3 +382,24 @@ def test_plot_runs_draws_every_key_and_run_and_skips_missing_values(tmp_path):
         pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
         assert im.size[0] > 2 * narrow  # one subplot per key
     assert _draws_first_two_colours(pixels)
+
+
+class _Attention(torch.nn.Module):
+    """Nothing but one scaled_dot_product_attention: its MACs are the two matmuls."""
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+class _AttentionInputs:
+    @staticmethod
+    def example_inputs(model, batch):
+        q, k, v = torch.randn(3, batch, 2, 16, 8).unbind(0)  # batch, heads, tokens, head dim
+        return {"q": q, "k": k, "v": v}
+
+
+def test_attention_matmuls_are_counted_on_cpu():
+    # Q K^T and attention @ V: 2 heads x 16 x 16 x 8 each. torch's fused CPU kernel has no
+    # FLOP formula, so before the count ran on the math kernel a CPU count was 0 here and a
+    # CUDA count was not: every CPU-measured MACs figure left out attention.
+    assert count_macs(_Attention(), _AttentionInputs()) == 2 * 2 * 16 * 16 * 8

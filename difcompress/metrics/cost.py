@@ -6,6 +6,7 @@ import time
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -17,10 +18,12 @@ def count_params(model: nn.Module) -> int:
 def count_macs(model: nn.Module, family) -> int:
     """Multiply-accumulates of one denoiser call on one sample.
 
-    torch's FlopCounterMode sees convolutions, linears and the attention matmuls
-    (bmm or scaled_dot_product_attention), which torch-pruning's counter misses.
+    torch's FlopCounterMode sees convolutions, linears and the attention matmuls, which
+    torch-pruning's counter misses. Attention runs on the math kernel while counting: the
+    fused CPU kernel has no FLOP formula in torch, so the count would lose the attention
+    matmuls on CPU and keep them on CUDA; the math kernel is two counted bmm's everywhere.
     """
-    with FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(**family.example_inputs(model, 1))
     return counter.get_total_flops() // 2
 
