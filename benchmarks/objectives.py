@@ -21,6 +21,8 @@ output and feature MSE, features summed, weights 1/1/1) against PLACE + feature 
 coarse term and eps 1e-8 (`place+feat`); eval adds prompt accuracy (one prompt per digit).
 
     .venv/bin/python benchmarks/objectives.py -o runs/objectives --ratios 0.9 0.95 --seeds 3
+    .venv/bin/python benchmarks/objectives.py -o runs/objectives-unet-global --ratios 0.9 --global-pruning \\
+        --objectives mse place
     .venv/bin/python benchmarks/objectives.py --teacher digits-dit --ratios 0.5 0.75 \\
         --objectives mse place place+feat -o runs/objectives-dit
     .venv/bin/python benchmarks/objectives.py --teacher digits-t2i --ratios 0 \\
@@ -131,7 +133,8 @@ def plan(args) -> tuple[list[dict], dict]:
         pruned = root / f"pruned-{ratio}"
         if not stage_complete("prune", pruned):
             preset = {"preset": "bk-small"} if args.teacher == T2I_TEACHER_NAME else {}
-            prune(PruneConfig(model=args.teacher, ratio=ratio, output=pruned, seed=0, device=args.device, **preset))
+            prune(PruneConfig(model=args.teacher, ratio=ratio, output=pruned, seed=0, device=args.device,
+                              global_pruning=args.global_pruning, **preset))
         size = architecture_size(pruned)
         for seed in range(args.seeds):  # seed-major: a budget cut leaves whole seeds of every objective
             for loss in args.objectives:
@@ -211,6 +214,8 @@ def main():
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.95])
     parser.add_argument("--objectives", nargs="+", default=list(UNET_OBJECTIVES))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--global-pruning", action="store_true",
+                        help="rank channels across layers (U-Net): students between the uniform ratios' sizes")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
