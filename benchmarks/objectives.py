@@ -5,7 +5,8 @@ same steps, lr, batch and seeds, evaluates digits-FID, and writes results.json (
 run), curves.json and place_curves.png (w, slope and intercept over the steps of every
 PLACE/LIFT run), fid_by_ratio.png and the markdown table. Runs go to parallel worker
 processes; a finished run folder is skipped, so the benchmark resumes after an interruption
-(and `--budget-s` stops starting new runs).
+(and `--budget-s` stops starting new runs). `--global-pruning` ranks channels across layers,
+for students between the sizes uniform pruning can give (its own `-o` folder).
 
 Every objective is trained as the LIFT/PLACE authors train theirs (their code, commit
 839a663, Diff_Pruning_EXP; see recipes/ddpm-cifar10-place.yaml for the citations): the sum
@@ -22,7 +23,7 @@ coarse term and eps 1e-8 (`place+feat`); eval adds prompt accuracy (one prompt p
 
     .venv/bin/python benchmarks/objectives.py -o runs/objectives --ratios 0.9 0.95 --seeds 3
     .venv/bin/python benchmarks/objectives.py -o runs/objectives-unet-global --ratios 0.9 --global-pruning \\
-        --objectives mse place
+        --objectives task mse mse+feat lift place place+feat
     .venv/bin/python benchmarks/objectives.py --teacher digits-dit --ratios 0.5 0.75 \\
         --objectives mse place place+feat -o runs/objectives-dit
     .venv/bin/python benchmarks/objectives.py --teacher digits-t2i --ratios 0 \\
@@ -135,6 +136,9 @@ def plan(args) -> tuple[list[dict], dict]:
             preset = {"preset": "bk-small"} if args.teacher == T2I_TEACHER_NAME else {}
             prune(PruneConfig(model=args.teacher, ratio=ratio, output=pruned, seed=0, device=args.device,
                               global_pruning=args.global_pruning, **preset))
+        mode = json.loads((pruned / "difcompress.json").read_text())["report"]["mode"]
+        if mode != ("global" if args.global_pruning else "uniform"):  # a finished student is reused, never redone
+            raise SystemExit(f"{pruned} holds a {mode}ly pruned student; --global-pruning needs its own -o folder")
         size = architecture_size(pruned)
         for seed in range(args.seeds):  # seed-major: a budget cut leaves whole seeds of every objective
             for loss in args.objectives:
