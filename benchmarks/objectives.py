@@ -55,6 +55,7 @@ from difcompress.commands.evaluate import evaluate
 from difcompress.commands.prune import prune
 from difcompress.commands.run import run_stage, stage_complete
 from difcompress.config import DistillConfig, EvalConfig, PruneConfig
+from difcompress.io.folders import pruning_report, read_manifest
 from difcompress.io.loading import load_model
 from difcompress.io.plots import plot_by_ratio, plot_runs
 from difcompress.metrics.cost import model_size
@@ -136,7 +137,7 @@ def plan(args) -> tuple[list[dict], dict]:
             preset = {"preset": "bk-small"} if args.teacher == T2I_TEACHER_NAME else {}
             prune(PruneConfig(model=args.teacher, ratio=ratio, output=pruned, seed=0, device=args.device,
                               global_pruning=args.global_pruning, **preset))
-        mode = json.loads((pruned / "difcompress.json").read_text())["report"]["mode"]
+        mode = pruning_report(read_manifest(pruned))["mode"]
         if mode != ("global" if args.global_pruning else "uniform"):  # a finished student is reused, never redone
             raise SystemExit(f"{pruned} holds a {mode}ly pruned student; --global-pruning needs its own -o folder")
         size = architecture_size(pruned)
