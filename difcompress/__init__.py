@@ -19,11 +19,12 @@ _API = {
     "distill": "difcompress.commands.distill",
     "evaluate": "difcompress.commands.evaluate",
     "export": "difcompress.commands.export",
+    "stats": "difcompress.commands.stats",
     "run_recipe": "difcompress.commands.run",
     "demo": "difcompress.commands.demo",
     "load_model": "difcompress.io.loading",
     **{name: "difcompress.config" for name in (
-        "PruneConfig", "DistillConfig", "EvalConfig", "ExportConfig", "DemoConfig", "Recipe")},
+        "PruneConfig", "DistillConfig", "EvalConfig", "ExportConfig", "StatsConfig", "DemoConfig", "Recipe")},
 }
 __all__ = ["__version__", *_API]
 

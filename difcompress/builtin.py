@@ -28,7 +28,7 @@ from difcompress.metrics.extractors import (
 )
 
 ASSETS = Path(__file__).parent / "assets" / "digits"
-# Short name -> (asset folder, family): the pixel U-Net and the pixel DiT digits teachers.
+# Short name -> (asset folder, family): the pixel U-Net, pixel DiT and text-to-image digits teachers.
 TEACHER_NAME, DIT_TEACHER_NAME, T2I_TEACHER_NAME = "digits", "digits-dit", "digits-t2i"
 TEACHERS = {TEACHER_NAME: ("teacher", "unet2d"), DIT_TEACHER_NAME: ("dit-teacher", "dit"),
             T2I_TEACHER_NAME: ("t2i-teacher", "t2i")}

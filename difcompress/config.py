@@ -30,6 +30,7 @@ from pydantic import (
 
 from difcompress.errors import UserError
 from difcompress.objectives.core import COARSE_NORMS, FIT_EPS, PLACE_GROUP_SIZE
+from difcompress.objectives.feature import MASK_SOURCES, REDUCTIONS
 from difcompress.objectives.registry import LOSS_NAMES, OBJECTIVES
 
 # ---- choices ---------------------------------------------------------------------------------
@@ -39,8 +40,8 @@ Loss = Literal[LOSS_NAMES]  # type: ignore[valid-type]  (the objectives registry
 CoarseNorm = Literal[COARSE_NORMS]  # type: ignore[valid-type]
 FeatureSchedule = Literal["constant", "linear", "epoch-linear"]
 FeatureHooks = Literal["stages", "blocks"]
-Reduction = Literal["mean", "sum"]
-MaskSource = Literal["teacher", "own"]
+Reduction = Literal[REDUCTIONS]  # type: ignore[valid-type]
+MaskSource = Literal[MASK_SOURCES]  # type: ignore[valid-type]
 VarianceLoss = Literal["mse", "vlb-kl"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]

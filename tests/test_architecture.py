@@ -129,7 +129,7 @@ def test_functions_are_short_enough_to_read_at_once():
 # ---- one source for every option ----------------------------------------------------------------
 COMMANDS = {"prune": config_module.PruneConfig, "distill": config_module.DistillConfig,
             "eval": config_module.EvalConfig, "export": config_module.ExportConfig,
-            "demo": config_module.DemoConfig, "build-digits": config_module.BuildDigitsConfig}
+            "stats": config_module.StatsConfig, "demo": config_module.DemoConfig, "build-digits": config_module.BuildDigitsConfig}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

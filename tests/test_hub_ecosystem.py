@@ -83,9 +83,13 @@ def test_stats_refuse_a_non_npz_target_and_need_a_size_for_datasets(tmp_path, ru
     parquet = _parquet(tmp_path, 4)
     code, _, err = run_cli("stats", parquet, "-o", tmp_path / "ref.npz", "--feature-extractor", "digits")
     assert "--size" in assert_one_line_error(code, err, 2)
-    code, _, err = run_cli("stats", parquet, "-o", tmp_path / "ref.npz", "--feature-extractor", "digits", "--size",
-                           "16", "--json")
-    assert code == 0, err and json.loads(_)["kind"] == "dataset"
+    code, stdout, err = run_cli("stats", parquet, "-o", tmp_path / "ref.npz", "--feature-extractor", "digits",
+                                "--size", "16", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["kind"] == "dataset"
+    code, _, err = run_cli("stats", tmp_path / "no-such-folder", "-o", tmp_path / "missing.npz",
+                           "--feature-extractor", "digits")
+    assert "not found" in assert_one_line_error(code, err, 1)
 
 
 # ---- datasets: parquet, imagefolder, hf:NAME offline -------------------------------------------------

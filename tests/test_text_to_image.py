@@ -277,6 +277,8 @@ def test_resolution_seeded_crops_and_random_flip_frame_the_training_images(small
     for i in range(6):
         Image.fromarray((torch.rand(32, 64, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"the digit {i}")
+    full = (folder / "0.png").read_bytes()
+    (folder / "9.png").write_bytes(full[: len(full) // 2])  # truncated: skipped, counted, warned
     centred, cropped = open_image_data(folder, 32, 3), open_image_data(folder, 32, 3, crop_seed=5)
     assert torch.equal(cropped[2], open_image_data(folder, 32, 3, crop_seed=5)[2])
     assert crop_position(5, 2) != crop_position(5, 3) and crop_position(None, 2) is None
@@ -288,6 +290,7 @@ def test_resolution_seeded_crops_and_random_flip_frame_the_training_images(small
                     latent_cache=tmp_path / "cache")
     summary = run_distill(small[0], tmp_path / "run", resolution=32, center_crop=False, random_flip=True, **settings)
     assert summary["data"]["items"] == 12 and summary["data"]["latent_cache"]["shape"] == [4, 16, 16]
+    assert summary["data"]["unreadable_skipped"] == 1 and summary["data"]["first_unreadable"].endswith("9.png")
     with pytest.raises(UserError, match="multiple of 16"):
         run_distill(small[0], tmp_path / "odd", resolution=24, **settings)
     with pytest.raises(UserError, match="--data teacher"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from difcompress.training.run_folder import (
     publish_student,
     truncate_metrics,
 )
-from difcompress.training.trainer import NonFiniteLoss, Trainer
+from difcompress.training.trainer import NonFiniteLoss, Trainer, micro_batch_size
 
 # Settings that describe where the run happens, not what it computes.
 NOT_SETTINGS = {"output", "resume", "resume_from", "device", "latent_cache"}
@@ -84,13 +83,13 @@ def plan_distill(config: DistillConfig) -> dict[str, Any]:
     process (training/memory.py); loads student and teacher on the CPU, writes nothing."""
     check_trainable(config)
     check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    micro_batch = micro_batch_size(config.batch_size, processes, config.gradient_accumulation_steps)
     cpu = torch.device("cpu")
     student = load_model(config.student, cpu)
     teacher, teacher_ref = _load_teacher(config, student, cpu)
     w_feat = config.resolved_w_feat()
     pairs = _feature_pairs(config, student, teacher, w_feat) or []
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    micro_batch = math.ceil(config.batch_size / (processes * config.gradient_accumulation_steps))
     memory = estimate_distill_memory(
         student.family, student.model, teacher.model if teacher else None, micro_batch=micro_batch,
         mixed_precision=config.mixed_precision, gradient_checkpointing=config.gradient_checkpointing,
@@ -155,9 +154,6 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
         show_progress=show_progress, split=config.split, image_column=config.image_column,
         caption_column=config.caption_column, prompts=config.prompts,
         framing=Framing(config.resolution, config.center_crop, config.random_flip))
-    if data_report.get("unreadable_skipped") and accelerator.is_main_process:
-        warn(f"skipped {data_report['unreadable_skipped']} unreadable image(s) in {config.data} "
-             f"(first: {data_report['first_unreadable']})")
     w_feat = config.resolved_w_feat()
     pairs = _feature_pairs(config, student, teacher, w_feat)
     learn_variance = teacher is not None and student.family.learns_variance(teacher.model)

@@ -60,7 +60,8 @@ def evaluate(config: EvalConfig, *, show_progress: bool = False) -> dict[str, An
     dev = resolve_device(config.device)
     with folder_lock(output):
         loaded = [load_model(m, dev) for m in config.models]
-        extractor, reference, protocol = _fid_setup(config, loaded, dev) if config.fid else (None, None, None)
+        extractor, reference, protocol = (_fid_setup(config, loaded, dev, show_progress) if config.fid
+                                          else (None, None, None))
         with progress_bar(show_progress and config.fid) as progress:
             rows, grid = _measure_all(config, loaded, progress, extractor, reference)
         for row in rows[1:]:  # against the first model (the teacher, in the usual order)
@@ -87,7 +88,7 @@ def _grid_caption(config: EvalConfig, rows: list[dict[str, Any]], protocol: dict
     return caption
 
 
-def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device):
+def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device, show_progress: bool):
     """Feature extractor, reference features and the protocol every FID/KID is reported with."""
     register_digits_extractor()
     digits = is_digits_model(loaded[0])
@@ -101,7 +102,7 @@ def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device):
         reference = Reference.of_features(features_of_images(digits_images(h, c), extractor,
                                                              batch_size=config.batch_size), name, "digits")
     else:
-        reference = load_reference(ref, extractor)
+        reference = load_reference(ref, extractor, batch_size=config.batch_size, show_progress=show_progress)
     protocol = {"mode": "clean", "num_samples": config.num_samples, "sampler": config.sampler,
                 "steps": config.sampler_steps, "seed": config.seed, "reference": reference.source,
                 "feature_extractor": name, "feature_dim": reference.dim}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ from difcompress.io.folders import (
     folder_size_bytes,
     pruning_report,
     quiet_diffusers,
+    read_json,
     remove_temporaries,
+    resolved_source,
     save_model_folder,
 )
 from difcompress.io.loading import load_model, load_model_folder
@@ -49,7 +50,7 @@ def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, An
 def _export(config: ExportConfig, output: Path) -> dict[str, Any]:
     loaded = load_model(config.model, "cpu")
     family, net = loaded.family, loaded.model
-    info = export_info(config, loaded, output)
+    info = export_info(config, loaded)
     dtype = DTYPES[config.dtype]
     with quiet_diffusers():  # the cast to fp16 is the export's point; diffusers warns about any .to(dtype)
         net, autoencoder, text = net.to(dtype), _in_dtype(loaded.autoencoder, dtype), _text_in_dtype(loaded.text, dtype)
@@ -68,7 +69,7 @@ def _export(config: ExportConfig, output: Path) -> dict[str, Any]:
     return info
 
 
-def export_info(config: ExportConfig, loaded, output: Path) -> dict[str, Any]:
+def export_info(config: ExportConfig, loaded) -> dict[str, Any]:
     """What the export writes and its card says: provenance, size, memory, evaluation."""
     family, net, manifest = loaded.family, loaded.model, loaded.manifest or {}
     size = model_size(net, family)
@@ -78,8 +79,7 @@ def export_info(config: ExportConfig, loaded, output: Path) -> dict[str, Any]:
     evaluation = _evaluation(loaded.path)
     data = settings.get("data")
     return {
-        "source": str(Path(config.model).resolve()) if Path(config.model).exists()
-        else config.model, "teacher": manifest.get("teacher"), "family": family.name,
+        "source": resolved_source(config.model), "teacher": manifest.get("teacher"), "family": family.name,
         "model_class": family.model_class.__name__,
         "pipeline_tag": "text-to-image" if family.conditioning == "text" else "unconditional-image-generation",
         "pruning": pruning_report(manifest), "distill": settings or None, "distill_steps": distill.get("steps"),
@@ -126,9 +126,17 @@ def _evaluation(folder: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | N
     path = folder / "eval" / EVAL_FILE
     if not path.is_file():
         return None, None
-    result = json.loads(path.read_text())
-    row = next((r for r in result["models"] if Path(r.get("path", r["model"])).resolve() == folder.resolve()), None)
+    result = read_json(path)
+    rows = result.get("models") if isinstance(result, dict) else None
+    if not isinstance(rows, list):
+        raise UserError(f"{path} holds no \"models\" list; the evaluation is damaged: rerun eval or remove it")
+    row = next((r for r in rows if _row_folder(r) == folder.resolve()), None)
     return row, result.get("protocol")
+
+
+def _row_folder(row: Any) -> Path | None:
+    where = row.get("path", row.get("model")) if isinstance(row, dict) else None
+    return Path(where).resolve() if isinstance(where, str) else None
 
 
 def push_folder(folder: Path, repo_id: str, private: bool) -> str:

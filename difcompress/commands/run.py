@@ -37,7 +37,7 @@ from difcompress.config import (
 from difcompress.data.datasets import HF_PREFIX
 from difcompress.environment import hub_offline, is_main_process
 from difcompress.errors import UserError
-from difcompress.io.folders import EVAL_FILE, read_manifest, wait_for
+from difcompress.io.folders import EVAL_FILE, read_manifest, read_text, wait_for
 from difcompress.io.loading import HUB_ID
 from difcompress.metrics.extractors import resolve_inception_path
 from difcompress.metrics.fid import cleanfid_named_stats
@@ -53,7 +53,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):

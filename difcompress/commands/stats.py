@@ -18,7 +18,7 @@ from difcompress.config import StatsConfig
 from difcompress.data.datasets import is_hf_source, open_image_data
 from difcompress.environment import resolve_device
 from difcompress.errors import UserError
-from difcompress.io.folders import folder_lock
+from difcompress.io.folders import folder_lock, resolved_source
 from difcompress.metrics.extractors import (
     features_of_folder,
     features_of_images,
@@ -40,26 +40,25 @@ def stats(config: StatsConfig, *, show_progress: bool = False) -> dict[str, Any]
     extractor = get_feature_extractor(config.feature_extractor, weights_path=config.inception,
                                       device=resolve_device(config.device))
     with folder_lock(output):
-        feats, kind = _features(config, extractor)
-        protocol = {"extractor": extractor.name, "mode": "clean", "source": _resolved(config.source), "kind": kind,
-                    "count": int(len(feats)), "size": config.size, "split": config.split}
+        feats, kind = _features(config, extractor, show_progress)
+        protocol = {"extractor": extractor.name, "mode": "clean", "source": resolved_source(config.source),
+                    "kind": kind, "count": int(len(feats)), "size": config.size, "split": config.split}
         save_reference_stats(output, feats, protocol)
     return {"output": str(output.resolve()), "feature_dim": int(feats.shape[1]), **protocol}
 
 
-def _features(config: StatsConfig, extractor):
+def _features(config: StatsConfig, extractor, show_progress: bool):
     """Features of every image, and what kind of source they came from."""
     if config.source == "digits":
         return features_of_images(digits_images(), extractor, batch_size=config.batch_size), "digits"
-    path = Path(config.source)
+    path = Path(config.source).expanduser()
     if path.is_dir() and not is_hf_source(path):
-        return features_of_folder(path, extractor, batch_size=config.batch_size), "folder"
+        return features_of_folder(path, extractor, config.batch_size, show_progress), "folder"
+    if not path.exists() and not is_hf_source(config.source):
+        raise UserError(f"{config.source} not found: pass a folder of images, a dataset (hf:NAME, parquet, "
+                        "save_to_disk) or digits")
     if config.size is None:
         raise UserError(f"{config.source} is a dataset: pass --size (the resolution your model generates)", 2)
     dataset = open_image_data(config.source, config.size, 3, split=config.split, image_column=config.image_column)
     images = torch.stack([dataset[i] for i in range(len(dataset))])
     return features_of_images(images, extractor, batch_size=config.batch_size), "dataset"
-
-
-def _resolved(source: str) -> str:
-    return str(Path(source).resolve()) if Path(source).exists() else source

@@ -27,6 +27,7 @@ from difcompress.data.images import (
     scan_image_folder,
 )
 from difcompress.errors import UserError
+from difcompress.io.folders import read_text
 
 # Files that `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top level.
 HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -82,7 +83,7 @@ class ImageFolderDataset(Dataset):
         self.class_names, self.labels = _folder_classes(self.root, self.paths)
         # Same-stem .txt files caption the images (when every image has one).
         texts = [p.with_suffix(".txt") for p in self.paths]
-        self.captions = [t.read_text().strip() for t in texts] if all(t.is_file() for t in texts) else None
+        self.captions = [read_text(t).strip() for t in texts] if all(t.is_file() for t in texts) else None
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -34,12 +34,7 @@ from difcompress.data.datasets import (
     TensorImageDataset,
 )
 from difcompress.errors import UserError
-from difcompress.io.folders import (
-    atomic_folder,
-    folder_lock,
-    remove_temporaries,
-    wait_for,
-)
+from difcompress.io.folders import build_once
 from difcompress.io.report import progress_bar
 
 SHARD_ITEMS = 4096
@@ -127,26 +122,16 @@ def cached_latents(dataset: Dataset, autoencoder: Autoencoder, *, image_size: in
                    ) -> tuple[TensorImageDataset, dict[str, Any]]:
     """The dataset's latents, encoded once and read back from the cache afterwards.
 
-    Returns the latent dataset and a report (cache folder, whether it was reused). The
-    encoding process holds the cache folder's lock (a second run wanting the same cache
-    waits for it) and publishes the folder atomically. With `encode_here=False` (the other
-    processes of a multi-process run) it waits for the folder to appear instead.
+    Returns the latent dataset and a report (cache folder, whether it was reused). One
+    process encodes (io.folders.build_once); with `encode_here=False` (the other processes
+    of a multi-process run) it waits for the folder to appear instead.
     """
     key = hashlib.sha256(
         f"{autoencoder.fingerprint()}:{dataset_identity(dataset)}:{image_size}".encode()
     ).hexdigest()[:20]
     folder = Path(cache_root or default_cache_root()) / "latents" / key
-    index_path = folder / "index.json"
-    reused = index_path.is_file()
-    if not reused and encode_here:
-        with folder_lock(folder, wait=True):
-            if not index_path.is_file():  # nobody finished it while we waited
-                remove_temporaries(folder)
-                with atomic_folder(folder) as tmp:
-                    _write_shards(dataset, autoencoder, tmp, batch_size, show_progress)
-    elif not reused:
-        wait_for(index_path.is_file)
-    index = json.loads(index_path.read_text())
+    index, reused = build_once(folder, lambda tmp: _write_shards(dataset, autoencoder, tmp, batch_size, show_progress),
+                               build_here=encode_here)
     shards = [load_file(folder / name) for name in index["shards"]]
     latents = torch.cat([s["latents"] for s in shards])
     labels = torch.cat([s["labels"] for s in shards]) if index["labels"] else None

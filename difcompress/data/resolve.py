@@ -24,7 +24,8 @@ from difcompress.data.stream import BatchStream
 from difcompress.data.text import cached_text, read_prompts
 from difcompress.errors import UserError
 from difcompress.families.sampling import balanced_labels
-from difcompress.io.folders import write_tensors
+from difcompress.io.folders import resolved_source, write_tensors
+from difcompress.io.report import warn
 
 TEACHER = "teacher"
 TEXT_GUIDANCE = 7.5  # Stable Diffusion's default guidance scale (StableDiffusionPipeline)
@@ -70,12 +71,6 @@ def framed_image_data(data: str, loaded, framing: Framing, seed: int, **columns)
     images = image_data(data, loaded, size=training_size(loaded, framing.resolution),
                         crop_seed=None if framing.center_crop else seed, **columns)
     return MirroredDataset(images) if framing.random_flip else images
-
-
-def unreadable_note(dataset: Dataset) -> str | None:
-    """A warning line when an image folder skipped unreadable files."""
-    scan = getattr(dataset, "scan", None)
-    return scan.unreadable_note() if scan is not None else None
 
 
 def teacher_samples(teacher, count: int, *, label_seed: int, noise_seed: int, steps: int, cache: Path | None = None,
@@ -124,17 +119,25 @@ def training_data(data: str, student, teacher, *, samples: int, sampler_steps: i
                                   cache=cache_dir / "teacher_samples.safetensors", write_cache=is_main)
         return dataset, {"data": TEACHER, "items": len(dataset)}
     images = framed_image_data(data, student, framing, seed, split=split, image_column=image_column)
-    scan = getattr(images, "scan", None)
-    resolved = str(Path(data).resolve()) if Path(data).exists() else data
-    report = {"data": data, "resolved": resolved, "split": getattr(images, "split", None), "items": len(images),
-              "unreadable_skipped": len(scan.unreadable) if scan else 0,
-              "first_unreadable": str(scan.unreadable[0]) if scan and scan.unreadable else None}
+    report = _source_report(data, images, warn_here=is_main)
     size = training_size(student, framing.resolution)
     dataset, latents = latent_training_data(images, student.autoencoder, size, cache_root=latent_cache,
                                             is_main=is_local_main, show_progress=show_progress)
     if latents:
         report["latent_cache"] = latents
     return dataset, report
+
+
+def _source_report(data: str, images: Dataset, *, warn_here: bool) -> dict[str, Any]:
+    """What the training images came from, with the unreadable files an image folder passed
+    over (warned about once, by the process that says so)."""
+    scan = getattr(images, "scan", None)
+    skipped = scan.unreadable if scan else []
+    if skipped and warn_here:
+        warn(scan.unreadable_note())
+    return {"data": data, "resolved": resolved_source(data), "split": getattr(images, "split", None),
+            "items": len(images), "unreadable_skipped": len(skipped),
+            "first_unreadable": str(skipped[0]) if skipped else None}
 
 
 def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, split: str | None = None,
@@ -174,7 +177,6 @@ def _text_to_image_data(data, student, teacher, *, samples, sampler_steps, seed,
     latents, latent_report = latent_training_data(images, student.autoencoder, size, cache_root=latent_cache,
                                                   is_main=is_local_main, show_progress=show_progress)
     encodings, empty, text_report = cached_text(images.captions, student.text, root, encode_here=is_local_main)
-    report = {"data": data, "resolved": str(Path(data).resolve()) if Path(data).exists() else data,
-              "split": getattr(images, "split", None), "items": len(images), "latent_cache": latent_report,
-              "text_cache": text_report, "unreadable_skipped": 0, "first_unreadable": None}
+    report = {**_source_report(data, images, warn_here=is_local_main), "latent_cache": latent_report,
+              "text_cache": text_report}
     return TensorImageDataset(latents.images, encodings, empty), report

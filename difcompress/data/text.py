@@ -24,12 +24,7 @@ from transformers import CLIPTokenizer
 
 from difcompress.data.datasets import CAPTION_COLUMNS
 from difcompress.errors import UserError
-from difcompress.io.folders import (
-    atomic_folder,
-    folder_lock,
-    remove_temporaries,
-    wait_for,
-)
+from difcompress.io.folders import build_once, read_text
 
 SHARD_CAPTIONS = 4096
 
@@ -98,7 +93,7 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
             return [str(r[column or _caption_key(rows[0], path)]) for r in rows]
     except (KeyError, IndexError, TypeError, ValueError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read prompts from {path}: {err}") from None
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     return prompts
@@ -117,17 +112,7 @@ def cached_text(captions: list[str], text: TextEncoder, cache_root: Path, *, enc
     encoded once per (text encoder, captions) and read back afterwards."""
     key = hashlib.sha256(f"{text.fingerprint()}:{json.dumps(captions)}".encode()).hexdigest()[:20]
     folder = Path(cache_root) / "text" / key
-    index_path = folder / "index.json"
-    reused = index_path.is_file()
-    if not reused and encode_here:
-        with folder_lock(folder, wait=True):
-            if not index_path.is_file():
-                remove_temporaries(folder)
-                with atomic_folder(folder) as tmp:
-                    _write(captions, text, tmp)
-    elif not reused:
-        wait_for(index_path.is_file)
-    index = json.loads(index_path.read_text())
+    index, reused = build_once(folder, lambda tmp: _write(captions, text, tmp), build_here=encode_here)
     encodings = torch.cat([load_file(folder / name)["encodings"] for name in index["shards"]])
     empty = load_file(folder / "empty.safetensors")["encoding"]
     return encodings, empty, {"folder": str(folder), "reused": reused, "captions": len(captions)}

@@ -123,6 +123,25 @@ def write_text(path: Path, text: str) -> None:
     _write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
+def read_text(path: str | Path) -> str:
+    """A text file someone else wrote (recipe, prompts, captions, JSON) as UTF-8; one error
+    line when it cannot be read or is not text."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); pass a text file") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file read back (a manifest, a config, an evaluation); one error line when damaged."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}); the folder is damaged") from None
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A safetensors file, written atomically (as write_text)."""
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -214,14 +233,28 @@ def wait_for(condition: Callable[[], bool], poll_seconds: float = 2.0) -> None:
         time.sleep(poll_seconds)
 
 
+def build_once(folder: Path, write: Callable[[Path], None], *, build_here: bool = True) -> tuple[Any, bool]:
+    """A cache folder built by one process and afterwards only read. The builder holds the
+    folder's lock (a second run wanting the same cache waits for it) and publishes it
+    atomically; `write` fills it and writes its index.json. A process told not to build
+    (the others of a launch) waits for the folder instead. Returns the index, and whether
+    the folder was already there."""
+    index_path = folder / "index.json"
+    reused = index_path.is_file()
+    if not reused and build_here:
+        with folder_lock(folder, wait=True):
+            if not index_path.is_file():  # nobody finished it while we waited
+                remove_temporaries(folder)
+                with atomic_folder(folder) as tmp:
+                    write(tmp)
+    elif not reused:
+        wait_for(index_path.is_file)
+    return read_json(index_path), reused
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg}); the folder is damaged") from None
+    return read_json(path) if path.is_file() else None
 
 
 def pruning_report(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -229,6 +262,12 @@ def pruning_report(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
     distilled or exported one."""
     manifest = manifest or {}
     return manifest.get("report") if manifest.get("stage") == "prune" else manifest.get("pruning")
+
+
+def resolved_source(source: str | Path) -> str:
+    """Where a source lives, for the record: an existing path made absolute, anything else
+    (a hub id, a dataset name, a built-in name) as given."""
+    return str(Path(source).resolve()) if Path(source).exists() else str(source)
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -273,7 +312,7 @@ def save_model_folder(folder: Path, model, scheduler, family, manifest: dict[str
     with quiet_diffusers():  # a pixel DiT's absent VAE is intended, not worth a warning
         pipeline.save_pretrained(folder, safe_serialization=True, variant=variant)
     if pipeline_settings:  # e.g. DiT's id2label (ImageNet class names), which the pipeline takes as an argument
-        index = json.loads((folder / "model_index.json").read_text())
+        index = read_json(folder / "model_index.json")
         write_json(folder / "model_index.json", {**index, **pipeline_settings})
     if structure is not None:
         write_json(folder / family.component / STRUCTURE, structure)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from difcompress.environment import hub_offline
 from difcompress.errors import UserError
 from difcompress.families.base import ModelFamily
 from difcompress.families.registry import family_for_class_name
-from difcompress.io.folders import STRUCTURE, read_manifest
+from difcompress.io.folders import STRUCTURE, read_json, read_manifest
 from difcompress.pruning.graph import replay_history
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -108,20 +107,13 @@ def _from_hub(source: str) -> Path:
     return Path(folder)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
-
-
 def _load_folder(path: Path, source: str) -> LoadedModel:
     manifest = read_manifest(path)
     if manifest and manifest.get("status") == "running":
         raise UserError(f"{path} is an unfinished {manifest.get('stage', 'difcompress')} run (its manifest says "
                         "running); finish it with --resume, or use a complete folder")
     if (path / "model_index.json").is_file():
-        index = _read_json(path / "model_index.json")
+        index = read_json(path / "model_index.json")
         component = next((c for c in DENOISER_COMPONENTS if c in index), None)
         if component is None:
             raise UserError(f"{path} is a pipeline without a unet or transformer; nothing to compress")
@@ -135,7 +127,7 @@ def _load_folder(path: Path, source: str) -> LoadedModel:
         text = _load_text(path, index) if family.conditioning == "text" else None
         settings = {k: v for k, v in index.items() if not k.startswith("_") and not _is_component(v)}
     elif (path / "config.json").is_file():
-        family = family_for_class_name(_read_json(path / "config.json").get("_class_name", "?"))
+        family = family_for_class_name(read_json(path / "config.json").get("_class_name", "?"))
         model_dir = path
         scheduler_dir = path if (path / "scheduler_config.json").is_file() else path.parent / "scheduler"
         autoencoder, settings, text = None, None, None
@@ -145,7 +137,7 @@ def _load_folder(path: Path, source: str) -> LoadedModel:
     else:
         raise UserError(f"{path} is not a diffusers model or pipeline folder (no model_index.json or config.json)")
     model = _load_weights(family, model_dir)
-    structure = _read_json(model_dir / STRUCTURE) if (model_dir / STRUCTURE).is_file() else None
+    structure = read_json(model_dir / STRUCTURE) if (model_dir / STRUCTURE).is_file() else None
     return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest, structure, autoencoder,
                        settings or None, text)
 
@@ -222,7 +214,7 @@ def _load_weights(family: ModelFamily, model_dir: Path) -> nn.Module:
 
 def _rebuild_from_record(family: ModelFamily, model_dir: Path, weights: Path) -> nn.Module:
     """Base architecture from the record's config, pruned by replaying the history."""
-    record = _read_json(model_dir / STRUCTURE)
+    record = read_json(model_dir / STRUCTURE)
     model = family.model_class.from_config(record["base_config"])
     replay_history(model, family, record["history"], record.get("groupnorm_groups"))
     model.load_state_dict({k: v.float() for k, v in load_file(weights).items()}, strict=True)
@@ -234,7 +226,7 @@ def load_scheduler(folder: Path):
     config_path = folder / "scheduler_config.json"
     if not config_path.is_file():
         return diffusers.DDPMScheduler(num_train_timesteps=1000)
-    config = _read_json(config_path)
+    config = read_json(config_path)
     name = config.get("_class_name", "DDPMScheduler")
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):

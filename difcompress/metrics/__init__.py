@@ -1,2 +1,3 @@
 """Image-quality and cost metrics: ``extractors`` (feature networks and image features),
-``fid`` (FID/KID and reference statistics) and ``cost`` (parameters, MACs, latency, memory)."""
+``fid`` (FID/KID and reference statistics), ``clip`` (CLIP score of prompts and images) and
+``cost`` (parameters, MACs, latency, memory)."""

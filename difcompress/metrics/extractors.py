@@ -41,6 +41,7 @@ from cleanfid.resize import make_resizer
 
 from difcompress.data.images import IMAGE_SUFFIXES, load_rgb_uint8, scan_image_folder
 from difcompress.errors import UserError
+from difcompress.io.report import progress_bar, warn
 
 # ----------------------------------------------------------------------------------------------
 # Inception (clean-fid's TorchScript network)
@@ -280,21 +281,25 @@ def features_of_folder(
     folder: str | os.PathLike,
     extractor: FeatureExtractor,
     batch_size: int = 64,
-    num_workers: int = 0,
+    show_progress: bool = False,
 ) -> np.ndarray:
     """Features ``[N, D]`` of every readable image under ``folder`` (recursive, sorted; the
-    same files training data would take, see difcompress.data.images)."""
-    files = scan_image_folder(folder).images
-    if not files:
+    same files training data would take, see difcompress.data.images). Unreadable files are
+    skipped with one warning, as training data skips them."""
+    scan = scan_image_folder(folder)
+    if not scan.images:
         raise UserError(f"No images found in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
-    ds = _FolderImages(files, extractor.input_size)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=max(1, int(batch_size)), shuffle=False, num_workers=max(0, int(num_workers))
-    )
+    if scan.unreadable:
+        warn(scan.unreadable_note())
+    ds = _FolderImages(scan.images, extractor.input_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=max(1, int(batch_size)), shuffle=False)
     out = []
     try:
-        for batch in loader:
-            out.append(_run(extractor, batch))
+        with progress_bar(show_progress) as progress:
+            task = progress.add_task(f"features of {Path(folder).name}", total=len(ds))
+            for batch in loader:
+                out.append(_run(extractor, batch))
+                progress.advance(task, len(batch))
     except RuntimeError as e:
         if "stack expects each tensor to be equal size" in str(e):
             raise UserError(

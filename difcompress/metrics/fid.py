@@ -94,8 +94,12 @@ def read_reference_stats(path: str | os.PathLike) -> Reference:
         raise UserError(bad)
     companion = path.with_name(path.stem + "_kid.npz")
     if feats is None and companion.is_file():
-        with np.load(companion, allow_pickle=False) as z:
-            feats = np.array(z["feats"]) if "feats" in z.files else None
+        try:
+            with np.load(companion, allow_pickle=False) as z:
+                feats = np.array(z["feats"]) if "feats" in z.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            raise UserError(f"{companion} (the KID features beside {path.name}) is damaged: remove it to compute "
+                            "FID without KID, or fetch it again") from None
     return Reference(mu, sigma, feats, protocol.get("extractor") if ours else None, str(path))
 
 
@@ -111,13 +115,13 @@ def cleanfid_named_stats(name: str) -> Path | None:
 
 
 def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, batch_size: int = 64,
-                   num_workers: int = 0) -> Reference:
+                   show_progress: bool = False) -> Reference:
     """The reference a ``--ref`` names: a folder of images (featurised now), a statistics
     file made with the same extractor, or a clean-fid dataset name found in its cache."""
     p = Path(spec)
     if p.is_dir():
-        return Reference.of_features(features_of_folder(p, extractor, batch_size=batch_size, num_workers=num_workers),
-                                     extractor.name, str(p.resolve()))
+        feats = features_of_folder(p, extractor, batch_size, show_progress)
+        return Reference.of_features(feats, extractor.name, str(p.resolve()))
     if not p.exists() and p.suffix != ".npz":
         named = cleanfid_named_stats(str(spec))
         if named is None:

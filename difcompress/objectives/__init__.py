@@ -1,8 +1,9 @@
 """Distillation objectives: LIFT, PLACE and the baselines they are compared against.
 
 Pure tensor functions, no model code and no I/O: ``core`` (the affine fit, LIFT, PLACE),
-``baselines`` (task, output MSE, DIST), ``feature`` (adapters and feature KD) and
-``registry`` (every objective the CLI offers, by name).
+``baselines`` (task, output MSE, DIST), ``feature`` (adapters and feature KD),
+``variance`` (VLB and KL to the teacher for learned-variance models) and ``registry``
+(every objective the CLI offers, by name).
 """
 
 from difcompress.objectives.baselines import dist_loss, mse_loss, task_loss

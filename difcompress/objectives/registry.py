@@ -47,10 +47,6 @@ class Objective:
     output_fn: Callable[[Tensor, Tensor, OutputOptions], KDTerms] | None = None
     with_features: bool = False  # the feature term is on by default (feature, NAME+feat)
 
-    @property
-    def needs_teacher(self) -> bool:
-        return self.kind != "task"
-
 
 _BASE = (
     Objective("task", "task", "denoising loss only, no teacher (Diff-Pruning's fine-tuning)"),

@@ -93,7 +93,7 @@ def remove_checkpoint_temporaries(run_dir: Path) -> None:
 def read_checkpoint_info(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: damaged JSON or not UTF-8
         raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
 
 

@@ -43,9 +43,8 @@ OLD_TOP_LEVEL_COPY = ("config.json", "diffusion_pytorch_model.safetensors")
 
 def prepare_run_folder(output: Path, resume: bool) -> tuple[bool, list[str]]:
     """Check that `output` may hold this run, clean what killed runs left, and mark it
-    running. Returns whether to resume from a checkpoint, and notes for the user."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output {output} exists and is a file; choose another -o")
+    running (after check_output_folder has refused files and foreign folders). Returns whether
+    to resume from a checkpoint, and notes for the user."""
     notes: list[str] = []
     if output.is_dir():
         shutil.rmtree(output / STUDENT_TMP, ignore_errors=True)

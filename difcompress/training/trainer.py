@@ -2,7 +2,7 @@
 and the loop (``fit``).
 
 Loss = w_task * L_task + w_kd * L_kd(objective) + w_feat * L_feature (+ the learned
-variance's MSE to the teacher's, see docs/method.md). The trainer runs on accelerate: the
+variance's loss against the teacher's, MSE or VLB + KL by --variance-loss; docs/method.md). The trainer runs on accelerate: the
 student, optimizer and adapters train on every process, the frozen teacher is moved but
 never wrapped.
 
@@ -93,6 +93,14 @@ def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_deca
     return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
+def micro_batch_size(batch_size: int, processes: int, accumulation: int) -> int:
+    """What each process takes per accumulation step; the batch must split evenly."""
+    if batch_size % (processes * accumulation):
+        raise UserError(f"--batch-size {batch_size} must split evenly over {processes} process(es) x "
+                        f"{accumulation} accumulation step(s)", exit_code=2)
+    return batch_size // (processes * accumulation)
+
+
 class Trainer:
     """Distills `student` from `teacher` as `config` says. Build it, then call `fit()`, or
     drive it step by step: ``trainer.train_step(trainer.next_batch())``."""
@@ -106,10 +114,8 @@ class Trainer:
         self.w_feat, self.learn_variance = w_feat, learn_variance
         self.teacher = teacher
         self.step = 0
-        processes, parts = accelerator.num_processes, config.gradient_accumulation_steps
-        if config.batch_size % (processes * parts):
-            raise UserError(f"--batch-size {config.batch_size} must split evenly over {processes} process(es) x "
-                            f"{parts} accumulation step(s)", exit_code=2)
+        processes = accelerator.num_processes
+        micro_batch_size(config.batch_size, processes, config.gradient_accumulation_steps)
         per_process = config.batch_size // processes
         self.rows = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
         self.stream = BatchStream(dataset, config.batch_size, seed=config.seed)

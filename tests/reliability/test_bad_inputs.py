@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_one_line_error, run_distill, run_prune
@@ -190,3 +191,45 @@ def test_outputs_follow_the_umask_not_private_temporary_modes(tmp_path):
     for path in [out, *out.rglob("*")]:
         mode = path.stat().st_mode & 0o777
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_files_that_are_not_text_or_are_damaged_are_one_error_line(pruned_dir, tmp_path, run_cli):
+    from difcompress.data.datasets import ImageFolderDataset
+    from difcompress.data.text import read_prompts
+    from difcompress.metrics.fid import read_reference_stats
+
+    latin1 = "chiffre \xe9crit".encode("latin-1")  # not UTF-8
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"prune:\n  model: " + latin1 + b"\n")
+    code, _, err = run_cli("run", recipe)
+    assert "not UTF-8" in assert_one_line_error(code, err, 1)
+    (tmp_path / "prompts.txt").write_bytes(latin1)
+    with pytest.raises(UserError, match="prompts.txt is not UTF-8"):
+        read_prompts(tmp_path / "prompts.txt")
+    images = tmp_path / "captioned"
+    images.mkdir()
+    Image.new("RGB", (16, 16)).save(images / "a.png")
+    (images / "a.txt").write_bytes(latin1)
+    with pytest.raises(UserError, match="a.txt is not UTF-8"):
+        ImageFolderDataset(images, size=16, channels=3)
+    # A damaged evaluation beside a model, and a damaged KID companion beside clean-fid stats.
+    model = tmp_path / "model"
+    shutil.copytree(pruned_dir, model)
+    (model / "eval").mkdir()
+    (model / "eval" / "eval.json").write_text('{"models": ')
+    code, _, err = run_cli("export", model, "-o", tmp_path / "exported")
+    assert "eval.json is not valid JSON" in assert_one_line_error(code, err, 1)
+    (model / "eval" / "eval.json").write_text('{"rows": []}')
+    code, _, err = run_cli("export", model, "-o", tmp_path / "exported")
+    assert "eval.json" in assert_one_line_error(code, err, 1)
+    assert not (tmp_path / "exported").exists()
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4))
+    (tmp_path / "ref_kid.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UserError, match="ref_kid.npz"):
+        read_reference_stats(tmp_path / "ref.npz")
+
+
+def test_a_batch_that_does_not_split_is_refused_by_the_dry_run_too(pruned_dir, tmp_path, run_cli):
+    code, _, err = run_cli(*DISTILL, "--student", pruned_dir, "-o", tmp_path / "run", "--batch-size", "6",
+                           "--gradient-accumulation-steps", "4", "--dry-run")
+    assert "split evenly" in assert_one_line_error(code, err, 2)
