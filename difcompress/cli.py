@@ -176,6 +176,8 @@ def _distill(config: DistillConfig, json_output: bool, dry_run: bool = False) ->
         print_json(summary)
         return
     final = summary["final"]
+    if summary["resumed_from_step"] is not None:
+        console.print(f"resumed from the checkpoint of step {summary['resumed_from_step']}")
     console.print(f"distilled {summary['steps']} steps; final loss {final.get('loss', float('nan')):.4f}; "
                   f"student, metrics.jsonl and curves.png in {summary['output']}")
 

@@ -56,6 +56,14 @@ def _layer(module: str) -> int:
     return best[0]
 
 
+def test_imports_are_absolute():
+    """The layer, circle and lazy-import checks read absolute imports; a relative one would
+    slip past all three."""
+    relative = [f"{path.relative_to(PACKAGE)}:{node.lineno}" for path in PACKAGE.rglob("*.py")
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.level]
+    assert relative == []
+
+
 def _imports(path: Path) -> list[tuple[str, ast.AST, bool]]:
     """(imported difcompress module, node, inside a function) for every import in a file."""
     tree = ast.parse(path.read_text())
@@ -163,13 +171,15 @@ def test_recipe_stages_are_validated_by_the_same_configs(stage, tmp_path):
         == {n: d for n, d in defaults.items() if n not in values and n not in ("output", "seed", "device")}
 
 
-@pytest.mark.parametrize("name", ["prune", "distill", "evaluate", "export"])
-def test_the_python_api_takes_the_config_objects(name):
+@pytest.mark.parametrize("name, config", [("prune", "PruneConfig"), ("distill", "DistillConfig"),
+                                          ("evaluate", "EvalConfig"), ("export", "ExportConfig"),
+                                          ("stats", "StatsConfig")])
+def test_the_python_api_takes_the_config_objects(name, config):
     import difcompress
 
     function = getattr(difcompress, name)
     first = next(iter(inspect.signature(function).parameters.values()))
-    assert first.annotation in ("PruneConfig", "DistillConfig", "EvalConfig", "ExportConfig")
+    assert first.annotation == config and hasattr(difcompress, config)
     assert function.__doc__
 
 

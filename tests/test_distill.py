@@ -244,8 +244,9 @@ def test_crash_leaves_a_resumable_running_folder(resume_runs):
 def test_resume_is_bit_identical_to_an_uninterrupted_run(loss, resume_runs, pruned_dir, tmp_path):
     full, crashed = resume_runs(loss)
     run = copy_run(crashed, tmp_path)
-    run_distill(str(pruned_dir), run, loss=loss, resume=True, **RESUME)
+    summary = run_distill(str(pruned_dir), run, loss=loss, resume=True, **RESUME)
 
+    assert summary["resumed_from_step"] == 4  # a resume, not a seeded restart that would end the same
     assert manifest(run)["status"] == "complete"
     rel = "unet/diffusion_pytorch_model.safetensors"
     assert_same_tensors(weights(full / rel), weights(run / rel), "final student")
@@ -266,7 +267,7 @@ def test_resume_after_a_torn_metrics_line(resume_runs, pruned_dir, tmp_path):
     run = copy_run(crashed, tmp_path)
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 6, "loss": 0.12')
-    run_distill(str(pruned_dir), run, loss="place", resume=True, **RESUME)
+    assert run_distill(str(pruned_dir), run, loss="place", resume=True, **RESUME)["resumed_from_step"] == 4
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))
     assert_same_tensors(weights(full / "unet/diffusion_pytorch_model.safetensors"),
                         weights(run / "unet/diffusion_pytorch_model.safetensors"), "final student")
@@ -297,8 +298,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(resume_runs, prune
         shutil.copytree(crashed, run)
         shutil.rmtree(run / "checkpoints")
         capsys.readouterr()
-        run_distill(str(pruned_dir), run, loss="place", resume=resume, **RESUME)
-        assert "starting it again from step 0" in capsys.readouterr().err
+        summary = run_distill(str(pruned_dir), run, loss="place", resume=resume, **RESUME)
+        assert "starting it again from step 0" in capsys.readouterr().err and summary["resumed_from_step"] is None
         assert manifest(run)["status"] == "complete"
         assert_same_tensors(weights(full / "unet/diffusion_pytorch_model.safetensors"),
                             weights(run / "unet/diffusion_pytorch_model.safetensors"), "final student")

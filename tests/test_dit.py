@@ -291,7 +291,7 @@ def test_dit_resume_is_bit_identical(dit_student, tmp_path, monkeypatch):
         crash_at(mp, 5)
         with pytest.raises(SimulatedCrash):
             run_distill(str(dit_student[0]), tmp_path / "crashed", **settings)
-    run_distill(str(dit_student[0]), tmp_path / "crashed", resume=True, **settings)
+    assert run_distill(str(dit_student[0]), tmp_path / "crashed", resume=True, **settings)["resumed_from_step"] == 3
 
     full = load_file(tmp_path / "full" / "transformer" / "diffusion_pytorch_model.safetensors")
     resumed = load_file(tmp_path / "crashed" / "transformer" / "diffusion_pytorch_model.safetensors")

@@ -19,7 +19,7 @@ KEYS = {
     "prune": {"source", "family", "latent", "ratio", "importance", "mode", "widths", "params", "macs",
               "params_reduction", "macs_reduction", "requested_channel_reduction", "importance_timesteps",
               "warnings", "output"},
-    "distill": {"steps", "final", "settings", "data", "latent_cache", "output"},
+    "distill": {"steps", "resumed_from_step", "final", "settings", "data", "latent_cache", "output"},
     "eval": {"models", "protocol", "grid", "device", "sampler", "sampler_steps", "output"},
     "export": {"source", "teacher", "family", "model_class", "pipeline_tag", "pruning", "distill", "distill_steps",
                "objective", "params", "macs", "dtype", "sampling_memory_bytes", "eval", "eval_protocol",

@@ -70,6 +70,7 @@ def test_one_and_two_processes_train_the_same_student(tmp_path):
     run_distill(pruned, one, loss="mse", data="digits", steps=3, batch_size=8, ema_decay=0.0, checkpoint_every=0,
                 log_every=1, device="cpu")
     logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert len(logs[0]) == len(logs[1]) == 3  # every step compared
     for a, b in zip(*logs):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"],
                                                                                                    rel=1e-4)

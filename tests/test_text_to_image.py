@@ -173,7 +173,7 @@ def test_resume_with_captions_and_caption_dropout_is_bit_identical(small, captio
     with pytest.raises(UserError, match="interrupted at step 4"):
         run_distill(small[0], tmp_path / "resumed", **settings)
     monkeypatch.setattr(Trainer, "train_step", real)
-    run_distill(small[0], tmp_path / "resumed", resume=True, **settings)
+    assert run_distill(small[0], tmp_path / "resumed", resume=True, **settings)["resumed_from_step"] == 3
     a, b = (load_file(p / "unet" / "diffusion_pytorch_model.safetensors") for p in (tmp_path / "full",
                                                                                       tmp_path / "resumed"))
     assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -5,9 +5,9 @@ change the result."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from difcompress.errors import UserError
+from difcompress.io.loading import load_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -39,8 +40,9 @@ def assert_close(a, b, atol=1e-6, what=""):
     assert worst <= atol, (what, worst)
 
 
-def step_gradients(pruned_dir, **options) -> dict[str, torch.Tensor]:
-    """The gradient the first optimizer step applies, under `options`."""
+def step_gradients(pruned_dir, took_effect=None, **options) -> dict[str, torch.Tensor]:
+    """The gradient the first optimizer step applies, under `options`; `took_effect(model)`
+    is asserted on the prepared student, so a switch that is silently ignored fails."""
     from accelerate import Accelerator
 
     from difcompress.builtin import builtin_data
@@ -54,6 +56,8 @@ def step_gradients(pruned_dir, **options) -> dict[str, torch.Tensor]:
     trainer = Trainer(config, Accelerator(cpu=True), student.family, student.model, student.scheduler,
                       teacher.model.requires_grad_(False), builtin_data("digits", 16, 3))
     trainer.prepare()
+    if took_effect is not None:
+        assert took_effect(student.model), options
     captured = {}
     real_step = trainer.optimizer.step
 
@@ -115,7 +119,9 @@ def test_resume_from_a_named_checkpoint(pruned_dir, tmp_path):
     run_distill(pruned_dir, full, loss="place", **settings)
     again = tmp_path / "again"
     shutil.copytree(full, again)
-    run_distill(pruned_dir, again, loss="place", resume_from=str(again / "checkpoints" / "step-0000002"), **settings)
+    summary = run_distill(pruned_dir, again, loss="place", resume_from=str(again / "checkpoints" / "step-0000002"),
+                          **settings)
+    assert summary["resumed_from_step"] == 2  # not the latest (6), which would train nothing and end the same
     assert_close(final(full), final(again), 0.0, "resumed from step 2")
     assert [r["step"] for r in metrics(again)] == list(range(1, 7))
     with pytest.raises(UserError, match="not a checkpoint folder"):
@@ -124,10 +130,16 @@ def test_resume_from_a_named_checkpoint(pruned_dir, tmp_path):
 
 @pytest.mark.parametrize("option", ["gradient_checkpointing", "channels_last"])
 def test_memory_and_layout_switches_leave_the_gradients_alone(option, pruned_dir):
-    assert_same_gradients(step_gradients(pruned_dir), step_gradients(pruned_dir, **{option: True}))
+    took_effect = {"gradient_checkpointing": lambda model: model.is_gradient_checkpointing,
+                   "channels_last": lambda model: all(p.is_contiguous(memory_format=torch.channels_last)
+                                                      for p in model.parameters() if p.dim() == 4)}[option]
+    assert not took_effect(load_model(pruned_dir).model)  # off by default, so the check can tell
+    assert_same_gradients(step_gradients(pruned_dir), step_gradients(pruned_dir, took_effect, **{option: True}))
 
 
-def test_decoding_in_worker_processes_changes_nothing(pruned_dir, tmp_path):
+def test_decoding_in_worker_processes_changes_nothing(pruned_dir, tmp_path, monkeypatch):
+    from difcompress.data.stream import BatchStream
+
     data = tmp_path / "images"
     data.mkdir()
     generator = torch.Generator().manual_seed(0)
@@ -136,7 +148,10 @@ def test_decoding_in_worker_processes_changes_nothing(pruned_dir, tmp_path):
         Image.fromarray(pixels).save(data / f"{i:02d}.png")
     settings = {**BASE, "data": str(data)}
     run_distill(pruned_dir, tmp_path / "main", loss="mse", **settings)
+    workers, real = [], BatchStream.loader
+    monkeypatch.setattr(BatchStream, "loader", lambda self, rows, n: workers.append(n) or real(self, rows, n))
     run_distill(pruned_dir, tmp_path / "workers", loss="mse", dataloader_num_workers=2, **settings)
+    assert workers and set(workers) == {2}  # the images really were decoded in worker processes
     assert_close(final(tmp_path / "main"), final(tmp_path / "workers"), 0.0, "decoded in workers")
 
 
@@ -147,14 +162,17 @@ def test_adam_a_half_precision_teacher_and_an_offloaded_ema_run(pruned_dir, tmp_
     assert all(torch.isfinite(v).all() for v in final(tmp_path / "run").values())
 
 
-def test_missing_optional_packages_are_clear_errors(pruned_dir, tmp_path):
-    if importlib.util.find_spec("bitsandbytes") is None:
-        with pytest.raises(UserError, match="pip install") as info:
-            run_distill(pruned_dir, tmp_path / "a", loss="mse", optimizer="adamw-8bit", **BASE)
-        assert info.value.exit_code == 2
-    if importlib.util.find_spec("wandb") is None:
-        with pytest.raises(UserError, match="pip install wandb"):
-            run_distill(pruned_dir, tmp_path / "b", loss="mse", report_to="wandb", **BASE)
+def test_missing_optional_packages_are_clear_errors(pruned_dir, tmp_path, monkeypatch):
+    import difcompress.commands.distill as distill_module
+
+    # Absent whether or not this machine has them installed.
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setattr(distill_module, "is_wandb_available", lambda: False)
+    with pytest.raises(UserError, match="pip install") as info:
+        run_distill(pruned_dir, tmp_path / "a", loss="mse", optimizer="adamw-8bit", **BASE)
+    assert info.value.exit_code == 2
+    with pytest.raises(UserError, match="pip install wandb"):
+        run_distill(pruned_dir, tmp_path / "b", loss="mse", report_to="wandb", **BASE)
 
 
 def test_tensorboard_event_files_are_written_offline(pruned_dir, tmp_path):

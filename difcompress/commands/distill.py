@@ -162,12 +162,11 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
                       teacher.model if teacher else None, dataset, w_feat=w_feat, feature_pairs=pairs,
                       learn_variance=learn_variance)
     fingerprint = run_fingerprint(settings)
-    if resume:
-        _resume(trainer, config, settings, fingerprint)
+    resumed_from = _resume(trainer, config, settings, fingerprint) if resume else None
     trainer.prepare()
     last = _fit(trainer, config, settings, fingerprint, show_progress)
-    summary = {"steps": config.steps, "final": last, "settings": settings, "data": data_report,
-               "latent_cache": data_report.get("latent_cache")}
+    summary = {"steps": config.steps, "resumed_from_step": resumed_from, "final": last, "settings": settings,
+               "data": data_report, "latent_cache": data_report.get("latent_cache")}
     _finish(trainer, config, student, settings, summary, fingerprint)
     summary["output"] = str(output.resolve())
     return summary
@@ -236,7 +235,8 @@ def run_fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _resume(trainer: Trainer, config: DistillConfig, settings: dict[str, Any], fingerprint: str) -> None:
+def _resume(trainer: Trainer, config: DistillConfig, settings: dict[str, Any], fingerprint: str) -> int:
+    """Load the checkpoint to continue from; returns its step."""
     output = Path(config.output)
     if config.resume_from in (None, "latest"):
         path = latest_checkpoint(output)
@@ -254,6 +254,7 @@ def _resume(trainer: Trainer, config: DistillConfig, settings: dict[str, Any], f
         raise UserError(f"checkpoint {path} is at step {info['step']}, past --steps {config.steps}", exit_code=2)
     info, modules, optimizer = load_checkpoint(path, trainer.generator)
     trainer.load_state(info["step"], modules, optimizer, info)
+    return info["step"]
 
 
 def _checkpoint(trainer: Trainer, output: Path, fingerprint: str, settings: dict[str, Any]) -> None:

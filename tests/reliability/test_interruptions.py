@@ -125,9 +125,10 @@ def test_ctrl_c_says_where_to_resume_and_resume_finishes_the_run(student, refere
     assert len(lines) == 1 and "Traceback" not in err
     assert "interrupted at step 7" in lines[0] and "--resume" in lines[0] and "step-0000006" in lines[0], lines[0]
     monkeypatch.setattr(Trainer, "train_step", real)
-    code, _, err = run_cli("distill", "--student", student, "-o", run, "--steps", "12", "--checkpoint-every", "3",
-                           *CLI_SETTINGS, "--json", "--resume")
+    code, stdout, err = run_cli("distill", "--student", student, "-o", run, "--steps", "12", "--checkpoint-every",
+                                "3", *CLI_SETTINGS, "--json", "--resume")
     assert code == 0, err
+    assert json.loads(stdout)["resumed_from_step"] == 6
     assert_same(final_weights(run), final_weights(reference / "straight-12"), "resumed after Ctrl-C")
 
 
@@ -163,17 +164,21 @@ def _temporary(folder: Path, prefix: str) -> bool:
 @pytest.mark.parametrize("moment", ["checkpoint", "final student"])
 def test_kill_9_while_writing_leaves_a_truthful_resumable_folder(moment, student, reference, tmp_path):
     run = tmp_path / "run"
-    if moment == "checkpoint":
-        killed = _kill_when(_launch(student, run, 24), lambda: _temporary(run / "checkpoints", ".step-"))
+    if moment == "checkpoint":  # while writing a checkpoint after the first, so there is one to resume from
+        killed = _kill_when(_launch(student, run, 24), lambda: (run / "checkpoints" / "step-0000003").is_dir()
+                            and _temporary(run / "checkpoints", ".step-"))
     else:
         killed = _kill_when(_launch(student, run, 12), lambda: _temporary(run, ".student.tmp"))
     assert killed, f"the run ended before it was caught writing its {moment}"
     assert manifest(run)["status"] == "running"  # never "complete" over half-written files
-    for checkpoint in (run / "checkpoints").glob("step-*"):  # complete ones only under final names
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    assert checkpoints, "nothing to resume from: the kill came too early to test a resume"
+    for checkpoint in checkpoints:  # complete ones only under final names
         assert {p.name for p in checkpoint.iterdir()} >= {"student.safetensors", "optimizer.safetensors",
                                                           "rng.safetensors", "state.json"}
     steps = 24 if moment == "checkpoint" else 12
-    run_distill(student, run, steps=steps, checkpoint_every=3, resume=True, **SETTINGS)
+    summary = run_distill(student, run, steps=steps, checkpoint_every=3, resume=True, **SETTINGS)
+    assert summary["resumed_from_step"] == int(checkpoints[-1].name.removeprefix("step-"))
     assert manifest(run)["status"] == "complete"
     assert_same(final_weights(run), final_weights(reference / f"straight-{steps}"), f"resumed after kill -9 ({moment})")
     leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] + \
