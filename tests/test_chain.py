@@ -41,7 +41,7 @@ def test_every_recipe_validates(recipe, capsys, monkeypatch):
     for stage in yaml.safe_load(recipe.read_text()):
         if stage in ("prune", "distill", "eval", "export"):
             assert f"{stage} ->" in captured.out
-    assert "are missing:" in captured.err and ".data" in captured.err and len(captured.err.splitlines()) == 1
+    assert "are missing or blocked:" in captured.err and ".data" in captured.err and len(captured.err.splitlines()) == 1
 
 
 def test_recipe_with_unknown_setting_is_one_line_error(tmp_path, capsys):

@@ -411,5 +411,4 @@ def test_teacher_of_another_family_is_refused(pruned_dir, tiny_model_dir, tmp_pa
         run_distill(str(pruned_dir), run, loss="place", steps=2, checkpoint_every=0, **FAST)
     message = str(info.value)
     assert "other-family" in message and "unet2d" in message
-    assert manifest(run)["status"] == "running"
-    assert not (run / "metrics.jsonl").exists() or read_metrics(run) == []
+    assert not run.exists()  # refused while setting up: no folder claims a run that never started

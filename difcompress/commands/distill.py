@@ -48,6 +48,7 @@ from difcompress.training.run_folder import (
     append_metrics,
     prepare_run_folder,
     publish_student,
+    remove_unused_run_folder,
     truncate_metrics,
 )
 from difcompress.training.trainer import NonFiniteLoss, Trainer, micro_batch_size
@@ -66,22 +67,31 @@ def distill(config: DistillConfig, *, show_progress: bool = False) -> dict[str, 
     and the main one writes.
     """
     check_trainable(config)
-    check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
+    check_resume_from(config)
+    output = check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
     accelerator = make_accelerator(config)
+    micro_batch_size(config.batch_size, accelerator.num_processes, config.gradient_accumulation_steps)
     resume = bool(config.resume or config.resume_from)
-    with folder_lock(config.output) if accelerator.is_main_process else contextlib.nullcontext():
+    new_folder = not output.exists() or not any(output.iterdir())
+    with folder_lock(output) if accelerator.is_main_process else contextlib.nullcontext():
         if accelerator.is_main_process:
-            resume, notes = prepare_run_folder(Path(config.output), resume)
+            resume, notes = prepare_run_folder(output, resume)
             for note in notes:
                 warn(note)
         accelerator.wait_for_everyone()
-        return _run(config, accelerator, resume, show_progress)
+        try:
+            return _run(config, accelerator, resume, show_progress)
+        except BaseException:
+            if new_folder and accelerator.is_main_process:
+                remove_unused_run_folder(output)
+            raise
 
 
 def plan_distill(config: DistillConfig) -> dict[str, Any]:
     """`--dry-run`: the settings the run would record and its estimated peak memory per
     process (training/memory.py); loads student and teacher on the CPU, writes nothing."""
     check_trainable(config)
+    check_resume_from(config)
     check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     micro_batch = micro_batch_size(config.batch_size, processes, config.gradient_accumulation_steps)
@@ -109,6 +119,13 @@ def check_trainable(config: DistillConfig) -> None:
     if not any(terms.values()):
         raise UserError(f"nothing to train: --loss {config.loss} with --w-task {config.w_task:g}, --w-kd "
                         f"{config.w_kd:g} and --w-feat {config.resolved_w_feat():g} leaves no loss term", exit_code=2)
+
+
+def check_resume_from(config: DistillConfig) -> None:
+    """--resume-from names a checkpoint folder (or `latest`)."""
+    if config.resume_from not in (None, "latest") and not (Path(config.resume_from) / "state.json").is_file():
+        raise UserError(f"--resume-from {config.resume_from} is not a checkpoint folder "
+                        "(RUN/checkpoints/step-XXXXXXX)", exit_code=2)
 
 
 def make_accelerator(config: DistillConfig) -> Accelerator:
@@ -238,12 +255,7 @@ def run_fingerprint(settings: dict[str, Any]) -> str:
 def _resume(trainer: Trainer, config: DistillConfig, settings: dict[str, Any], fingerprint: str) -> int:
     """Load the checkpoint to continue from; returns its step."""
     output = Path(config.output)
-    if config.resume_from in (None, "latest"):
-        path = latest_checkpoint(output)
-    else:
-        path = Path(config.resume_from)
-        if not (path / "state.json").is_file():
-            raise UserError(f"--resume-from {path} is not a checkpoint folder (checkpoints/step-XXXXXXX)", 2)
+    path = latest_checkpoint(output) if config.resume_from in (None, "latest") else Path(config.resume_from)
     info = read_checkpoint_info(path)
     if info.get("fingerprint") != fingerprint:
         keys = DistillConfig.identity + ("steps",)

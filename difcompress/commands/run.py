@@ -37,7 +37,13 @@ from difcompress.config import (
 from difcompress.data.datasets import HF_PREFIX
 from difcompress.environment import hub_offline, is_main_process
 from difcompress.errors import UserError
-from difcompress.io.folders import EVAL_FILE, read_manifest, read_text, wait_for
+from difcompress.io.folders import (
+    EVAL_FILE,
+    file_in_the_way,
+    read_manifest,
+    read_text,
+    wait_for,
+)
 from difcompress.io.loading import HUB_ID
 from difcompress.metrics.extractors import resolve_inception_path
 from difcompress.metrics.fid import cleanfid_named_stats
@@ -47,13 +53,34 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"prune": prune, "distill": 
                                                      "export": export}
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """safe_load's YAML, except that a key given twice is an error rather than the last one
+    silently winning (`ratio: 0.3` ... `ratio: 0.5` in one stage is a mistake)."""
+
+
+def _mapping_without_repeats(loader: _RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = []
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+        seen.append(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; every problem is one UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; pass a recipe file (recipes/*.yaml)")
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(read_text(path))
+        raw = yaml.load(read_text(path), Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -129,8 +156,9 @@ def _data_missing(reference: str | None) -> str | None:
 
 
 def missing_inputs(stages: list[tuple[str, StageConfig]]) -> list[str]:
-    """Inputs a dry run can check before anything runs: models, data, --ref and --inception
-    (outputs of earlier stages are planned, not missing)."""
+    """What a dry run can check before anything runs: models, data, --ref and --inception
+    (outputs of earlier stages are planned, not missing), and a file where an output's
+    folder would go."""
     produced = {str(config.output) for _, config in stages}
     problems = []
 
@@ -141,6 +169,9 @@ def missing_inputs(stages: list[tuple[str, StageConfig]]) -> list[str]:
                 problems.append(f"{what} {reference}: {reason}")
 
     for name, config in stages:
+        blocking = file_in_the_way(config.output) if config.output else None
+        if blocking is not None:
+            problems.append(f"{name}.output {config.output}: {blocking} is a file, not a folder")
         for field in ("model", "student", "teacher"):
             check(f"{name}.{field}", getattr(config, field, None), _model_missing)
         for model in getattr(config, "models", None) or []:
@@ -185,7 +216,8 @@ def run_recipe(path: str | Path, *, dry_run: bool = False, on_stage=None,
     if dry_run:
         problems = missing_inputs(stages)
         if problems:
-            raise UserError(f"{len(problems)} input(s) of {path} are missing: " + "; ".join(problems))
+            raise UserError(f"{len(problems)} input(s) or output(s) of {path} are missing or blocked: "
+                            + "; ".join(problems))
     return results
 
 

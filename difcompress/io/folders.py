@@ -213,6 +213,7 @@ def folder_lock(folder: str | Path, *, wait: bool = False) -> Iterator[None]:
     however it exits, and a clean exit removes the file."""
     folder = Path(folder)
     lock_path = folder.parent / f".{folder.name}.lock"
+    _refuse_a_file_in_the_way(folder)
     with disk_errors(folder.parent):
         folder.parent.mkdir(parents=True, exist_ok=True)
         fd = _lock(lock_path, wait)
@@ -274,10 +275,23 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def file_in_the_way(out: str | Path) -> Path | None:
+    """The file, if any, standing where one of `out`'s parent folders would have to be."""
+    nearest = next((p for p in Path(out).expanduser().absolute().parents if p.exists()), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
+def _refuse_a_file_in_the_way(out: Path) -> None:
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise UserError(f"cannot write {out}: {blocking} is a file, not a folder; choose another output")
+
+
 def check_output_folder(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     """An output may be new, empty, or an earlier difcompress folder (replaced), but never one
     of the inputs or a folder holding one (checked through symlinks and `..`)."""
     out = Path(out)
+    _refuse_a_file_in_the_way(out)
     target = out.expanduser().resolve()
     for source in inputs:
         source_path = Path(source).expanduser()

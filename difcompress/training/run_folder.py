@@ -74,6 +74,13 @@ def prepare_run_folder(output: Path, resume: bool) -> tuple[bool, list[str]]:
     return resume, notes
 
 
+def remove_unused_run_folder(output: Path) -> None:
+    """Remove a run folder holding nothing but its "running" mark: a run stopped while
+    setting up (models, teacher, data) leaves no folder behind that claims a run."""
+    if output.is_dir() and {p.name for p in output.iterdir()} == {MANIFEST}:
+        remove(output)
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep the log lines up to `step` (a resumed run rewrites what came after), dropping a
     line torn by a crash."""

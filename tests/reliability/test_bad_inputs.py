@@ -240,3 +240,35 @@ def test_a_batch_that_does_not_split_is_refused_by_the_dry_run_too(pruned_dir, t
     code, _, err = run_cli(*DISTILL, "--student", pruned_dir, "-o", tmp_path / "run", "--batch-size", "6",
                            "--gradient-accumulation-steps", "4", "--dry-run")
     assert "split evenly" in assert_one_line_error(code, err, 2)
+
+
+def test_a_file_where_an_output_folder_would_go_is_one_error_line(tmp_path, run_cli):
+    blocking = tmp_path / "notes.txt"
+    blocking.write_text("a file, not a folder")
+    code, _, err = run_cli("prune", "digits", "-o", blocking / "pruned", "--ratio", "0.5", "--device", "cpu")
+    assert "notes.txt is a file" in assert_one_line_error(code, err, 1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: blocked\noutput_dir: {blocking}\nprune:\n  model: digits\n  ratio: 0.5\n")
+    code, _, err = run_cli("run", recipe, "--dry-run")
+    assert "prune.output" in assert_one_line_error(code, err, 1)
+    assert blocking.read_text() == "a file, not a folder"
+
+
+def test_recipe_mistakes_a_yaml_reader_would_let_through(tmp_path, run_cli):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: out\nprune:\n  model: digits\n  ratio: 0.3\n  ratio: 0.5\n")
+    code, _, err = run_cli("run", recipe, "--dry-run")
+    assert "'ratio' is given twice (line 5)" in assert_one_line_error(code, err, 1)
+    code, _, err = run_cli("run", tmp_path, "--dry-run")
+    assert "is a folder" in assert_one_line_error(code, err, 1)
+
+
+def test_a_run_refused_while_setting_up_leaves_no_folder_and_resume_from_is_checked_first(pruned_dir, tmp_path,
+                                                                                          run_cli):
+    out = tmp_path / "run"
+    code, _, err = run_cli(*DISTILL, "--student", pruned_dir, "-o", out, "--teacher", "digits-dit")
+    assert "same family" in assert_one_line_error(code, err, 1)
+    assert not out.exists()  # no folder claiming a run that never started
+    code, _, err = run_cli(*DISTILL, "--student", pruned_dir, "-o", out, "--resume-from", tmp_path)
+    assert "--resume-from" in assert_one_line_error(code, err, 2)
+    assert not out.exists()
