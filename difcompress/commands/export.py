@@ -130,7 +130,8 @@ def _evaluation(folder: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | N
     rows = result.get("models") if isinstance(result, dict) else None
     if not isinstance(rows, list):
         raise UserError(f"{path} holds no \"models\" list; the evaluation is damaged: rerun eval or remove it")
-    row = next((r for r in rows if _row_folder(r) == folder.resolve()), None)
+    here = folder.resolve()
+    row = next((r for r in rows if _row_folder(r) == here), None)
     return row, result.get("protocol")
 
 

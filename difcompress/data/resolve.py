@@ -110,7 +110,8 @@ def training_data(data: str, student, teacher, *, samples: int, sampler_steps: i
                         "the teacher's own samples", exit_code=2)
     if student.family.conditioning == "text":
         return _text_to_image_data(data, student, teacher, samples=samples, sampler_steps=sampler_steps, seed=seed,
-                                   cache_dir=cache_dir, latent_cache=latent_cache, is_local_main=is_local_main,
+                                   cache_dir=cache_dir, latent_cache=latent_cache, is_main=is_main,
+                                   is_local_main=is_local_main,
                                    show_progress=show_progress, split=split, image_column=image_column,
                                    caption_column=caption_column, prompts=prompts, framing=framing)
     if data == TEACHER:
@@ -157,7 +158,7 @@ def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, spli
 
 
 def _text_to_image_data(data, student, teacher, *, samples, sampler_steps, seed, cache_dir, latent_cache,
-                        is_local_main, show_progress, split, image_column, caption_column, prompts, framing):
+                        is_main, is_local_main, show_progress, split, image_column, caption_column, prompts, framing):
     """Latents and caption encodings, both encoded once and cached; or, data-free, the
     teacher's samples of --prompts (guidance 7.5, as Stable Diffusion samples)."""
     root = latent_cache or default_cache_root()
@@ -177,6 +178,6 @@ def _text_to_image_data(data, student, teacher, *, samples, sampler_steps, seed,
     latents, latent_report = latent_training_data(images, student.autoencoder, size, cache_root=latent_cache,
                                                   is_main=is_local_main, show_progress=show_progress)
     encodings, empty, text_report = cached_text(images.captions, student.text, root, encode_here=is_local_main)
-    report = {**_source_report(data, images, warn_here=is_local_main), "latent_cache": latent_report,
+    report = {**_source_report(data, images, warn_here=is_main), "latent_cache": latent_report,
               "text_cache": text_report}
     return TensorImageDataset(latents.images, encodings, empty), report
