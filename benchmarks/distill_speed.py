@@ -22,7 +22,8 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DModel
 
 from difcompress.config import DistillConfig
-from difcompress.data.datasets import TensorImageDataset
+from difcompress.data.datasets import TensorImageDataset, TrainingSet
+from difcompress.diffusion.inputs import ModelInputs
 from difcompress.families.registry import family_for_model
 from difcompress.layouts import DDPM_CIFAR10_32
 from difcompress.metrics.cost import model_size
@@ -63,9 +64,9 @@ def minimal_loop(loss, teacher, student, family, images, device):
             noise = torch.randn(x0.shape, generator=gen).to(device)
             t = torch.randint(0, 1000, (x0.shape[0],), generator=gen).to(device)
             noisy = scheduler.add_noise(x0, noise, t)
-            pred = family.predict(student, noisy, t)
+            pred = family.predict(student, ModelInputs(noisy, t))
             with torch.no_grad():
-                target = family.predict(teacher, noisy, t)
+                target = family.predict(teacher, ModelInputs(noisy, t))
             total = task_loss(pred, noise).loss + kd_loss(loss, pred, target, OutputOptions()).loss
             total.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -82,7 +83,7 @@ def trainer_loop(loss, teacher, student, family, images, device, **options):
                            steps=10**9, log_every=10**9, device=device.type, **options)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=options.get("mixed_precision"))
     trainer = Trainer(config, accelerator, family, student, DDPMScheduler(num_train_timesteps=1000), teacher,
-                      TensorImageDataset(images))
+                      TrainingSet(TensorImageDataset(images)))
     trainer.prepare()
 
     def run_steps(n):

@@ -20,7 +20,7 @@ from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 
 from difcompress.config import DistillConfig
-from difcompress.data.datasets import TensorImageDataset
+from difcompress.data.datasets import TensorImageDataset, TrainingSet
 from difcompress.families.base import PruneRequest
 from difcompress.families.registry import family_for_model
 from difcompress.layouts import DDPM_CIFAR10_32, DIT_XL_2_256
@@ -61,10 +61,13 @@ def measure(teacher, student, batch, shape, learns_variance, mode, steps, device
                            log_every=10**9, allow_tf32=False, **options)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=options.get("mixed_precision", "no"))
     images = torch.randn(batch * 2, *shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
-    labels = torch.arange(batch * 2) % 1000 if isinstance(student, DiTTransformer2DModel) else None
-    trainer = Trainer(config, accelerator, family_for_model(student), copy.deepcopy(student).to(device),
+    family = family_for_model(student)
+    labels = torch.arange(batch * 2) % 1000 if family.num_classes(student) else None
+    data = TrainingSet(TensorImageDataset(images), family.conditions(student, labels=labels),
+                       family.null_conditions(student))
+    trainer = Trainer(config, accelerator, family, copy.deepcopy(student).to(device),
                       DDPMScheduler(num_train_timesteps=1000), teacher.to(device).requires_grad_(False).eval(),
-                      TensorImageDataset(images, labels), learn_variance=learns_variance)
+                      data, learn_variance=learns_variance)
     trainer.prepare()
     start = time.perf_counter()
     for _ in range(3):  # warm-up (and compilation)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from difcompress.artifacts.folders import pruning_report, read_manifest
 from difcompress.builtin import (
     DIT_TEACHER_NAME,
     T2I_TEACHER_NAME,
@@ -55,10 +56,9 @@ from difcompress.commands.evaluate import evaluate
 from difcompress.commands.prune import prune
 from difcompress.commands.run import run_stage, stage_complete
 from difcompress.config import DistillConfig, EvalConfig, PruneConfig
-from difcompress.io.folders import pruning_report, read_manifest
-from difcompress.io.loading import load_model
-from difcompress.io.plots import plot_by_ratio, plot_runs
+from difcompress.loading.models import load_model
 from difcompress.metrics.cost import model_size
+from difcompress.reports.plots import plot_by_ratio, plot_runs
 
 UNET_OBJECTIVES = ("task", "mse", "feature", "mse+feat", "lift", "place", "place+feat")
 PLACE_FIT_KEYS = ("w", "slope", "intercept")  # PLACE's per-position fit, the figure's three panels

@@ -17,8 +17,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from difcompress.builtin import digits_images
 from difcompress.families.registry import family_for_model
-from difcompress.io.loading import load_model
 from difcompress.layouts import DDPM_CIFAR10_32
+from difcompress.loading.models import load_model
 from difcompress.pruning.graph import prune_channels
 from difcompress.pruning.importance import accumulate_gradients, make_importance
 

@@ -22,7 +22,7 @@ _API = {
     "stats": "difcompress.commands.stats",
     "run_recipe": "difcompress.commands.run",
     "demo": "difcompress.commands.demo",
-    "load_model": "difcompress.io.loading",
+    "load_model": "difcompress.loading.models",
     **{name: "difcompress.config" for name in (
         "PruneConfig", "DistillConfig", "EvalConfig", "ExportConfig", "StatsConfig", "DemoConfig", "Recipe")},
 }

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from torch import nn
 
+from difcompress.core.errors import UserError
 from difcompress.data.datasets import TensorImageDataset
-from difcompress.errors import UserError
 from difcompress.layouts import DIGITS_TEACHER_CONFIG
 from difcompress.metrics.extractors import (
     known_feature_extractors,

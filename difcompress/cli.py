@@ -45,14 +45,11 @@ from difcompress.config import (
     StageConfig,
     StatsConfig,
 )
-from difcompress.errors import UserError
-from difcompress.io.report import (
-    console,
-    err_console,
-    human,
+from difcompress.core.console import console, err_console, human, print_json
+from difcompress.core.errors import UserError
+from difcompress.reports.tables import (
     print_distill_plan,
     print_eval_report,
-    print_json,
     print_prune_report,
 )
 

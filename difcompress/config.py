@@ -28,7 +28,7 @@ from pydantic import (
     ValidationError,
 )
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 from difcompress.objectives.core import COARSE_NORMS, FIT_EPS, PLACE_GROUP_SIZE
 from difcompress.objectives.feature import MASK_SOURCES, REDUCTIONS
 from difcompress.objectives.registry import LOSS_NAMES, OBJECTIVES
@@ -44,6 +44,7 @@ Reduction = Literal[REDUCTIONS]  # type: ignore[valid-type]
 MaskSource = Literal[MASK_SOURCES]  # type: ignore[valid-type]
 VarianceLoss = Literal["mse", "vlb-kl"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+ExportFormatName = Literal["diffusers"]  # commands/export.py's FORMATS writes each
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Optimizer = Literal["adamw", "adam", "adamw-8bit"]
 Tracker = Literal["none", "tensorboard", "wandb"]
@@ -355,6 +356,8 @@ class ExportConfig(StageConfig):
     output: Path = OutputField("Pipeline folder to write.")
     dtype: DType = Field("fp32", description="Weights dtype of the exported folder (fp16/bf16: written as the "
                          "diffusers variant, loaded with variant='fp16').")
+    format: ExportFormatName = Field("diffusers", description="What to write: diffusers (a pipeline folder stock "
+                                     "diffusers loads, with a model card).")
     push_to_hub: Optional[str] = Field(None, description="Also upload the folder to this Hugging Face repo id "
                                        "(needs the network and a login).", json_schema_extra=_cli(metavar="REPO_ID"))
     private: bool = Field(False, description="With --push-to-hub: create the repo private.")

@@ -48,7 +48,7 @@ def test_digits_fid_real_vs_real_is_near_zero_and_noise_is_far():
 
 def test_teacher_and_extractor_load_offline_from_package_data(tmp_path):
     code = (
-        "from difcompress.io.loading import load_model\n"
+        "from difcompress.loading.models import load_model\n"
         "from difcompress.builtin import digits_extractor\n"
         "m = load_model('digits')\n"
         "assert m.model.config.sample_size == 16 and m.family.name == 'unet2d'\n"
@@ -93,14 +93,17 @@ def test_dit_teacher_draws_the_digit_it_is_asked_for():
     """The embedded pixel DiT is class-conditional: guided samples of label k are classified
     as k by the (independently trained) digits classifier."""
     from difcompress.builtin import DIT_TEACHER_NAME
-    from difcompress.io.loading import load_model
+    from difcompress.diffusion.sampling import Guidance
+    from difcompress.loading.models import load_model
 
     torch.set_num_threads(1)
     loaded = load_model(DIT_TEACHER_NAME)
     assert loaded.family.name == "dit" and loaded.autoencoder is None
     assert loaded.family.num_classes(loaded.model) == 10 and loaded.image_shape() == (1, 16, 16)
     labels = torch.arange(40) % 10
-    images = loaded.sample(40, seed=0, steps=25, class_labels=labels, guidance_scale=1.5)
+    family, model = loaded.family, loaded.model
+    guidance = Guidance(family.conditions(model, labels=labels), family.null_conditions(model), 1.5)
+    images = loaded.sample(40, seed=0, steps=25, guidance=guidance)
     extractor = digits_extractor()
     with torch.no_grad():
         predicted = extractor.model(images).argmax(1)
@@ -119,7 +122,8 @@ def test_t2i_teacher_draws_the_digit_its_prompt_names():
         prompt_hits,
     )
     from difcompress.commands.demo import DIGIT_PROMPTS
-    from difcompress.io.loading import load_model
+    from difcompress.diffusion.sampling import Guidance
+    from difcompress.loading.models import load_model
 
     torch.set_num_threads(1)
     captions = digits_captions()
@@ -128,9 +132,10 @@ def test_t2i_teacher_draws_the_digit_its_prompt_names():
     loaded = load_model(T2I_TEACHER_NAME)
     assert loaded.family.name == "t2i" and loaded.image_shape() == (1, 16, 16)
     prompts = [DIGIT_PROMPTS[i % 10] for i in range(40)]
-    cond = loaded.text.encode(prompts)
-    images = loaded.to_images(loaded.sample(40, seed=0, steps=25, class_labels=cond, guidance_scale=2.0,
-                                            null_condition=loaded.text.encode([""])[0]))
+    family, model, text = loaded.family, loaded.model, loaded.text
+    guidance = Guidance(family.conditions(model, text=text.encode(prompts)),
+                        family.null_conditions(model, text=text.encode([""])), 2.0)
+    images = loaded.to_images(loaded.sample(40, seed=0, steps=25, guidance=guidance))
     assert prompt_hits(load_digits_classifier(), images, prompts).mean() >= 0.8
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from difcompress.diffusion.inputs import ModelInputs
 from difcompress.objectives import (
     FeatureAdapters,
     feature_loss,
@@ -75,7 +76,8 @@ def trainer_and_batch(pruned_dir):
 
     from difcompress.builtin import builtin_data
     from difcompress.config import DistillConfig
-    from difcompress.io.loading import load_model
+    from difcompress.data.datasets import TrainingSet
+    from difcompress.loading.models import load_model
     from difcompress.training.trainer import Trainer
 
     student = load_model(pruned_dir)
@@ -87,7 +89,7 @@ def trainer_and_batch(pruned_dir):
                            antithetic=True)
     pairs = student.family.feature_layer_pairs(student.model, teacher.model, None, "blocks")
     trainer = Trainer(config, Accelerator(cpu=True), student.family, student.model, student.scheduler,
-                      teacher.model, builtin_data("digits", 16, 3), w_feat=1e-3, feature_pairs=pairs)
+                      teacher.model, TrainingSet(builtin_data("digits", 16, 3)), feature_pairs=pairs)
     trainer.prepare()
     return trainer, trainer.next_batch()
 
@@ -106,8 +108,8 @@ def test_place_plus_feature_in_sum_form_matches_a_hand_computation(trainer_and_b
         for side, m in (("student", student), ("teacher", teacher)) for n in names]
     noisy = trainer.scheduler.add_noise(batch.x0, batch.noise, batch.timesteps)
     with torch.no_grad():
-        pred = family.predict(student, noisy, batch.timesteps)
-        target = family.predict(teacher, noisy, batch.timesteps)
+        pred = family.predict(student, ModelInputs(noisy, batch.timesteps))
+        target = family.predict(teacher, ModelInputs(noisy, batch.timesteps))
     for h in handles:
         h.remove()
     elements = pred[0].numel()  # C * H * W

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from difcompress.core.errors import UserError
 from difcompress.data.datasets import (
     HFDataset,
     ImageFolderDataset,
@@ -15,7 +16,6 @@ from difcompress.data.datasets import (
     open_image_data,
 )
 from difcompress.data.stream import BatchStream
-from difcompress.errors import UserError
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -281,7 +281,7 @@ def test_row_slices_of_the_global_batch_make_up_the_whole_batch(kind):
     halves = [BatchStream(_dataset(kind, 14), 4, seed=11) for _ in range(2)]
     rows = [slice(0, 2), slice(2, 4)]
     for expected in full:
-        got = [_ids(s.next_labeled_batch(r)[0]) for s, r in zip(halves, rows)]
+        got = [_ids(s.next_with_conditions(r)[0]) for s, r in zip(halves, rows)]
         assert got[0] + got[1] == expected
     assert halves[0].state_dict() == halves[1].state_dict()
 
@@ -354,8 +354,8 @@ def test_class_subfolders_give_labels_and_flat_folders_none(tmp_path):
             Image.new("RGB", (8, 8)).save(tmp_path / "classes" / cls / f"{i}.png")
     ds = ImageFolderDataset(tmp_path / "classes", 8, 3)
     assert ds.class_names == ["ant", "cat"] and ds.labels.tolist() == [0, 0, 1, 1]
-    images, labels = BatchStream(ds, 4, seed=0).next_labeled_batch()
-    assert images.shape == (4, 3, 8, 8) and sorted(labels.tolist()) == [0, 0, 1, 1]
+    images, conditions = BatchStream(ds, 4, seed=0, conditions={"class_labels": ds.labels}).next_with_conditions()
+    assert images.shape == (4, 3, 8, 8) and sorted(conditions["class_labels"].tolist()) == [0, 0, 1, 1]
 
     (tmp_path / "classes" / ".ipynb_checkpoints").mkdir()  # hidden: neither a class nor data
     Image.new("RGB", (8, 8)).save(tmp_path / "classes" / ".ipynb_checkpoints" / "x.png")

@@ -12,8 +12,8 @@ import torch
 from conftest import NO_DIFCOMPRESS_CHECK, assert_one_line_error, run_distill, run_prune
 from safetensors.torch import load_file, save_file
 
-from difcompress.errors import UserError
-from difcompress.io.loading import load_model
+from difcompress.core.errors import UserError
+from difcompress.loading.models import load_model
 from difcompress.objectives import LOSS_NAMES
 from difcompress.training.trainer import Trainer
 

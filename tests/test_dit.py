@@ -18,9 +18,10 @@ from conftest import (
 )
 from diffusers import DiTPipeline, DiTTransformer2DModel
 
-from difcompress.errors import UserError
-from difcompress.families.sampling import guided_prediction
-from difcompress.io.loading import load_model
+from difcompress.core.errors import UserError
+from difcompress.diffusion.inputs import ModelInputs
+from difcompress.diffusion.sampling import Guidance, guided_prediction
+from difcompress.loading.models import load_model
 from difcompress.pruning.transformer import residual_channels, uniform_blocks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -147,18 +148,17 @@ def test_student_label_embedder_never_drops_labels_itself(dit_student):
 
 def test_guidance_formula():
     class Linear:
-        def predict_split(self, model, x, t, labels):
-            return x * (labels[:, None, None, None].float() + 1), -labels[:, None, None, None].float() * x
-
-        def null_class(self, model):
-            return 9
+        def forward(self, model, inputs):
+            labels = inputs.cond["class_labels"][:, None, None, None].float()
+            return inputs.sample * (labels + 1), -labels * inputs.sample
 
     x, t, labels = torch.ones(2, 1, 2, 2), torch.zeros(2), torch.tensor([1, 2])
-    fam = Linear()
-    eps, var = fam.predict_split(None, x, t, labels)
-    unguided = guided_prediction(fam, None, x, t, labels, 1.0)
+    fam, null = Linear(), {"class_labels": torch.tensor([9])}
+    inputs = ModelInputs(x, t, {"class_labels": labels})
+    eps, var = fam.forward(None, inputs)
+    unguided = guided_prediction(fam, None, inputs, Guidance(inputs.cond, null, 1.0))
     assert torch.equal(unguided[0], eps) and torch.equal(unguided[1], var)
-    guided, guided_var = guided_prediction(fam, None, x, t, labels, 3.0)
+    guided, guided_var = guided_prediction(fam, None, inputs, Guidance(inputs.cond, null, 3.0))
     assert torch.allclose(guided, 10 + 3.0 * (eps - 10))
     assert torch.equal(guided_var, var)  # the labelled branch's variance
 
@@ -242,10 +242,10 @@ def test_ancestral_sampling_uses_the_learned_variance(tiny_dit_dir, monkeypatch)
     real_step = DDPMScheduler.step
     monkeypatch.setattr(DDPMScheduler, "step", lambda self, out, t, x, **kw: seen.append(
         (out.shape[1], self.config.variance_type)) or real_step(self, out, t, x, **kw))
-    labels = torch.tensor([0, 1])
-    loaded.family.sample(loaded.model, loaded.scheduler, 2, seed=0, steps=2, sampler="ddpm", class_labels=labels)
+    guidance = Guidance(loaded.family.conditions(loaded.model, labels=torch.tensor([0, 1])))
+    loaded.sample(2, seed=0, steps=2, sampler="ddpm", guidance=guidance)
     assert seen and all(s == (8, "learned_range") for s in seen)
-    images = loaded.family.sample(loaded.model, loaded.scheduler, 2, seed=0, steps=2, class_labels=labels)
+    images = loaded.sample(2, seed=0, steps=2, guidance=guidance)
     assert images.shape == (2, 4, 4, 4)
 
 
@@ -299,7 +299,7 @@ def test_dit_resume_is_bit_identical(dit_student, tmp_path, monkeypatch):
 
 
 def test_balanced_labels_cover_all_classes_even_with_few_samples():
-    from difcompress.families.sampling import balanced_labels
+    from difcompress.diffusion.sampling import balanced_labels
 
     few = balanced_labels(512, 1000, seed=0)
     assert len(set(few.tolist())) == 512 and few.max() > 600  # not just classes 0..511
@@ -325,12 +325,12 @@ def test_variance_channels_learn_from_the_teacher_under_every_objective(dit_stud
 
 
 def test_latent_sampling_never_clips(tiny_dit_dir):
-    from difcompress.families.sampling import make_sampler
+    from difcompress.diffusion.ddpm import formulation_for
 
-    scheduler = load_model(str(tiny_dit_dir)).scheduler
-    assert scheduler.config.clip_sample  # the fixture's DDIM default clips x0 to [-1, 1]
-    assert not make_sampler(scheduler, "ddim", 2, pixels=False).config.clip_sample
-    assert make_sampler(scheduler, "ddim", 2).config.clip_sample
+    formulation = formulation_for(load_model(str(tiny_dit_dir)).scheduler)
+    assert formulation.scheduler.config.clip_sample  # the fixture's DDIM default clips x0 to [-1, 1]
+    assert not formulation.sampler("ddim", 2, pixels=False).config.clip_sample
+    assert formulation.sampler("ddim", 2).config.clip_sample
 
 
 def test_class_folders_must_match_the_model_classes(dit_student, tmp_path):

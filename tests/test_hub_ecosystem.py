@@ -19,7 +19,7 @@ from conftest import (
 )
 from PIL import Image
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -206,7 +206,7 @@ def test_a_hub_teacher_is_the_base_model(evaluated_student, tmp_path):
 
 
 def test_fp16_export_is_a_diffusers_variant_stock_diffusers_loads(evaluated_student, tmp_path, run_subprocess):
-    from difcompress.io.loading import load_model
+    from difcompress.loading.models import load_model
 
     out = tmp_path / "fp16"
     run_export(evaluated_student, out, dtype="fp16")

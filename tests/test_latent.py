@@ -11,10 +11,10 @@ from conftest import assert_one_line_error, run_distill, run_eval, run_export, r
 from diffusers import LDMPipeline
 
 from difcompress.builtin import builtin_data
+from difcompress.core.errors import UserError
 from difcompress.data.datasets import TensorImageDataset
 from difcompress.data.latents import Autoencoder, cached_latents
-from difcompress.errors import UserError
-from difcompress.io.loading import load_model
+from difcompress.loading.models import load_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

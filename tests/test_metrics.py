@@ -12,8 +12,7 @@ import torch
 from cleanfid.resize import make_resizer
 from PIL import Image
 
-from difcompress.errors import UserError
-from difcompress.io.plots import plot_metrics, save_sample_grid
+from difcompress.core.errors import UserError
 from difcompress.metrics import extractors as metrics
 from difcompress.metrics.cost import count_macs
 from difcompress.metrics.extractors import (
@@ -30,6 +29,7 @@ from difcompress.metrics.fid import (
     read_reference_stats,
     save_reference_stats,
 )
+from difcompress.reports.plots import plot_metrics, save_sample_grid
 
 
 class FakeExtractor:
@@ -353,7 +353,7 @@ def _draws_first_two_colours(pixels: np.ndarray) -> bool:
 
 
 def test_plot_by_ratio_draws_one_line_per_objective(tmp_path):
-    from difcompress.io.plots import plot_by_ratio
+    from difcompress.reports.plots import plot_by_ratio
 
     rows = [{"ratio": r, "loss": loss, "fid_mean": fid, "fid_std": 0.1, "seeds": 3}
             for r, loss, fid in (("0.9", "mse", 1.1), ("0.95", "mse", 3.0), ("0.9", "place", 1.4),
@@ -367,7 +367,7 @@ def test_plot_by_ratio_draws_one_line_per_objective(tmp_path):
 
 
 def test_plot_runs_draws_every_key_and_run_and_skips_missing_values(tmp_path):
-    from difcompress.io.plots import plot_runs
+    from difcompress.reports.plots import plot_runs
 
     def log(w_end):
         return [{"step": s, "w": w_end * s / 300, "slope": 1.0, "intercept": 0.0} for s in range(10, 310, 10)] \

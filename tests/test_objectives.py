@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 from difcompress.objectives import (
     LOSS_NAMES,
     OBJECTIVES,

@@ -20,10 +20,10 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from difcompress.environment import seed_everything
-from difcompress.errors import UserError
+from difcompress.core.environment import seed_everything
+from difcompress.core.errors import UserError
 from difcompress.families.registry import family_for_model
-from difcompress.io.loading import load_model
+from difcompress.loading.models import load_model
 from difcompress.pruning.graph import prune_channels
 from difcompress.pruning.importance import make_importance
 

@@ -20,8 +20,8 @@ from conftest import (
     write_captioned_digits,
 )
 
-from difcompress.errors import UserError
-from difcompress.io.loading import load_model
+from difcompress.core.errors import UserError
+from difcompress.loading.models import load_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -255,8 +255,8 @@ def test_data_free_distill_samples_the_teacher_from_prompts_once(small, tmp_path
                     steps=2, batch_size=2, checkpoint_every=1, device="cpu", latent_cache=tmp_path / "cache")
     summary = run_distill(small[0], tmp_path / "free", **settings)
     assert summary["data"] == {"data": "teacher", "prompts": str(prompts), "items": 4}
-    kept = tmp_path / "free" / "teacher_samples.safetensors"
-    assert kept.is_file() and not list(kept.parent.glob(".teacher_samples*"))
+    kept = tmp_path / "free" / "teacher_samples"
+    assert (kept / "samples.safetensors").is_file() and not list(kept.parent.glob(".teacher_samples*"))
     with pytest.raises(UserError, match="--prompts"):
         run_distill(small[0], tmp_path / "none", **{**settings, "prompts": None})
 
@@ -269,7 +269,7 @@ def test_resolution_seeded_crops_and_random_flip_frame_the_training_images(small
 
     from difcompress.data.datasets import MirroredDataset, open_image_data
     from difcompress.data.images import crop_position
-    from difcompress.data.resolve import training_size
+    from difcompress.loading.data import training_size
 
     folder = tmp_path / "wide"
     folder.mkdir()
@@ -302,6 +302,7 @@ def test_resolution_seeded_crops_and_random_flip_frame_the_training_images(small
 def _sd_memory(layout, preset, *, micro_batch, ema=True):
     from diffusers import UNet2DConditionModel
 
+    from difcompress.config import DistillConfig
     from difcompress.families.t2i import TextToImageFamily
     from difcompress.pruning.blocks import feature_pairs, student_config
     from difcompress.training.memory import estimate_distill_memory
@@ -309,10 +310,10 @@ def _sd_memory(layout, preset, *, micro_batch, ema=True):
     with torch.device("meta"):
         teacher = UNet2DConditionModel(**layout)
         student = UNet2DConditionModel.from_config(student_config(dict(teacher.config), preset))
-    return estimate_distill_memory(TextToImageFamily(), student, teacher, micro_batch=micro_batch,
-                                   mixed_precision="fp16", gradient_checkpointing=True, teacher_dtype="fp16",
-                                   optimizer="adamw", ema=ema, ema_offload=False, feature_pairs=feature_pairs(preset),
-                                   text_tokens=77)
+    config = DistillConfig(student="s", output="o", mixed_precision="fp16", gradient_checkpointing=True,
+                           teacher_dtype="fp16", optimizer="adamw", ema_decay=0.9999 if ema else 0.0)
+    return estimate_distill_memory(config, TextToImageFamily(), student, teacher, micro_batch=micro_batch,
+                                   feature_pairs=feature_pairs(preset), text_tokens=77)
 
 
 def test_the_memory_estimate_meets_bk_sdms_published_figure():

@@ -16,8 +16,8 @@ from conftest import run_distill
 from PIL import Image
 from safetensors.torch import load_file
 
-from difcompress.errors import UserError
-from difcompress.io.loading import load_model
+from difcompress.core.errors import UserError
+from difcompress.loading.models import load_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,29 +40,36 @@ def assert_close(a, b, atol=1e-6, what=""):
     assert worst <= atol, (what, worst)
 
 
-def step_gradients(pruned_dir, took_effect=None, **options) -> dict[str, torch.Tensor]:
-    """The gradient the first optimizer step applies, under `options`; `took_effect(model)`
-    is asserted on the prepared student, so a switch that is silently ignored fails."""
+def make_trainer(pruned_dir, **options):
+    """A Trainer on the digits, built as distill builds one (not yet prepared)."""
     from accelerate import Accelerator
 
     from difcompress.builtin import builtin_data
     from difcompress.config import DistillConfig
-    from difcompress.io.loading import load_model
+    from difcompress.data.datasets import TrainingSet
+    from difcompress.loading.models import load_model
     from difcompress.training.trainer import Trainer
 
     student, teacher = load_model(pruned_dir), load_model(load_model(pruned_dir).manifest["teacher"])
     config = DistillConfig(student=str(pruned_dir), output="unused", loss="mse",
-                           **{k: v for k, v in BASE.items() if k != "data"}, **options)
-    trainer = Trainer(config, Accelerator(cpu=True), student.family, student.model, student.scheduler,
-                      teacher.model.requires_grad_(False), builtin_data("digits", 16, 3))
+                           **{**{k: v for k, v in BASE.items() if k != "data"}, **options})
+    return Trainer(config, Accelerator(cpu=True), student.family, student.model, student.scheduler,
+                   teacher.model.requires_grad_(False), TrainingSet(builtin_data("digits", 16, 3)))
+
+
+def step_gradients(pruned_dir, took_effect=None, **options) -> dict[str, torch.Tensor]:
+    """The gradient the first optimizer step applies, under `options`; `took_effect(model)`
+    is asserted on the prepared student, so a switch that is silently ignored fails."""
+    trainer = make_trainer(pruned_dir, **options)
+    student = trainer.model  # before prepare: the model itself
     trainer.prepare()
     if took_effect is not None:
-        assert took_effect(student.model), options
+        assert took_effect(student), options
     captured = {}
     real_step = trainer.optimizer.step
 
     def capture(*args, **kwargs):
-        captured.update({n: p.grad.clone() for n, p in student.model.named_parameters()})
+        captured.update({n: p.grad.clone() for n, p in student.named_parameters()})
         return real_step(*args, **kwargs)
 
     trainer.optimizer.step = capture
@@ -83,6 +90,29 @@ def test_gradient_accumulation_is_the_same_step_as_one_big_batch(parts, pruned_d
     first, accumulated = metrics(tmp_path / "one")[0], metrics(tmp_path / "acc")[0]
     for key in ("loss", "task", "kd", "grad_norm"):  # logged values are means over the micro-batches
         assert accumulated[key] == pytest.approx(first[key], rel=1e-5), key
+
+
+def test_a_trainer_loaded_from_another_trainers_state_continues_it_exactly(pruned_dir):
+    """The run's state is one object: weights, optimizer, schedule, data position, the
+    seeded generator and the global RNG, all restored by load_state_dict."""
+    import copy
+
+    first = make_trainer(pruned_dir, ema_decay=0.9, lr_scheduler="cosine", steps=6)
+    first.prepare()
+    for _ in range(2):
+        first.train_step(first.next_batch())
+    state = copy.deepcopy(first.state_dict())
+    torch.manual_seed(123)  # the global RNG moves on; the state brings it back
+    second = make_trainer(pruned_dir, ema_decay=0.9, lr_scheduler="cosine", steps=6)
+    second.load_state_dict(state)
+    assert torch.equal(torch.get_rng_state(), state.rng["torch"])
+    second.prepare()
+    for trainer in (first, second):
+        trainer.train_step(trainer.next_batch())
+    assert second.step == first.step == 3
+    assert_close(first.model.state_dict(), second.model.state_dict(), atol=0, what="weights")
+    assert_close(first.ema.state_dict(), second.ema.state_dict(), atol=0, what="ema")
+    assert torch.equal(first.generator.get_state(), second.generator.get_state())
 
 
 def test_batch_must_split_evenly_over_accumulation(pruned_dir, tmp_path):

@@ -3,10 +3,12 @@ in difcompress/assets/digits/ (the recipe of the shipped files: docs/embedded.md
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import (
@@ -21,9 +23,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from difcompress.builtin import ASSETS, TEACHERS, digits_images, train_digits_classifier
 from difcompress.commands.run import run_stage
 from difcompress.config import BuildDigitsConfig, DistillConfig
+from difcompress.core.files import atomic_folder, write_json
 from difcompress.data.text import write_character_tokenizer
 from difcompress.families.registry import FAMILIES
-from difcompress.io.folders import atomic_folder, write_json
 from difcompress.layouts import (
     DIGITS_DIT_CONFIG,
     DIGITS_T2I_TEXT,
@@ -32,15 +34,11 @@ from difcompress.layouts import (
     DIGITS_TEACHER_CONFIG,
 )
 
-LAYOUTS = {"unet2d": DIGITS_TEACHER_CONFIG, "dit": DIGITS_DIT_CONFIG, "t2i": DIGITS_T2I_UNET}
 # Stable Diffusion's noise schedule (its scheduler_config.json): latents are never clipped.
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    clip_sample=False, steps_offset=1)
-# Per family, what the teacher's training adds to the shared settings: the text-to-image
-# U-Net warms its learning rate up (attention from scratch at lr 1e-3 diverges otherwise).
-TRAINING = {"unet2d": {}, "dit": {}, "t2i": {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 200}}
 # Training state stays in the run folder; only the pipeline ships.
-NOT_SHIPPED = ("checkpoints", "metrics.jsonl", "teacher_samples.safetensors")
+NOT_SHIPPED = ("checkpoints", "metrics.jsonl", "teacher_samples")
 
 
 def create_untrained_teacher(folder: Path, seed: int, config: dict[str, Any] = DIGITS_TEACHER_CONFIG,
@@ -96,31 +94,50 @@ def create_untrained_t2i_teacher(folder: Path, seed: int) -> dict[str, Any]:
     return report
 
 
+@dataclass(frozen=True)
+class TeacherBuild:
+    """How one family's digits teacher starts and trains: the untrained folder, what its
+    training adds to the shared settings, and whether the digits classifier is trained with it."""
+
+    start: Callable[[Path, int], Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    with_classifier: bool = False
+
+
+TEACHER_BUILDS = {
+    "unet2d": TeacherBuild(functools.partial(create_untrained_teacher, config=DIGITS_TEACHER_CONFIG, family="unet2d"),
+                           with_classifier=True),
+    "dit": TeacherBuild(functools.partial(create_untrained_teacher, config=DIGITS_DIT_CONFIG, family="dit")),
+    # The text-to-image U-Net warms its learning rate up (attention from scratch at lr 1e-3 diverges otherwise).
+    "t2i": TeacherBuild(create_untrained_t2i_teacher,
+                        {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 200}),
+}
+
+
 def build_digits_assets(config: BuildDigitsConfig, *, show_progress: bool = False) -> dict[str, Any]:
     """Train the digits classifier (with the U-Net) and a digits teacher; write them to the
     output (default: the package's assets)."""
     output = Path(config.output or ASSETS)
     folder_name = next(folder for folder, fam in TEACHERS.values() if fam == config.family)
+    build = TEACHER_BUILDS[config.family]
     output.mkdir(parents=True, exist_ok=True)
-    report = None
-    if config.family == "unet2d":
-        classifier, report = train_digits_classifier(config.seed)
+    classifier_report = None
+    if build.with_classifier:
+        classifier, classifier_report = train_digits_classifier(config.seed)
         save_file(classifier.state_dict(), output / "classifier.safetensors")
-        (output / "classifier.json").write_text(json.dumps(report, indent=2) + "\n")
+        (output / "classifier.json").write_text(json.dumps(classifier_report, indent=2) + "\n")
     work_dir = Path(config.work_dir)
     init = work_dir / f"{folder_name}-init"
-    if config.family == "t2i":
-        report = create_untrained_t2i_teacher(init, config.seed) if not init.is_dir() else \
-            json.loads((init / "difcompress.json").read_text())["autoencoder"]
-    elif not init.is_dir():
-        create_untrained_teacher(init, config.seed, LAYOUTS[config.family], config.family)
+    if not init.is_dir():
+        build.start(init, config.seed)
+    autoencoder_report = json.loads((init / "difcompress.json").read_text()).get("autoencoder")
     run = work_dir / folder_name
     summary = run_stage("distill", DistillConfig(
         student=str(init), output=run, loss="task", data="digits", steps=config.teacher_steps,
         batch_size=config.batch_size, lr=config.lr, ema_decay=0.999, seed=config.seed, checkpoint_every=500,
-        device=config.device, latent_cache=work_dir / "cache", **TRAINING[config.family]), show_progress)
+        device=config.device, latent_cache=work_dir / "cache", **build.training), show_progress)
     target = output / folder_name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run, target, ignore=lambda _folder, names: [n for n in names if n in NOT_SHIPPED])
-    return {"classifier" if config.family == "unet2d" else "autoencoder": report, "teacher_steps": config.teacher_steps,
+    return {"classifier": classifier_report, "autoencoder": autoencoder_report, "teacher_steps": config.teacher_steps,
             "final_loss": summary["final"].get("loss"), "output": str(output)}

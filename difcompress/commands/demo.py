@@ -35,7 +35,7 @@ FAMILY = {
                "output": Path("runs/demo")},
     "t2i": {"teacher": T2I_TEACHER_NAME, "ratio": 0.5, "prune": {"preset": "bk-small"},
             "distill": {"loss": "place+feat", "coarse_norm": "l1", "feature_reduction": "sum"},
-            "eval": {"guidance_scale": 2.0}, "output": Path("runs/demo-t2i"),
+            "eval": {"guidance_scale": 2.0}, "output": Path("runs/demo-t2i"), "prompted": True,
             # Guided sampling doubles every step: fewer, still enough to compare teacher and student.
             "full": {"steps": 1000, "sampler_steps": 25, "fid_samples": 500, "grid": 10}},
 }
@@ -55,7 +55,7 @@ def demo_stages(config: DemoConfig) -> list[tuple[str, str, Any]]:
     s = QUICK if config.quick else {**FULL, **family.get("full", {})}
     out, teacher = Path(config.output or family["output"]), family["teacher"]
     common = {"seed": config.seed, "device": config.device}
-    prompts = {"prompts": str(out / "prompts.txt")} if config.family == "t2i" else {}
+    prompts = {"prompts": str(out / "prompts.txt")} if family.get("prompted") else {}
     return [
         ("pruned", "prune", PruneConfig(model=teacher, ratio=config.ratio or family["ratio"], output=out / "pruned",
                                         **family["prune"], **common)),
@@ -77,7 +77,7 @@ def demo(config: DemoConfig, *, announce: Callable[[str], None] = print,
     """Run the demo chain into `config.output`; returns every stage's result."""
     results: dict[str, Any] = {}
     stages = demo_stages(config)
-    if config.family == "t2i":
+    if stages[2][2].prompts:
         write_digit_prompts(Path(stages[2][2].prompts))
     for name, stage, stage_config in stages:
         if name != "eval" and stage_complete(stage, Path(stage_config.output)):

@@ -19,29 +19,28 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 
+from difcompress.artifacts.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_info,
+)
+from difcompress.artifacts.folders import check_output_folder, pruning_report
 from difcompress.config import DistillConfig
-from difcompress.data.datasets import Framing
-from difcompress.data.resolve import training_data
-from difcompress.environment import (
+from difcompress.core.console import distill_progress, warn
+from difcompress.core.environment import (
     DTYPES,
     launched,
     resolve_device,
     seed_everything,
     versions,
 )
-from difcompress.errors import Interrupted, UserError
-from difcompress.io.folders import check_output_folder, folder_lock, pruning_report
-from difcompress.io.loading import LoadedModel, load_model
-from difcompress.io.plots import plot_metrics
-from difcompress.io.report import distill_progress, warn
+from difcompress.core.errors import Interrupted, UserError
+from difcompress.core.files import folder_lock
+from difcompress.loading.data import Processes, training_data
+from difcompress.loading.models import LoadedModel, load_model
 from difcompress.objectives import get_objective
 from difcompress.objectives.registry import objective_name
-from difcompress.training.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    read_checkpoint_info,
-    save_checkpoint,
-)
+from difcompress.reports.plots import plot_metrics
 from difcompress.training.feature_taps import parse_feature_layers
 from difcompress.training.memory import estimate_distill_memory
 from difcompress.training.run_folder import (
@@ -51,10 +50,17 @@ from difcompress.training.run_folder import (
     remove_unused_run_folder,
     truncate_metrics,
 )
-from difcompress.training.trainer import NonFiniteLoss, Trainer, micro_batch_size
+from difcompress.training.trainer import (
+    CheckpointPolicy,
+    NonFiniteLoss,
+    Trainer,
+    micro_batch_size,
+)
 
 # Settings that describe where the run happens, not what it computes.
 NOT_SETTINGS = {"output", "resume", "resume_from", "device", "latent_cache"}
+# How often training drops a condition, per kind; only the family's own is recorded as set.
+DROPOUT_OPTIONS = ("class_dropout", "caption_dropout")
 # Schedules that depend on the total step count: more --steps is then another run.
 STEP_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
@@ -101,11 +107,8 @@ def plan_distill(config: DistillConfig) -> dict[str, Any]:
     w_feat = config.resolved_w_feat()
     pairs = _feature_pairs(config, student, teacher, w_feat) or []
     memory = estimate_distill_memory(
-        student.family, student.model, teacher.model if teacher else None, micro_batch=micro_batch,
-        mixed_precision=config.mixed_precision, gradient_checkpointing=config.gradient_checkpointing,
-        teacher_dtype=config.teacher_dtype, optimizer=config.optimizer, ema=config.ema_decay > 0,
-        ema_offload=config.ema_offload, feature_pairs=pairs,
-        text_tokens=student.text.tokenizer.model_max_length if student.text else None)
+        config, student.family, student.model, teacher.model if teacher else None, micro_batch=micro_batch,
+        feature_pairs=pairs, text_tokens=student.text.tokenizer.model_max_length if student.text else None)
     settings = config.model_dump(mode="json", exclude=NOT_SETTINGS)
     settings.update(teacher=teacher_ref, w_feat=w_feat, objective=objective_name(config.loss, w_feat),
                     processes=processes)
@@ -164,27 +167,22 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
     output = Path(config.output)
     student = load_model(config.student, accelerator.device)
     teacher, teacher_ref = _load_teacher(config, student, accelerator.device)
-    dataset, data_report = training_data(
-        config.data, student, teacher, samples=config.teacher_samples, sampler_steps=config.teacher_sampler_steps,
-        seed=config.seed, cache_dir=output, latent_cache=config.latent_cache,
-        is_main=accelerator.is_main_process, is_local_main=accelerator.is_local_main_process,
-        show_progress=show_progress, split=config.split, image_column=config.image_column,
-        caption_column=config.caption_column, prompts=config.prompts,
-        framing=Framing(config.resolution, config.center_crop, config.random_flip))
+    processes = Processes(accelerator.is_main_process, accelerator.is_local_main_process, show_progress)
+    data, data_report = training_data(config, student, teacher, cache_dir=output, processes=processes)
     w_feat = config.resolved_w_feat()
     pairs = _feature_pairs(config, student, teacher, w_feat)
     learn_variance = teacher is not None and student.family.learns_variance(teacher.model)
     settings = run_settings(config, student, teacher_ref, w_feat, pairs, accelerator)
-    trainer = Trainer(config, accelerator, student.family, student.model, student.scheduler,
-                      teacher.model if teacher else None, dataset, w_feat=w_feat, feature_pairs=pairs,
-                      learn_variance=learn_variance)
     fingerprint = run_fingerprint(settings)
+    trainer = Trainer(config, accelerator, student.family, student.model, student.scheduler,
+                      teacher.model if teacher else None, data, feature_pairs=pairs, learn_variance=learn_variance,
+                      checkpoints=CheckpointPolicy(output, {"fingerprint": fingerprint, "settings": settings}))
     resumed_from = _resume(trainer, config, settings, fingerprint) if resume else None
     trainer.prepare()
-    last = _fit(trainer, config, settings, fingerprint, show_progress)
+    last = _fit(trainer, config, settings, show_progress)
     summary = {"steps": config.steps, "resumed_from_step": resumed_from, "final": last, "settings": settings,
                "data": data_report, "latent_cache": data_report.get("latent_cache")}
-    _finish(trainer, config, student, settings, summary, fingerprint)
+    _finish(trainer, config, student, settings, summary)
     summary["output"] = str(output.resolve())
     return summary
 
@@ -235,10 +233,11 @@ def run_settings(config: DistillConfig, student: LoadedModel, teacher: str | Non
                     grad_clip=config.grad_clip or None, objective=objective_name(config.loss, w_feat))
     if pairs:
         settings["feature_layers"] = [s if s == t else f"{s}={t}" for s, t in pairs]
-    if not student.family.num_classes(student.model):
-        settings["class_dropout"] = 0.0
-    if student.family.conditioning != "text":
-        settings["caption_dropout"] = 0.0
+    used = student.family.dropout_option(student.model) if student.family.num_classes(student.model) \
+        or student.family.takes_text else None
+    for option in DROPOUT_OPTIONS:
+        if option != used:
+            settings[option] = 0.0  # recorded as off where the family drops nothing of that kind
     return settings
 
 
@@ -264,20 +263,11 @@ def _resume(trainer: Trainer, config: DistillConfig, settings: dict[str, Any], f
                         "resume with the same settings or choose another -o")
     if info["step"] > config.steps:
         raise UserError(f"checkpoint {path} is at step {info['step']}, past --steps {config.steps}", exit_code=2)
-    info, modules, optimizer = load_checkpoint(path, trainer.generator)
-    trainer.load_state(info["step"], modules, optimizer, info)
+    trainer.load_state_dict(load_checkpoint(path))
     return info["step"]
 
 
-def _checkpoint(trainer: Trainer, output: Path, fingerprint: str, settings: dict[str, Any]) -> None:
-    trainer.accelerator.wait_for_everyone()
-    if trainer.accelerator.is_main_process:
-        save_checkpoint(output, trainer.step, modules=trainer.modules_state(), optimizer=trainer.optimizer,
-                        generator=trainer.generator, keep=trainer.config.checkpoints_total_limit,
-                        info={"fingerprint": fingerprint, "settings": settings, **trainer.training_state()})
-
-
-def _fit(trainer: Trainer, config: DistillConfig, settings, fingerprint, show_progress) -> dict[str, Any]:
+def _fit(trainer: Trainer, config: DistillConfig, settings, show_progress) -> dict[str, Any]:
     output, main = Path(config.output), trainer.accelerator.is_main_process
     metrics = output / "metrics.jsonl"
     if main:
@@ -295,7 +285,7 @@ def _fit(trainer: Trainer, config: DistillConfig, settings, fingerprint, show_pr
                                         step=line["step"])
 
         try:
-            return trainer.fit(on_log, lambda step: _checkpoint(trainer, output, fingerprint, settings))
+            return trainer.fit(on_log)
         except NonFiniteLoss as err:
             raise _non_finite_error(output, err.step) from None
         except KeyboardInterrupt:
@@ -322,12 +312,12 @@ def _interrupted_error(output: Path, step: int) -> Interrupted:
     return Interrupted(f"interrupted at step {step}; add --resume to the same command to continue from {checkpoint}")
 
 
-def _finish(trainer: Trainer, config: DistillConfig, student: LoadedModel, settings, summary, fingerprint) -> None:
+def _finish(trainer: Trainer, config: DistillConfig, student: LoadedModel, settings, summary) -> None:
     """The last checkpoint (the training state, before the EMA replaces the weights), then
     the final student (the EMA) and the curves."""
     output = Path(config.output)
     if config.checkpoint_every:
-        _checkpoint(trainer, output, fingerprint, settings)
+        trainer.save_checkpoint()
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return

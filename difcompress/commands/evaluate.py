@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from difcompress.artifacts.folders import EVAL_FILE, read_manifest
 from difcompress.builtin import (
     digit_in_prompt,
     digits_images,
@@ -20,29 +21,20 @@ from difcompress.builtin import (
     register_digits_extractor,
 )
 from difcompress.config import EvalConfig
+from difcompress.core.console import progress_bar, warn
+from difcompress.core.environment import resolve_device, seed_everything
+from difcompress.core.errors import UserError
+from difcompress.core.files import disk_errors, folder_lock, write_json
+from difcompress.data.conditions import take
 from difcompress.data.datasets import check_labels
-from difcompress.data.resolve import TEXT_GUIDANCE
 from difcompress.data.text import read_prompts
-from difcompress.environment import resolve_device, seed_everything
-from difcompress.errors import UserError
-from difcompress.families.sampling import balanced_labels
-from difcompress.io.folders import (
-    EVAL_FILE,
-    disk_errors,
-    folder_lock,
-    read_manifest,
-    write_json,
-)
-from difcompress.io.loading import load_model
-from difcompress.io.plots import save_sample_grid
-from difcompress.io.report import progress_bar, warn
+from difcompress.diffusion.sampling import Guidance, balanced_labels
+from difcompress.loading.models import load_model
 from difcompress.metrics.clip import ClipScorer
 from difcompress.metrics.cost import model_size, sampling_cost
 from difcompress.metrics.extractors import features_of_images, get_feature_extractor
 from difcompress.metrics.fid import Reference, fid_kid, load_reference
-
-# DiT's FID setting (Peebles & Xie 2023, Table 4: DiT-XL/2 FID 2.27 with cfg = 1.50).
-DEFAULT_GUIDANCE = 1.5
+from difcompress.reports.plots import save_sample_grid
 
 
 def default_output(models: list[str]) -> Path:
@@ -114,40 +106,43 @@ def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device, show_progres
 
 
 @dataclass
-class Conditioning:
-    """What a model samples under: one condition per sample (class ids or prompt encodings),
-    the guidance scale, the null condition guidance pushes away from, and the prompts."""
+class EvalConditions:
+    """What a model samples under (one condition row per sample, the null condition and the
+    guidance scale), and the prompts for a text-to-image model."""
 
-    labels: torch.Tensor | None
-    guidance: float
-    null: torch.Tensor | None = None
+    guidance: Guidance
     prompts: list[str] | None = None
 
 
-def conditioning(item, count: int, config: EvalConfig) -> Conditioning:
-    """Labels (given ones cycled, else balanced over classes), or prompts (cycled), and guidance."""
-    if item.family.conditioning == "text":
+def eval_conditions(item, count: int, config: EvalConfig) -> EvalConditions:
+    """Prompts (cycled) for a model that takes text, else class labels (given ones cycled,
+    else balanced over classes), with the family's default guidance unless one is given."""
+    family, model = item.family, item.model
+    scale = family.default_guidance if config.guidance_scale is None else config.guidance_scale
+    if family.takes_text:
         if not config.prompts:
             raise UserError(f"{item.source} is a text-to-image model: pass --prompts FILE", exit_code=2)
         prompts = read_prompts(config.prompts)
         prompts = [prompts[i % len(prompts)] for i in range(count)]
-        guidance = TEXT_GUIDANCE if config.guidance_scale is None else config.guidance_scale
-        return Conditioning(item.text.encode(prompts), guidance, item.text.encode([config.negative_prompt])[0],
-                            prompts)
-    classes = item.family.num_classes(item.model)
+        return EvalConditions(Guidance(family.conditions(model, text=item.text.encode(prompts)),
+                                       family.null_conditions(model, text=item.text.encode([config.negative_prompt])),
+                                       scale), prompts)
+    classes = family.num_classes(model)
     if not classes:
         if config.class_labels or config.guidance_scale not in (None, 1.0) or config.prompts:
             raise UserError(f"{item.source} is unconditional: --class-label, --prompts and --guidance-scale do not "
                             "apply", exit_code=2)
-        return Conditioning(None, 1.0)
-    guidance = DEFAULT_GUIDANCE if config.guidance_scale is None else config.guidance_scale
-    if guidance != 1.0 and item.family.null_class(item.model) is None:
+        return EvalConditions(Guidance())
+    null = family.null_conditions(model)
+    if scale != 1.0 and null is None:
         raise UserError(f"{item.source} has no null-class embedding, so no classifier-free guidance; "
                         "pass --guidance-scale 1", exit_code=2)
     if config.class_labels:
         given = check_labels(torch.tensor(config.class_labels), classes, "--class-label")
-        return Conditioning(given[torch.arange(count) % len(given)], guidance)
-    return Conditioning(balanced_labels(count, classes, config.seed), guidance)
+        labels = given[torch.arange(count) % len(given)]
+    else:
+        labels = balanced_labels(count, classes, config.seed)
+    return EvalConditions(Guidance(family.conditions(model, labels=labels), null, scale))
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,20 +165,20 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
         seed_everything(config.seed)
         count = config.num_samples if config.fid else config.grid_size
         started = time.perf_counter()
-        cond = conditioning(item, count, config)
+        cond = eval_conditions(item, count, config)
         pipeline_s = time.perf_counter() - started  # prompt encoding is part of the pipeline
-        labels, guidance = cond.labels, cond.guidance
+        guidance = cond.guidance
         row: dict[str, Any] = {"model": spec, "path": str(item.path.resolve()), "family": item.family.name,
-                               "latent": item.autoencoder is not None}
-        if labels is not None:
-            row["guidance_scale"] = guidance
+                               "denoiser_kind": item.family.denoiser_kind, "latent": item.autoencoder is not None}
+        if guidance.conditions is not None:
+            row["guidance_scale"] = guidance.scale
         if cond.prompts:
             row["prompts"] = cond.prompts[: config.grid_size]
         row.update(model_size(item.model, item.family))
         # With guidance every step evaluates the denoiser on a doubled batch.
         row.update(sampling_cost(item.model, item.family, batch_size=config.latency_batch_size,
                                  steps=config.sampler_steps,
-                                 calls_per_step=2 if labels is not None and guidance != 1.0 else 1))
+                                 calls_per_step=2 if guidance.guided else 1))
         task = progress.add_task(f"sampling {Path(spec).name or spec}", total=count) if config.fid else None
         features, shown, clip, hits = [], [], [], []
         digits_reader = _digits_reader(item, cond.prompts)
@@ -194,8 +189,8 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
             started = time.perf_counter()
             images = item.to_images(item.sample(
                 end - start, seed=config.seed + start, steps=config.sampler_steps, sampler=config.sampler,
-                batch_size=config.batch_size, class_labels=labels[start:end] if labels is not None else None,
-                guidance_scale=guidance, null_condition=cond.null))
+                batch_size=config.batch_size,
+                guidance=Guidance(take(guidance.conditions, slice(start, end)), guidance.null, guidance.scale)))
             pipeline_s += time.perf_counter() - started
             if config.fid:
                 features.append(features_of_images(images, extractor, batch_size=config.batch_size))

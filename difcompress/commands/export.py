@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
+from torch import nn
 
+from difcompress.artifacts.folders import (
+    EVAL_FILE,
+    check_output_folder,
+    pruning_report,
+    save_model_folder,
+)
 from difcompress.commands.model_card import model_card, teacher_license
 from difcompress.config import ExportConfig
-from difcompress.data.latents import Autoencoder
-from difcompress.data.text import TextEncoder
-from difcompress.environment import DTYPES, hub_offline, versions
-from difcompress.errors import UserError
-from difcompress.io.folders import (
-    EVAL_FILE,
+from difcompress.core.console import quiet_diffusers
+from difcompress.core.environment import DTYPES, hub_offline, versions
+from difcompress.core.errors import UserError
+from difcompress.core.files import (
     atomic_folder,
-    check_output_folder,
     folder_lock,
     folder_size_bytes,
-    pruning_report,
-    quiet_diffusers,
     read_json,
     remove_temporaries,
     resolved_source,
-    save_model_folder,
 )
-from difcompress.io.loading import load_model, load_model_folder
+from difcompress.data.latents import Autoencoder
+from difcompress.data.text import TextEncoder
+from difcompress.loading.models import LoadedModel, load_model, load_model_folder
 from difcompress.metrics.cost import model_size, peak_activation_bytes_estimate
 
 
@@ -47,23 +51,55 @@ def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, An
     return info
 
 
+@dataclass
+class ExportJob:
+    """What an export format writes: the loaded model, its parts cast to the export dtype,
+    and the facts the card states."""
+
+    config: ExportConfig
+    loaded: LoadedModel
+    net: nn.Module
+    autoencoder: Autoencoder | None
+    text: TextEncoder | None
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One way to write a student (`export --format NAME`) into a fresh folder."""
+
+    write: Callable[[Path, ExportJob], None]
+    summary: str
+
+
+def _write_diffusers(folder: Path, job: ExportJob) -> None:
+    """The stock pipeline folder (model_index.json, each component's safetensors) and its card."""
+    config, loaded, info = job.config, job.loaded, job.info
+    family = loaded.family
+    save_model_folder(
+        folder, job.net, loaded.scheduler, family,
+        {"stage": "export", "family": family.name, "teacher": info["teacher"], "versions": versions(), "export": info},
+        loaded.structure, autoencoder=job.autoencoder, pipeline_settings=loaded.pipeline_settings,
+        variant=None if config.dtype == "fp32" else config.dtype, text=job.text)
+    where = config.push_to_hub or str(Path(config.output).resolve())
+    model_card(info, where, config.push_to_hub or Path(config.output).name).save(folder / "README.md")
+
+
+# Every format `export --format` writes (config.ExportFormatName lists the same names).
+FORMATS: dict[str, ExportFormat] = {
+    "diffusers": ExportFormat(_write_diffusers, "a diffusers pipeline folder with a model card"),
+}
+
+
 def _export(config: ExportConfig, output: Path) -> dict[str, Any]:
     loaded = load_model(config.model, "cpu")
-    family, net = loaded.family, loaded.model
     info = export_info(config, loaded)
     dtype = DTYPES[config.dtype]
     with quiet_diffusers():  # the cast to fp16 is the export's point; diffusers warns about any .to(dtype)
-        net, autoencoder, text = net.to(dtype), _in_dtype(loaded.autoencoder, dtype), _text_in_dtype(loaded.text, dtype)
+        job = ExportJob(config, loaded, loaded.model.to(dtype), _in_dtype(loaded.autoencoder, dtype),
+                        _text_in_dtype(loaded.text, dtype), info)
     with atomic_folder(output, needed_bytes=info["params"] * torch.finfo(dtype).bits // 8) as tmp:
-        save_model_folder(
-            tmp, net, loaded.scheduler, family,
-            {"stage": "export", "family": family.name, "teacher": info["teacher"], "versions": versions(),
-             "export": info},
-            loaded.structure, autoencoder=autoencoder,
-            pipeline_settings=loaded.pipeline_settings, variant=None if config.dtype == "fp32" else config.dtype,
-            text=text)
-        where = config.push_to_hub or str(output.resolve())
-        model_card(info, where, config.push_to_hub or output.name).save(tmp / "README.md")
+        FORMATS[config.format].write(tmp, job)
     info["output"] = str(output.resolve())
     info["size_on_disk_bytes"] = folder_size_bytes(output)
     return info
@@ -80,8 +116,9 @@ def export_info(config: ExportConfig, loaded) -> dict[str, Any]:
     data = settings.get("data")
     return {
         "source": resolved_source(config.model), "teacher": manifest.get("teacher"), "family": family.name,
+        "format": config.format,
         "model_class": family.model_class.__name__,
-        "pipeline_tag": "text-to-image" if family.conditioning == "text" else "unconditional-image-generation",
+        "pipeline_tag": family.pipeline_tag,
         "pruning": pruning_report(manifest), "distill": settings or None, "distill_steps": distill.get("steps"),
         "objective": settings.get("objective") or settings.get("loss"), "params": size["params"], "macs": size["macs"],
         "dtype": config.dtype,

@@ -10,8 +10,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from difcompress.io.loading import HUB_ID
-from difcompress.io.report import human
+from difcompress.core.console import human
+from difcompress.families.registry import FAMILIES
+from difcompress.loading.models import HUB_ID
 
 # The Hub's relations are adapter, merge, quantized and finetune; it has none for a pruned
 # model, so a pruned and distilled student is described as a finetune of its teacher.
@@ -59,23 +60,7 @@ def usage(info: dict[str, Any], where: str) -> list[str]:
     dtype = {"fp16": "torch.float16", "bf16": "torch.bfloat16"}.get(info["dtype"])
     load_args = f"'{where}'" + (f", variant='{variant}', torch_dtype={dtype}" if variant else "")
     imports = ["import torch"] if variant else []
-    if info["family"] == "t2i":
-        return ["```python", *imports, "from diffusers import StableDiffusionPipeline",
-                f"pipe = StableDiffusionPipeline.from_pretrained({load_args})",
-                "image = pipe('a photo of an astronaut riding a horse').images[0]", "```"]
-    if info["family"] == "dit":
-        if info["autoencoder"] is None:
-            return ["A pixel-space DiT: the folder has no VAE, so load it with `vae=None` and sample with",
-                    f"`difcompress eval {where}` (DiTPipeline's own sampling loop decodes through a VAE).", "",
-                    "```python", *imports, "from diffusers import DiTPipeline",
-                    f"pipe = DiTPipeline.from_pretrained({load_args}, vae=None)", "```"]
-        guidance = "4.0" if info["num_classes"] == 1000 else "1.0"  # DiTPipeline's null class id is 1000
-        return ["```python", *imports, "from diffusers import DiTPipeline",
-                f"pipe = DiTPipeline.from_pretrained({load_args})",
-                f"images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={guidance}).images", "```"]
-    pipeline = "LDMPipeline" if info["autoencoder"] else "DDPMPipeline"
-    return ["```python", *imports, f"from diffusers import {pipeline}",
-            f"pipe = {pipeline}.from_pretrained({load_args})", "images = pipe(batch_size=4).images", "```"]
+    return FAMILIES[info["family"]].card_usage(where, load_args, imports, info)
 
 
 def _facts(info: dict[str, Any]) -> list[str]:

@@ -6,21 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from difcompress.config import GRADIENT_CRITERIA, PruneConfig
-from difcompress.data.resolve import calibration_batch
-from difcompress.environment import resolve_device, seed_everything, versions
-from difcompress.errors import UserError
-from difcompress.families.base import PruneRequest
-from difcompress.io.folders import (
-    atomic_folder,
+from difcompress.artifacts.folders import (
     check_output_folder,
-    folder_lock,
     pruning_report,
-    remove_temporaries,
     save_model_folder,
 )
-from difcompress.io.loading import LoadedModel, load_model
-from difcompress.io.report import progress_bar
+from difcompress.config import GRADIENT_CRITERIA, PruneConfig
+from difcompress.core.console import progress_bar
+from difcompress.core.environment import resolve_device, seed_everything, versions
+from difcompress.core.errors import UserError
+from difcompress.core.files import atomic_folder, folder_lock, remove_temporaries
+from difcompress.families.base import PruneRequest
+from difcompress.loading.data import calibration_batch
+from difcompress.loading.models import LoadedModel, load_model
 from difcompress.metrics.cost import model_size
 from difcompress.pruning.graph import groupnorm_groups
 from difcompress.pruning.importance import accumulate_gradients
@@ -43,9 +41,9 @@ def prune(config: PruneConfig, *, show_progress: bool = False) -> dict[str, Any]
         if loaded.structure is not None and not config.global_pruning:
             raise UserError(f"{config.model} was pruned with --global (its widths are not uniform); prune it again "
                             "with --global")
-        if config.preset and loaded.family.conditioning != "text":
-            raise UserError(f"--preset (BK-SDM block removal) applies to text-to-image U-Nets, not "
-                            f"{loaded.family.name}", exit_code=2)
+        if config.preset and not loaded.family.presets:
+            raise UserError(f"--preset (block removal) applies to text-to-image U-Nets, not {loaded.family.name}",
+                            exit_code=2)
         if depth_pruning and not loaded.family.supports_depth:
             raise UserError(f"depth pruning (--depth/--blocks) applies to transformer models, not "
                             f"{loaded.family.name}", exit_code=2)
@@ -81,9 +79,9 @@ def _prune_loaded(config: PruneConfig, loaded: LoadedModel, show_progress: bool)
     base_config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     calibration = timesteps_used = None
     if config.importance in GRADIENT_CRITERIA or config.depth_criterion == "output-change":
-        x0, labels = calibration_batch(loaded, config.data, config.batch_size, config.seed, config.split,
-                                       config.image_column)
-        calibration = (x0, labels, loaded.scheduler)
+        x0, conditions = calibration_batch(loaded, config.data, config.batch_size, config.seed, config.split,
+                                           config.image_column)
+        calibration = (x0, conditions, loaded.scheduler)
     if config.importance in GRADIENT_CRITERIA:
         timesteps_used = _gradients(config, loaded, calibration, show_progress)
     request = PruneRequest(ratio=config.ratio, importance=config.importance, global_pruning=config.global_pruning,
@@ -108,7 +106,8 @@ def _prune_loaded(config: PruneConfig, loaded: LoadedModel, show_progress: bool)
                      "groupnorm_groups": groupnorm_groups(student)}
     student_size = model_size(student, family)
     report = {
-        "source": loaded.source, "family": family.name, "latent": loaded.autoencoder is not None,
+        "source": loaded.source, "family": family.name, "pruned_unit": family.pruned_unit,
+        "latent": loaded.autoencoder is not None,
         "ratio": config.ratio, "importance": config.importance, "mode": "global" if config.global_pruning else "uniform",
         **outcome.details, "importance_timesteps": timesteps_used,
         "widths": {k: [widths_before[k], v] for k, v in family.stage_widths(student).items()},

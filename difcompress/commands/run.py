@@ -20,6 +20,7 @@ import yaml
 from huggingface_hub import try_to_load_from_cache
 from pydantic import ValidationError
 
+from difcompress.artifacts.folders import EVAL_FILE, read_manifest
 from difcompress.builtin import builtin_model_path
 from difcompress.commands.distill import distill, plan_distill
 from difcompress.commands.evaluate import evaluate
@@ -34,17 +35,11 @@ from difcompress.config import (
     StageConfig,
     settings_error,
 )
+from difcompress.core.environment import hub_offline, is_main_process
+from difcompress.core.errors import UserError
+from difcompress.core.files import file_in_the_way, read_text, wait_for
 from difcompress.data.datasets import HF_PREFIX
-from difcompress.environment import hub_offline, is_main_process
-from difcompress.errors import UserError
-from difcompress.io.folders import (
-    EVAL_FILE,
-    file_in_the_way,
-    read_manifest,
-    read_text,
-    wait_for,
-)
-from difcompress.io.loading import HUB_ID
+from difcompress.loading.models import HUB_ID
 from difcompress.metrics.extractors import resolve_inception_path
 from difcompress.metrics.fid import cleanfid_named_stats
 

@@ -15,10 +15,10 @@ import torch
 
 from difcompress.builtin import digits_images, register_digits_extractor
 from difcompress.config import StatsConfig
+from difcompress.core.environment import resolve_device
+from difcompress.core.errors import UserError
+from difcompress.core.files import folder_lock, resolved_source
 from difcompress.data.datasets import is_hf_source, open_image_data
-from difcompress.environment import resolve_device
-from difcompress.errors import UserError
-from difcompress.io.folders import folder_lock, resolved_source
 from difcompress.metrics.extractors import (
     features_of_folder,
     features_of_images,

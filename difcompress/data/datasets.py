@@ -20,14 +20,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from difcompress.core.errors import UserError
+from difcompress.core.files import read_text
+from difcompress.data.conditions import Conditions
 from difcompress.data.images import (
     crop_position,
     image_to_tensor,
     load_image,
     scan_image_folder,
 )
-from difcompress.errors import UserError
-from difcompress.io.folders import read_text
 
 # Files that `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top level.
 HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -312,10 +313,9 @@ class MirroredDataset(Dataset):
 
 class TensorImageDataset(Dataset):
     """Images (or latents) already in memory: a ``(N, C, H, W)`` float tensor, with optional
-    class labels ``(N,)``."""
+    class labels ``(N,)`` and captions."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
-                 null_condition: torch.Tensor | None = None, captions: list[str] | None = None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, captions: list[str] | None = None):
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"TensorImageDataset needs an (N, C, H, W) tensor, got {got}")
@@ -326,8 +326,7 @@ class TensorImageDataset(Dataset):
         if labels is not None and labels.shape[0] != images.shape[0]:
             raise ValueError(f"labels must have {images.shape[0]} rows, got {tuple(labels.shape)}")
         self.images = images
-        self.labels = labels  # class ids (N,), or text encodings (N, tokens, width)
-        self.null_condition = null_condition  # what a dropped caption becomes (the empty prompt's encoding)
+        self.labels = labels  # class ids (N,)
         self.captions = captions  # text-to-image training text, one per image
 
     def __len__(self) -> int:
@@ -338,6 +337,19 @@ class TensorImageDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"TensorImageDataset(shape={tuple(self.images.shape)}, dtype={self.images.dtype})"
+
+
+@dataclass
+class TrainingSet:
+    """What distillation trains on: items in the denoiser's space, the named conditions of
+    each item (data/conditions.py), and what guidance training drops a condition to."""
+
+    images: Dataset
+    conditions: Conditions | None = None
+    null: Conditions | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 def is_imagefolder_tree(path: Path) -> bool:

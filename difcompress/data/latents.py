@@ -27,15 +27,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from difcompress.core.console import progress_bar
+from difcompress.core.errors import UserError
+from difcompress.core.files import build_once
 from difcompress.data.datasets import (
     HFDataset,
     ImageFolderDataset,
     MirroredDataset,
     TensorImageDataset,
 )
-from difcompress.errors import UserError
-from difcompress.io.folders import build_once
-from difcompress.io.report import progress_bar
 
 SHARD_ITEMS = 4096
 AUTOENCODER_CLASSES = ("AutoencoderKL", "VQModel")
@@ -123,7 +123,7 @@ def cached_latents(dataset: Dataset, autoencoder: Autoencoder, *, image_size: in
     """The dataset's latents, encoded once and read back from the cache afterwards.
 
     Returns the latent dataset and a report (cache folder, whether it was reused). One
-    process encodes (io.folders.build_once); with `encode_here=False` (the other processes
+    process encodes (core.files.build_once); with `encode_here=False` (the other processes
     of a multi-process run) it waits for the folder to appear instead.
     """
     key = hashlib.sha256(

@@ -22,8 +22,9 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from difcompress.core.errors import UserError
+from difcompress.data.conditions import Conditions, take
 from difcompress.data.datasets import TensorImageDataset
-from difcompress.errors import UserError
 
 # Decoded items are cached in memory only up to this many items ...
 CACHE_MAX_ITEMS = 50_000
@@ -42,13 +43,15 @@ class BatchStream:
     The stream does not touch torch's global RNG.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, cache: bool = True):
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, cache: bool = True,
+                 conditions: Conditions | None = None):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise UserError("the dataset is empty; give data with at least one image")
         self.dataset = dataset
+        self.conditions = conditions  # one row per item, batched with the items
         self.num_items = n
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -71,10 +74,6 @@ class BatchStream:
     def in_memory(self) -> bool:
         """True when items are tensors already (nothing to decode)."""
         return self._tensor_images is not None
-
-    @property
-    def labels(self) -> torch.Tensor | None:
-        return getattr(self.dataset, "labels", None)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._perm_epoch != epoch:
@@ -100,22 +99,22 @@ class BatchStream:
         self.epoch, self.position = self._after(self.epoch, self.position)
         return idx
 
-    def load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The items at ``indices``, stacked, and their class labels (None without labels)."""
+    def load(self, indices: torch.Tensor) -> tuple[torch.Tensor, Conditions | None]:
+        """The items at ``indices``, stacked, and their conditions (None without)."""
         if self._tensor_images is not None:
             batch = self._tensor_images[indices]
         else:
             batch = torch.stack([self._item(int(i)) for i in indices.tolist()])
-        return batch, (self.labels[indices] if self.labels is not None else None)
+        return batch, take(self.conditions, indices)
 
-    def next_labeled_batch(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The next global batch (or only its ``rows``) and its labels."""
+    def next_with_conditions(self, rows: slice | None = None) -> tuple[torch.Tensor, Conditions | None]:
+        """The next global batch (or only its ``rows``) and its conditions."""
         idx = self.next_indices()
         return self.load(idx if rows is None else idx[rows])
 
     def next_batch(self) -> torch.Tensor:
         """The next global batch, stacked: ``(batch_size, C, H, W)``."""
-        return self.next_labeled_batch()[0]
+        return self.next_with_conditions()[0]
 
     def __iter__(self) -> BatchStream:
         return self
@@ -138,9 +137,9 @@ class BatchStream:
         self._cache[i] = x
         return x
 
-    def loader(self, rows: slice, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def loader(self, rows: slice, num_workers: int) -> Iterator[tuple[torch.Tensor, Conditions | None]]:
         """Batches decoded by ``num_workers`` DataLoader worker processes, from the current
-        state on: the same items and order as :meth:`next_labeled_batch` gives, so resume
+        state on: the same items and order as :meth:`next_with_conditions` gives, so resume
         stays exact. The stream's state advances as batches are handed out."""
         def index_lists():
             epoch, position = self.epoch, self.position
@@ -152,7 +151,7 @@ class BatchStream:
                             persistent_workers=True, prefetch_factor=2)
         for images in loader:
             idx = self.next_indices()[rows]
-            yield images, (self.labels[idx] if self.labels is not None else None)
+            yield images, take(self.conditions, idx)
 
     def state_dict(self) -> dict[str, int]:
         """Plain ints to put in a checkpoint."""

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTokenizer
 
+from difcompress.core.errors import UserError
+from difcompress.core.files import build_once, read_text
 from difcompress.data.datasets import CAPTION_COLUMNS
-from difcompress.errors import UserError
-from difcompress.io.folders import build_once, read_text
 
 SHARD_CAPTIONS = 4096
 

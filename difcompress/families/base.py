@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from difcompress.families.sampling import sample_images
+from difcompress.data.conditions import Conditions
+from difcompress.diffusion.inputs import ModelInputs
 
 
 @dataclass
@@ -28,7 +29,7 @@ class PruneRequest:
     depth: int | None = None  # transformer blocks to keep
     blocks: list[int] | None = None  # explicit blocks to keep
     depth_criterion: str = "uniform"  # uniform or output-change
-    calibration: Any = None  # (x0, labels, scheduler) for data-driven criteria
+    calibration: Any = None  # (x0, conditions, scheduler) for data-driven criteria
     seed: int = 0
     round_to: int = 1  # every pruned width a multiple of this (tensor-core friendly)
     preset: str | None = None  # block removal (text-to-image U-Nets: bk-base, bk-small, bk-tiny)
@@ -46,8 +47,16 @@ class ModelFamily(ABC):
     name: str
     model_class: type[nn.Module]
     component: str  # the denoiser's folder inside a pipeline ("unet", "transformer")
+    pipelines: tuple[str, ...]  # the pipeline classes (model_index _class_name) this family reads
+    needs_pipeline: bool = False  # a bare denoiser folder is refused (its encoders live in the pipeline)
+    pipeline_tag: str = "unconditional-image-generation"  # the Hub's task of an exported folder
     supports_depth: bool = False  # whether whole blocks can be removed (--depth / --blocks)
-    conditioning: str | None = None  # None, "class" (labels) or "text" (prompt encodings)
+    takes_text: bool = False  # conditioned on captions / prompts through the pipeline's text encoder
+    presets: tuple[str, ...] = ()  # block-removal presets `prune --preset` offers
+    denoiser_kind: str = "U-Net"  # what reports call the denoiser
+    pruned_unit: str = "channel"  # what --ratio removes a fraction of
+    default_guidance: float = 1.0  # classifier-free guidance scale eval samples with
+    teacher_data_guidance: float = 1.0  # guidance of the teacher's samples `--data teacher` trains on
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_class)
@@ -82,20 +91,47 @@ class ModelFamily(ABC):
             "timestep": torch.full((batch_size,), 10, dtype=torch.long, device=device),
         }
 
+    def size_multiple(self, model: nn.Module) -> int | None:
+        """What every other sample size must be a multiple of (a U-Net halves it at each
+        level), or None when the model's size is fixed (position embeddings)."""
+        return None
+
     def learns_variance(self, model: nn.Module) -> bool:
         """True when the output carries a learned variance beside epsilon (out = 2 x in)."""
         config = model.config
         return (config.get("out_channels") or config.in_channels) == 2 * config.in_channels
 
+    # ---- conditioning ----------------------------------------------------------------------
+    def conditions(self, model: nn.Module, *, labels: torch.Tensor | None = None,
+                   text: torch.Tensor | None = None) -> Conditions | None:
+        """The named conditions the denoiser reads, one row per sample, from class labels or
+        from encoded captions (None for an unconditional model)."""
+        return None
+
+    def null_conditions(self, model: nn.Module, *, text: torch.Tensor | None = None) -> Conditions | None:
+        """What classifier-free guidance drops a condition to (one row of each name that
+        drops), or None when the model has no null condition."""
+        return None
+
+    def dropout_option(self, model: nn.Module) -> str | None:
+        """The DistillConfig option that sets how often training drops the condition
+        (class_dropout, caption_dropout), or None when nothing drops."""
+        return None
+
+    # ---- forward ---------------------------------------------------------------------------
     @abstractmethod
-    def predict_split(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
-                      class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, model: nn.Module, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(epsilon-channel prediction, learned-variance channels or None), unpatchified."""
 
-    def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(self, model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
         """The prediction KD compares (noise / v / x0), epsilon channels only."""
-        return self.predict_split(model, noisy, timesteps, class_labels)[0]
+        return self.forward(model, inputs)[0]
+
+    # ---- export ----------------------------------------------------------------------------
+    @abstractmethod
+    def card_usage(self, where: str, load_args: str, imports: list[str], info: dict[str, Any]) -> list[str]:
+        """Model-card lines showing how stock diffusers loads and samples the exported folder
+        (`load_args`: the from_pretrained arguments; `info`: what the export records)."""
 
     # ---- pruning ---------------------------------------------------------------------------
     @abstractmethod
@@ -118,28 +154,3 @@ class ModelFamily(ABC):
                             hooks: str = "stages") -> list[tuple[str, str]]:
         """Default (student module, teacher module) pairs whose outputs feature KD matches:
         `stages` (coarse, the default) or `blocks` (every block, the authors' FitNet rule)."""
-
-    # ---- sampling --------------------------------------------------------------------------
-    def sample(
-        self,
-        model: nn.Module,
-        scheduler: Any,
-        num_samples: int,
-        *,
-        seed: int,
-        steps: int,
-        sampler: str = "ddim",
-        batch_size: int = 64,
-        class_labels: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        pixels: bool = True,
-        on_batch=None,
-        null_condition: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Draw samples in the denoiser's space as (N, C, H, W) on CPU; sample i depends only
-        on (seed, i) and its class label. Pixels are clamped to [-1, 1]; latents (pixels=False) are never clipped."""
-        return sample_images(
-            self, model, scheduler, num_samples, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size,
-            class_labels=class_labels, guidance_scale=guidance_scale, pixels=pixels, on_batch=on_batch,
-            null_condition=null_condition,
-        )

@@ -27,7 +27,7 @@ import torch
 from diffusers import DiTPipeline, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 from difcompress.families.base import ModelFamily, PruneOutcome, PruneRequest
 from difcompress.pruning.transformer import (
     WidthIndex,
@@ -45,13 +45,27 @@ class DiTFamily(ModelFamily):
     name = "dit"
     model_class = DiTTransformer2DModel
     component = "transformer"
+    pipelines = ("DiTPipeline",)
     supports_depth = True
-    conditioning = "class"
+    denoiser_kind = "transformer"
+    default_guidance = 1.5  # DiT's FID setting (Peebles & Xie 2023, Table 4: DiT-XL/2 FID 2.27 at cfg 1.50)
+    pruned_unit = "head"
 
     def pipeline(self, model, scheduler, autoencoder=None, text=None):
         # A pixel-space DiT has no VAE: the folder lists vae as null and loads with
         # DiTPipeline.from_pretrained(path, vae=None).
         return DiTPipeline(transformer=model, vae=autoencoder.model if autoencoder else None, scheduler=scheduler)
+
+    def card_usage(self, where, load_args, imports, info):
+        if info["autoencoder"] is None:
+            return ["A pixel-space DiT: the folder has no VAE, so load it with `vae=None` and sample with",
+                    f"`difcompress eval {where}` (DiTPipeline's own sampling loop decodes through a VAE).", "",
+                    "```python", *imports, "from diffusers import DiTPipeline",
+                    f"pipe = DiTPipeline.from_pretrained({load_args}, vae=None)", "```"]
+        guidance = "4.0" if info["num_classes"] == 1000 else "1.0"  # DiTPipeline's null class id is 1000
+        return ["```python", *imports, "from diffusers import DiTPipeline",
+                f"pipe = DiTPipeline.from_pretrained({load_args})",
+                f"images = pipe(class_labels=[0, 1, 2, 3], guidance_scale={guidance}).images", "```"]
 
     def sample_shape(self, model):
         size = model.config.sample_size
@@ -64,6 +78,16 @@ class DiTFamily(ModelFamily):
         table = model.transformer_blocks[0].norm1.emb.class_embedder
         return table.num_classes if table.embedding_table.num_embeddings > table.num_classes else None
 
+    def conditions(self, model, *, labels=None, text=None):
+        return None if labels is None else {"class_labels": labels}
+
+    def null_conditions(self, model, *, text=None):
+        null = self.null_class(model)
+        return None if null is None else {"class_labels": torch.tensor([null])}
+
+    def dropout_option(self, model):
+        return "class_dropout"
+
     def disable_label_dropout(self, model):
         for module in model.modules():
             if isinstance(module, LabelEmbedding):
@@ -75,10 +99,10 @@ class DiTFamily(ModelFamily):
         labels = torch.arange(batch_size, device=sample.device) % self.num_classes(model)
         return {"hidden_states": sample, **inputs, "class_labels": labels}
 
-    def predict_split(self, model, noisy, timesteps, class_labels=None):
-        if class_labels is None:
+    def forward(self, model, inputs):
+        if "class_labels" not in inputs.cond:
             raise UserError("this DiT is class-conditional: its data needs class labels", exit_code=2)
-        out = model(noisy, timesteps, class_labels=class_labels).sample
+        out = model(inputs.sample, inputs.timestep, class_labels=inputs.cond["class_labels"]).sample
         c = model.config.in_channels
         return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
 

@@ -22,7 +22,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.activations import GEGLU
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 from difcompress.families.base import PruneOutcome, PruneRequest
 from difcompress.families.unet2d import PixelUNetFamily, attention_modules
 from difcompress.pruning.blocks import PRESETS, feature_pairs, remove_blocks
@@ -33,7 +33,13 @@ class TextToImageFamily(PixelUNetFamily):
     name = "t2i"
     model_class = UNet2DConditionModel
     component = "unet"
-    conditioning = "text"
+    pipelines = ("StableDiffusionPipeline",)
+    needs_pipeline = True
+    pipeline_tag = "text-to-image"
+    takes_text = True
+    default_guidance = 7.5  # Stable Diffusion's default guidance scale (StableDiffusionPipeline)
+    teacher_data_guidance = 7.5
+    presets = tuple(PRESETS)
     keeps_head_count = True
 
     def pipeline(self, model, scheduler, autoencoder=None, text=None):
@@ -43,16 +49,32 @@ class TextToImageFamily(PixelUNetFamily):
                                        unet=model, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
 
+    def card_usage(self, where, load_args, imports, info):
+        return ["```python", *imports, "from diffusers import StableDiffusionPipeline",
+                f"pipe = StableDiffusionPipeline.from_pretrained({load_args})",
+                "image = pipe('a photo of an astronaut riding a horse').images[0]", "```"]
+
     def example_inputs(self, model, batch_size=1):
         inputs = super().example_inputs(model, batch_size)
         width = model.config.cross_attention_dim
         width = width[0] if isinstance(width, (list, tuple)) else width
         return {**inputs, "encoder_hidden_states": torch.randn(batch_size, 8, width, device=inputs["sample"].device)}
 
-    def predict_split(self, model, noisy, timesteps, class_labels=None):
-        if class_labels is None:
+    def conditions(self, model, *, labels=None, text=None):
+        return None if text is None else {"encoder_hidden_states": text}
+
+    def null_conditions(self, model, *, text=None):
+        """The empty (or negative) prompt's encoding."""
+        return None if text is None else {"encoder_hidden_states": text.reshape(1, *text.shape[-2:])}
+
+    def dropout_option(self, model):
+        return "caption_dropout"
+
+    def forward(self, model, inputs):
+        if "encoder_hidden_states" not in inputs.cond:
             raise UserError("a text-to-image U-Net needs text conditioning (captions or prompts)", exit_code=2)
-        return model(noisy, timesteps, encoder_hidden_states=class_labels.to(noisy.dtype)).sample, None
+        text = inputs.cond["encoder_hidden_states"].to(inputs.sample.dtype)
+        return model(inputs.sample, inputs.timestep, encoder_hidden_states=text).sample, None
 
     def learns_variance(self, model):
         return False

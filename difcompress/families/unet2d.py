@@ -30,8 +30,9 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from difcompress.errors import UserError
-from difcompress.pruning.graph import ChannelUnit, GraphPrunedFamily
+from difcompress.core.errors import UserError
+from difcompress.families.channel_pruned import GraphPrunedFamily
+from difcompress.pruning.graph import ChannelUnit
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, Attention]]:
@@ -50,6 +51,7 @@ class PixelUNetFamily(GraphPrunedFamily):
     name = "unet2d"
     model_class = UNet2DModel
     component = "unet"
+    pipelines = ("DDPMPipeline", "DDIMPipeline", "PNDMPipeline", "LDMPipeline")
     keeps_head_count = False  # several heads lose whole heads; a single head shrinks its dim
 
     def pipeline(self, model, scheduler, autoencoder=None, text=None):
@@ -57,13 +59,21 @@ class PixelUNetFamily(GraphPrunedFamily):
             return DDPMPipeline(unet=model, scheduler=scheduler)
         return LDMPipeline(vqvae=autoencoder.model, unet=model, scheduler=scheduler)
 
+    def size_multiple(self, model):
+        return 2 ** (len(model.config.block_out_channels) - 1)
+
+    def card_usage(self, where, load_args, imports, info):
+        pipeline = "LDMPipeline" if info["autoencoder"] else "DDPMPipeline"
+        return ["```python", *imports, f"from diffusers import {pipeline}",
+                f"pipe = {pipeline}.from_pretrained({load_args})", "images = pipe(batch_size=4).images", "```"]
+
     def sample_shape(self, model):
         size = model.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return model.config.in_channels, h, w
 
-    def predict_split(self, model, noisy, timesteps, class_labels=None):
-        out = model(noisy, timesteps).sample
+    def forward(self, model, inputs):
+        out = model(inputs.sample, inputs.timestep).sample
         # Learned-variance U-Nets predict (eps, var): KD compares the epsilon channels.
         c = model.config.in_channels
         return out[:, :c], (out[:, c:] if out.shape[1] > c else None)

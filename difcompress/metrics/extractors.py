@@ -39,9 +39,9 @@ import torch
 from cleanfid.downloads_helper import inception_url as _CLEANFID_INCEPTION_URL
 from cleanfid.resize import make_resizer
 
+from difcompress.core.console import progress_bar, warn
+from difcompress.core.errors import UserError
 from difcompress.data.images import IMAGE_SUFFIXES, load_rgb_uint8, scan_image_folder
-from difcompress.errors import UserError
-from difcompress.io.report import progress_bar, warn
 
 # ----------------------------------------------------------------------------------------------
 # Inception (clean-fid's TorchScript network)

@@ -18,8 +18,8 @@ import numpy as np
 from cleanfid.fid import kernel_distance
 from scipy import linalg
 
-from difcompress.errors import UserError
-from difcompress.io.folders import disk_errors
+from difcompress.core.errors import UserError
+from difcompress.core.files import disk_errors
 from difcompress.metrics.extractors import FeatureExtractor, features_of_folder
 
 # ---- Reference statistics (.npz, no pickles)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 
 # The published defaults: G = 16 in every table of the paper, eps = 1e-4 in the fit, L2 coarse term.
 PLACE_GROUP_SIZE = 16

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 from difcompress.objectives.baselines import mse
 from difcompress.objectives.core import KDTerms, compute_dtype, no_autocast
 

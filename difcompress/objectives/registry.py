@@ -19,7 +19,7 @@ from typing import Callable, Literal
 
 from torch import Tensor
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 from difcompress.objectives.baselines import dist_loss, mse_loss
 from difcompress.objectives.core import (
     FIT_EPS,

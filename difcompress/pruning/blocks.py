@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 
 PRESETS = ("bk-base", "bk-small", "bk-tiny")
 SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")

@@ -1,5 +1,6 @@
-"""Structured channel pruning on torch-pruning's dependency graph, and the family base
-class of every model pruned that way (U-Nets).
+"""Structured channel pruning on torch-pruning's dependency graph (the engine of every
+family pruned that way: the U-Nets). It knows no model family: a family plugs in as a
+`ChannelSpec` (what never prunes, which channels go together, which attributes to rewrite).
 
 torch-pruning finds which channels are coupled (a residual stream, a skip concatenation,
 attention q/k/v) and removes them consistently. We choose what to remove ourselves,
@@ -15,17 +16,35 @@ torch-pruning history when loading.
 from __future__ import annotations
 
 import contextlib
-from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from difcompress.errors import UserError
-from difcompress.families.base import ModelFamily, PruneOutcome
-from difcompress.pruning.importance import make_importance
+from difcompress.core.errors import UserError
+
+
+class ChannelSpec(Protocol):
+    """What the engine asks of a model family (families/channel_pruned.py implements it)."""
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 1) -> dict[str, torch.Tensor]: ...
+
+    def tracing_context(self, model: nn.Module) -> contextlib.AbstractContextManager: ...
+
+    def never_prune(self, model: nn.Module) -> list[nn.Module]: ...
+
+    def channel_unit(self, group: Any, num_channels: int, names: dict[nn.Module, str], before: dict[str, Any]
+                     ) -> ChannelUnit: ...
+
+    def record_structure(self, model: nn.Module) -> dict[str, Any]: ...
+
+    def time_embedding_subset(self, model: nn.Module, before: dict[str, Any]) -> tuple[nn.Linear, list[int]] | None: ...
+
+    def sync_attributes(self, model: nn.Module, before: dict[str, Any], uniform_groups: int | None) -> None: ...
+
+    def uniform_groups(self, model: nn.Module, ratio: float, round_to: int = 1) -> tuple[int, float]: ...
 
 
 @dataclass
@@ -35,16 +54,16 @@ class ChannelPruning:
     warnings: list[str] = field(default_factory=list)
 
 
-def build_graph(model: nn.Module, family: ModelFamily) -> tp.DependencyGraph:
+def build_graph(model: nn.Module, spec: ChannelSpec) -> tp.DependencyGraph:
     """torch-pruning's dependency graph, traced through autograd (so every weight must
     require grad while tracing, even in a frozen model)."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)
     try:
-        with family.tracing_context(model), torch.enable_grad():
+        with spec.tracing_context(model), torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=family.example_inputs(model), output_transform=lambda out: out.sample,
+                model, example_inputs=spec.example_inputs(model), output_transform=lambda out: out.sample,
                 verbose=False)
     finally:
         for p in frozen:
@@ -84,7 +103,7 @@ class _GroupPlan:
 
 def prune_channels(
     model: nn.Module,
-    family: ModelFamily,
+    spec: ChannelSpec,
     ratio: float,
     importance: tp.importance.Importance,
     global_pruning: bool = False,
@@ -92,17 +111,17 @@ def prune_channels(
 ) -> ChannelPruning:
     """Remove `ratio` of the channels of every prunable layer, in place (uniform pruning
     keeps widths that are multiples of `round_to`)."""
-    before = family.record_structure(model)
+    before = spec.record_structure(model)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     names = {m: n for n, m in model.named_modules()}
-    graph = build_graph(model, family)
+    graph = build_graph(model, spec)
     warnings = []
 
     plans = []
-    for group in graph.get_all_groups(ignored_layers=family.never_prune(model), root_module_types=(nn.Conv2d, nn.Linear)):
+    for group in graph.get_all_groups(ignored_layers=spec.never_prune(model), root_module_types=(nn.Conv2d, nn.Linear)):
         root_dep = group[0].dep
         n = len(group[0].idxs)
-        unit = family.channel_unit(group, n, names, before)
+        unit = spec.channel_unit(group, n, names, before)
         if not unit.fits(n):
             unit = ChannelUnit()
         with torch.no_grad():
@@ -117,7 +136,7 @@ def prune_channels(
     if global_pruning:
         _plan_global(plans, ratio)
     else:
-        uniform_groups, keep_fraction = family.uniform_groups(model, ratio, round_to)
+        uniform_groups, keep_fraction = spec.uniform_groups(model, ratio, round_to)
         for plan in plans:
             units = len(plan.scores)
             plan.keep_units = min(units, max(1, round(units * keep_fraction)))
@@ -136,12 +155,12 @@ def prune_channels(
             graph.get_pruning_group(plan.root, plan.prune_fn, drop).prune()
 
     if not global_pruning:
-        columns = family.time_embedding_subset(model, before)
+        columns = spec.time_embedding_subset(model, before)
         if columns is not None:
             layer, keep = columns
             drop = sorted(set(range(layer.in_features)) - set(keep))
             graph.get_pruning_group(layer, tp.prune_linear_in_channels, drop).prune()
-    family.sync_attributes(model, before, uniform_groups)
+    spec.sync_attributes(model, before, uniform_groups)
     for name, parameter in model.named_parameters():  # pruned layers hold new Parameter objects
         parameter.requires_grad_(name not in frozen)
     history = [[n, bool(out), [int(i) for i in idxs]] for n, out, idxs in graph.pruning_history()]
@@ -166,13 +185,13 @@ def _plan_global(plans: list[_GroupPlan], ratio: float) -> None:
             removed += plan.unit.width
 
 
-def replay_history(model: nn.Module, family: ModelFamily, history: list[list],
+def replay_history(model: nn.Module, spec: ChannelSpec, history: list[list],
                    groupnorm_groups: dict[str, int] | None = None) -> None:
     """Rebuild a pruned architecture on a fresh base model from the recorded history."""
-    before = family.record_structure(model)
-    graph = build_graph(model, family)
+    before = spec.record_structure(model)
+    graph = build_graph(model, spec)
     graph.load_pruning_history(history)
-    family.sync_attributes(model, before, None)
+    spec.sync_attributes(model, before, None)
     # Group counts chosen at pruning time win: repeated prunings may have chosen differently.
     modules = dict(model.named_modules())
     for name, groups in (groupnorm_groups or {}).items():
@@ -215,72 +234,27 @@ def first_difference(model: nn.Module, rebuilt: nn.Module, inputs: dict[str, tor
     return None
 
 
-class GraphPrunedFamily(ModelFamily):
-    """A family pruned channel-wise on torch-pruning's dependency graph."""
-
-    def tracing_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    @abstractmethod
-    def never_prune(self, model: nn.Module) -> list[nn.Module]:
-        """Layers whose output channels must keep their size (image channels, ...)."""
-
-    @abstractmethod
-    def channel_unit(self, group: Any, num_channels: int, names: dict[nn.Module, str], before: dict[str, Any]
-                     ) -> ChannelUnit:
-        """Which root channels are removed together (a GroupNorm group, a head, ...)."""
-
-    @abstractmethod
-    def record_structure(self, model: nn.Module) -> dict[str, Any]:
-        """Attributes kept beside the weights, read before pruning (to keep their ratios)."""
-
-    def time_embedding_subset(self, model: nn.Module, before: dict[str, Any]) -> tuple[nn.Linear, list[int]] | None:
-        """The timestep-embedding layer and input columns to keep so the stock config expresses it."""
-        return None
-
-    @abstractmethod
-    def sync_attributes(self, model: nn.Module, before: dict[str, Any], uniform_groups: int | None) -> None:
-        """Make every attribute diffusers keeps beside the weights match the pruned weights."""
-
-    @abstractmethod
-    def uniform_groups(self, model: nn.Module, ratio: float, round_to: int = 1) -> tuple[int, float]:
-        """For uniform pruning: GroupNorm groups to keep and the resulting keep fraction."""
-
-    @abstractmethod
-    def pruned_config(self, model: nn.Module) -> dict[str, Any]:
-        """The stock config that rebuilds the pruned model; raise ValueError if impossible."""
-
-    def prune(self, model, request):
-        if request.global_pruning and request.round_to > 1:
-            raise UserError("--round-to applies to uniform pruning; drop it or --global", exit_code=2)
-        outcome = prune_channels(model, self, request.ratio, make_importance(request.importance),
-                                 global_pruning=request.global_pruning, round_to=request.round_to)
-        if not request.global_pruning:
-            self.check_config_rebuild(model)
-        return PruneOutcome(model=model, history=outcome.history, warnings=outcome.warnings,
-                            details={"groupnorm_groups_kept": outcome.uniform_groups})
-
-    def check_config_rebuild(self, model: nn.Module) -> None:
-        """The stock class built from the rewritten config must reproduce the pruned model
-        (both in eval mode: dropout would make any two forward passes differ)."""
-        hint = "; prune with --global to keep a record of the exact widths instead"
-        try:
-            config = self.pruned_config(model)
-            rebuilt = self.model_class.from_config(config).to(next(model.parameters()).device).eval()
-            result = rebuilt.load_state_dict(model.state_dict(), strict=False)
-        except (ValueError, RuntimeError) as err:
-            raise UserError(f"pruned widths are not expressible in the stock config: {str(err).splitlines()[0]}"
-                            f"{hint}") from None
-        mismatch = result.missing_keys + result.unexpected_keys
-        if mismatch:
-            raise UserError(f"pruned widths are not expressible in the stock config: weight {mismatch[0]} "
-                            f"has no counterpart{hint}")
-        was_training = model.training
-        model.eval()
-        try:
-            layer = first_difference(model, rebuilt, self.example_inputs(model, 2))
-        finally:
-            model.train(was_training)
-        if layer is not None:
-            raise UserError(f"the stock config rebuilt from the pruned widths differs first at layer {layer}{hint}")
-        model.register_to_config(**config)
+def check_config_rebuild(model: nn.Module, model_class: type[nn.Module], config: dict[str, Any],
+                         inputs: dict[str, torch.Tensor]) -> None:
+    """The stock class built from `config` must reproduce the pruned model (both in eval
+    mode: dropout would make any two forward passes differ); records `config` on the model."""
+    hint = "; prune with --global to keep a record of the exact widths instead"
+    try:
+        rebuilt = model_class.from_config(config).to(next(model.parameters()).device).eval()
+        result = rebuilt.load_state_dict(model.state_dict(), strict=False)
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"pruned widths are not expressible in the stock config: {str(err).splitlines()[0]}"
+                        f"{hint}") from None
+    mismatch = result.missing_keys + result.unexpected_keys
+    if mismatch:
+        raise UserError(f"pruned widths are not expressible in the stock config: weight {mismatch[0]} "
+                        f"has no counterpart{hint}")
+    was_training = model.training
+    model.eval()
+    try:
+        layer = first_difference(model, rebuilt, inputs)
+    finally:
+        model.train(was_training)
+    if layer is not None:
+        raise UserError(f"the stock config rebuilt from the pruned widths differs first at layer {layer}{hint}")
+    model.register_to_config(**config)

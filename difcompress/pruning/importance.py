@@ -9,7 +9,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from difcompress.families.base import ModelFamily
+from difcompress.data.conditions import Conditions, repeat, to
+from difcompress.diffusion.inputs import ModelInputs
 
 
 def make_importance(criterion: str) -> tp.importance.Importance:
@@ -32,20 +33,19 @@ def gradient_timesteps(criterion: str, num_train: int, max_timesteps: int | None
     return list(range(0, num_train, stride))
 
 
-def _per_timestep_losses(model, family, scheduler, images, labels, chunk, generator):
+def _per_timestep_losses(model, family, scheduler, images, conditions, chunk, generator):
     """Denoising loss of each timestep in `chunk`, from one batched forward pass."""
     n = images.shape[0]
     noise = torch.cat([torch.randn(images.shape, generator=generator) for _ in chunk]).to(images.device)
     t = torch.tensor(chunk, device=images.device).repeat_interleave(n)
     repeated = images.repeat(len(chunk), *([1] * (images.dim() - 1)))
-    noisy = scheduler.add_noise(repeated, noise, t)
-    conditioning = labels.repeat(len(chunk)) if labels is not None else None
-    errors = (family.predict(model, noisy, t, conditioning).float() - noise).square()
+    inputs = ModelInputs(scheduler.add_noise(repeated, noise, t), t, repeat(conditions, len(chunk)) or {})
+    errors = (family.predict(model, inputs).float() - noise).square()
     return errors.view(len(chunk), -1).mean(1)  # each entry: the MSE over that timestep's images
 
 
-def accumulate_gradients(model: nn.Module, family: ModelFamily, scheduler: Any, images: torch.Tensor,
-                         labels: torch.Tensor | None, criterion: str, *, seed: int, threshold: float = 0.05,
+def accumulate_gradients(model: nn.Module, family: Any, scheduler: Any, images: torch.Tensor,
+                         conditions: Conditions | None, criterion: str, *, seed: int, threshold: float = 0.05,
                          max_timesteps: int | None = None, timesteps_per_pass: int = 1,
                          on_progress: Callable[[int, int], None] | None = None) -> int:
     """Fill .grad for Taylor-style importance; returns how many timesteps were used.
@@ -62,13 +62,13 @@ def accumulate_gradients(model: nn.Module, family: ModelFamily, scheduler: Any, 
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     images = images.to(device)
-    labels = labels.to(device) if labels is not None else None
+    conditions = to(conditions, device)
     model.zero_grad(set_to_none=True)
     timesteps = gradient_timesteps(criterion, scheduler.config.num_train_timesteps, max_timesteps, generator)
     running_max, used = 0.0, 0
     for start in range(0, len(timesteps), timesteps_per_pass):
         chunk = timesteps[start: start + timesteps_per_pass]
-        losses = _per_timestep_losses(model, family, scheduler, images, labels, chunk, generator)
+        losses = _per_timestep_losses(model, family, scheduler, images, conditions, chunk, generator)
         keep = len(chunk)
         if criterion == "diff-pruning":
             for i, value in enumerate(losses.detach().tolist()):

@@ -14,7 +14,9 @@ import math
 import torch
 from torch import nn
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
+from difcompress.data.conditions import to
+from difcompress.diffusion.inputs import ModelInputs
 
 
 def uniform_blocks(layers: int, keep: int) -> list[int]:
@@ -28,20 +30,19 @@ def block_removal_scores(family, model, calibration, seed: int) -> list[float]:
     noised at random timesteps. Blocks whose removal changes the output least go first."""
     if calibration is None:
         raise UserError("--depth-criterion output-change needs a data batch (--data, or the teacher's samples)")
-    x0, labels, scheduler = calibration
+    x0, conditions, scheduler = calibration
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     x0 = x0.to(device)
-    labels = labels.to(device) if labels is not None else None
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
-    noisy = scheduler.add_noise(x0, noise, t)
-    full = family.predict(model, noisy, t, labels)
+    inputs = ModelInputs(scheduler.add_noise(x0, noise, t), t, to(conditions, device) or {})
+    full = family.predict(model, inputs)
     scores = []
     for block in model.transformer_blocks:
         handle = block.register_forward_hook(lambda _m, args, _out: args[0])  # the block becomes identity
         try:
-            scores.append(float(torch.mean((family.predict(model, noisy, t, labels) - full) ** 2)))
+            scores.append(float(torch.mean((family.predict(model, inputs) - full) ** 2)))
         finally:
             handle.remove()
     return scores

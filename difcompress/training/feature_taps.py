@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 from difcompress.objectives.feature import FeatureAdapters
 
 

@@ -27,8 +27,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from difcompress.environment import DTYPES
-from difcompress.io.folders import quiet_diffusers
+from difcompress.config import DistillConfig
+from difcompress.core.console import quiet_diffusers
+from difcompress.core.environment import DTYPES
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adam": 8, "adamw-8bit": 2}
 
@@ -91,11 +92,14 @@ def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: in
     return tracker.peak
 
 
-def estimate_distill_memory(family, student: nn.Module, teacher: nn.Module | None, *, micro_batch: int,
-                            mixed_precision: str | None, gradient_checkpointing: bool, teacher_dtype: str | None,
-                            optimizer: str, ema: bool, ema_offload: bool, feature_pairs: list[tuple[str, str]],
-                            text_tokens: int | None = None) -> dict[str, Any]:
-    """Peak memory of one process of a distill run, in bytes per part (see the module note)."""
+def estimate_distill_memory(config: DistillConfig, family, student: nn.Module, teacher: nn.Module | None, *,
+                            micro_batch: int, feature_pairs: list[tuple[str, str]], text_tokens: int | None = None
+                            ) -> dict[str, Any]:
+    """Peak memory of one process of the distill run `config` describes, in bytes per part
+    (see the module note)."""
+    mixed_precision, gradient_checkpointing = config.mixed_precision, config.gradient_checkpointing
+    teacher_dtype, optimizer = config.teacher_dtype, config.optimizer
+    ema, ema_offload = config.ema_decay > 0, config.ema_offload
     params = sum(p.numel() for p in student.parameters())
     teacher_params = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
     with quiet_diffusers():  # diffusers warns about casting on .to(dtype)

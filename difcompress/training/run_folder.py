@@ -4,11 +4,11 @@ published.
     OUT/difcompress.json            "status": "running" from the moment a run starts (or is
                                     extended) until the final student is completely in place
     OUT/metrics.jsonl, curves.png   the log and its plot
-    OUT/checkpoints/step-XXXXXXX/   resumable training state (training/checkpoint.py)
-    OUT/teacher_samples.safetensors data-free runs: the teacher's samples, made once
+    OUT/checkpoints/step-XXXXXXX/   resumable training state (artifacts/checkpoint.py)
+    OUT/teacher_samples/            data-free runs: the teacher's samples, made once
     OUT/model_index.json, unet/ ... the final student, a diffusers pipeline folder
 
-Everything here runs on the main process while it holds the run's lock (io/folders.py).
+Everything here runs on the main process while it holds the run's lock (core/files.py).
 """
 
 from __future__ import annotations
@@ -18,25 +18,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from difcompress.errors import UserError
-from difcompress.io.folders import (
-    MANIFEST,
+from difcompress.artifacts.checkpoint import (
+    latest_checkpoint,
+    remove_checkpoint_temporaries,
+)
+from difcompress.artifacts.folders import MANIFEST, read_manifest, save_model_folder
+from difcompress.core.errors import UserError
+from difcompress.core.files import (
     disk_errors,
-    read_manifest,
     remove,
-    save_model_folder,
     share_permissions,
     write_json,
     write_text,
 )
-from difcompress.training.checkpoint import (
-    latest_checkpoint,
-    remove_checkpoint_temporaries,
-)
 
 STUDENT_TMP = ".student.tmp"
 # What an interrupted first run leaves that a restart from step 0 replaces.
-RUN_STATE = ("metrics.jsonl", "curves.png", "checkpoints", "teacher_samples.safetensors")
+RUN_STATE = ("metrics.jsonl", "curves.png", "checkpoints", "teacher_samples")
 # The older folder format kept a second copy of the denoiser at the top level.
 OLD_TOP_LEVEL_COPY = ("config.json", "diffusion_pytorch_model.safetensors")
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -29,9 +30,14 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from torch import nn
 
+from difcompress.artifacts.checkpoint import Checkpoint, save_checkpoint
 from difcompress.config import DistillConfig
+from difcompress.core.errors import UserError
+from difcompress.data.conditions import Conditions, drop, take, to
+from difcompress.data.datasets import TrainingSet
 from difcompress.data.stream import BatchStream
-from difcompress.errors import UserError
+from difcompress.diffusion.ddpm import formulation_for
+from difcompress.diffusion.inputs import ModelInputs
 from difcompress.families.base import ModelFamily
 from difcompress.objectives import OutputOptions, feature_loss, get_objective, task_loss
 from difcompress.objectives.variance import learned_variance_terms
@@ -54,31 +60,24 @@ class Batch:
     """This process's rows of one global batch, with everything random already drawn."""
 
     x0: torch.Tensor
-    labels: torch.Tensor | None
+    cond: Conditions | None
     noise: torch.Tensor
     timesteps: torch.Tensor
 
     def split(self, parts: int) -> list[Batch]:
         size = self.x0.shape[0] // parts
         cut = [slice(i * size, (i + 1) * size) for i in range(parts)]
-        return [Batch(self.x0[c], None if self.labels is None else self.labels[c], self.noise[c], self.timesteps[c])
-                for c in cut]
+        return [Batch(self.x0[c], take(self.cond, c), self.noise[c], self.timesteps[c]) for c in cut]
 
 
-def antithetic_timesteps(batch: int, num_train: int, generator: torch.Generator) -> torch.Tensor:
-    """Pairs (t, T-1-t): lower variance of the loss estimate across timesteps."""
-    half = torch.randint(0, num_train, ((batch + 1) // 2,), generator=generator)
-    return torch.cat([half, num_train - 1 - half])[:batch]
+@dataclass
+class CheckpointPolicy:
+    """Where the trainer saves its state (every ``checkpoint_every`` steps, keeping
+    ``checkpoints_total_limit``), and what each checkpoint records beside it: the run's
+    fingerprint and settings, which a resume checks."""
 
-
-def regression_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser predicts: the noise, the velocity, or the clean sample."""
-    kind = scheduler.config.get("prediction_type", "epsilon")
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    return x0
+    run_dir: Path
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -106,26 +105,26 @@ class Trainer:
     drive it step by step: ``trainer.train_step(trainer.next_batch())``."""
 
     def __init__(self, config: DistillConfig, accelerator: Accelerator, family: ModelFamily, student: nn.Module,
-                 scheduler: Any, teacher: nn.Module | None, dataset, *, w_feat: float = 0.0,
-                 feature_pairs: list[tuple[str, str]] | None = None, learn_variance: bool = False):
+                 scheduler: Any, teacher: nn.Module | None, data: TrainingSet, *,
+                 feature_pairs: list[tuple[str, str]] | None = None, learn_variance: bool = False,
+                 checkpoints: CheckpointPolicy | None = None):
         self.config, self.accelerator, self.family, self.scheduler = config, accelerator, family, scheduler
+        self.formulation = formulation_for(scheduler)
         self.objective = get_objective(config.loss)
         self.output_options = OutputOptions(config.group_size, config.coarse_norm, config.fit_eps)
-        self.w_feat, self.learn_variance = w_feat, learn_variance
-        self.teacher = teacher
+        self.w_feat, self.learn_variance = config.resolved_w_feat(), learn_variance
+        self.teacher, self.checkpoints = teacher, checkpoints
         self.step = 0
         processes = accelerator.num_processes
         micro_batch_size(config.batch_size, processes, config.gradient_accumulation_steps)
         per_process = config.batch_size // processes
         self.rows = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
-        self.stream = BatchStream(dataset, config.batch_size, seed=config.seed)
+        self.stream = BatchStream(data.images, config.batch_size, seed=config.seed, conditions=data.conditions)
         self.generator = torch.Generator().manual_seed(config.seed)
         # Classifier-free guidance training: what a dropped condition becomes, and how often.
-        if family.conditioning == "text":
-            self.null, self.dropout = dataset.null_condition, config.caption_dropout
-        else:
-            self.null = family.null_class(student)
-            self.dropout = config.class_dropout if family.num_classes(student) else 0.0
+        option = family.dropout_option(student)
+        self.null = data.null
+        self.dropout = getattr(config, option) if option and data.null and data.conditions is not None else 0.0
 
         self.model = student.train().requires_grad_(True)  # every student weight trains
         family.disable_label_dropout(self.model)
@@ -147,37 +146,51 @@ class Trainer:
         self._batches: Iterator | None = None
 
     # ---- state --------------------------------------------------------------------------------
-    def modules_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The named state dicts a checkpoint holds."""
-        out = {"student": self.accelerator.unwrap_model(self.model).state_dict()}
+    def state_dict(self) -> Checkpoint:
+        """Everything a resumed run needs to continue bit for bit: weights, EMA, adapters,
+        optimizer moments, schedule, data position, the seeded generator and the RNGs."""
+        modules = {"student": self.accelerator.unwrap_model(self.model).state_dict()}
         if self.ema is not None:
-            out["ema"] = self.ema.state_dict()
+            modules["ema"] = self.ema.state_dict()
         if self.adapters is not None:
-            out["adapters"] = self.adapters.state_dict()
-        return out
-
-    def training_state(self) -> dict[str, Any]:
-        """Plain values a checkpoint holds beside the tensors."""
-        state = {"stream": self.stream.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
+            modules["adapters"] = self.adapters.state_dict()
+        info = {"stream": self.stream.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
         if self.accelerator.scaler is not None:
-            state["grad_scaler"] = self.accelerator.scaler.state_dict()
-        return state
+            info["grad_scaler"] = self.accelerator.scaler.state_dict()
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        return Checkpoint(self.step, modules, self.optimizer.state_dict(), rng, info)
 
-    def load_state(self, step: int, modules: dict[str, dict[str, torch.Tensor]], optimizer: dict[str, Any],
-                   info: dict[str, Any]) -> None:
-        """Continue from a checkpoint (call before `prepare`)."""
-        self.model.load_state_dict(modules["student"])
+    def load_state_dict(self, state: Checkpoint) -> None:
+        """Continue from `state` (call before `prepare`)."""
+        self.model.load_state_dict(state.modules["student"])
         if self.adapters is not None:
-            self.adapters.load_state_dict(modules["adapters"])
-        if self.ema is not None and "ema" in modules:
-            self.ema.load_state_dict(modules["ema"])
-        self.optimizer.load_state_dict(optimizer)
-        if "lr_scheduler" in info:
-            self.lr_scheduler.load_state_dict(info["lr_scheduler"])
-        if "grad_scaler" in info and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(info["grad_scaler"])
-        self.stream.load_state_dict(info["stream"])
-        self.step = step
+            self.adapters.load_state_dict(state.modules["adapters"])
+        if self.ema is not None and "ema" in state.modules:
+            self.ema.load_state_dict(state.modules["ema"])
+        self.optimizer.load_state_dict(state.optimizer)
+        if "lr_scheduler" in state.info:
+            self.lr_scheduler.load_state_dict(state.info["lr_scheduler"])
+        if "grad_scaler" in state.info and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state.info["grad_scaler"])
+        self.stream.load_state_dict(state.info["stream"])
+        self.generator.set_state(state.rng["generator"])
+        torch.set_rng_state(state.rng["torch"])
+        cuda_states = [state.rng[k] for k in sorted(state.rng) if k.startswith("cuda")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        self.step = state.step
+
+    def save_checkpoint(self) -> Path | None:
+        """Write this step's checkpoint into the run folder (the main process writes; every
+        process waits for it). Returns the folder on the main process."""
+        policy = self.checkpoints
+        self.accelerator.wait_for_everyone()
+        if policy is None or not self.accelerator.is_main_process:
+            return None
+        return save_checkpoint(policy.run_dir, self.state_dict(), info=policy.info,
+                               keep=self.config.checkpoints_total_limit)
 
     def prepare(self) -> None:
         """Hand the student and optimizer to accelerate (DDP, mixed precision) and apply the
@@ -196,29 +209,26 @@ class Trainer:
             self.teacher_forward = torch.compile(self.teacher)
 
     # ---- one step -----------------------------------------------------------------------------
-    def _images(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _images(self) -> tuple[torch.Tensor, Conditions | None]:
         if self.config.dataloader_num_workers and not self.stream.in_memory:
             if self._batches is None:
                 self._batches = self.stream.loader(self.rows, self.config.dataloader_num_workers)
             return next(self._batches)
-        return self.stream.next_labeled_batch(self.rows)
+        return self.stream.next_with_conditions(self.rows)
 
     def next_batch(self) -> Batch:
-        """This process's rows of the next global batch, noise, timesteps and dropped labels."""
-        x0, labels = self._images()
-        size, num_train = self.config.batch_size, self.scheduler.config.num_train_timesteps
+        """This process's rows of the next global batch, noise, timesteps and dropped conditions."""
+        x0, cond = self._images()
+        size = self.config.batch_size
         noise = torch.randn((size, *x0.shape[1:]), generator=self.generator)[self.rows]
-        if self.config.antithetic:
-            t = antithetic_timesteps(size, num_train, self.generator)[self.rows]
-        else:
-            t = torch.randint(0, num_train, (size,), generator=self.generator)[self.rows]
-        if labels is not None and self.dropout > 0:
-            # Classifier-free guidance training: labels (or captions) dropped to the null
-            # condition, seeded, the same for teacher and student.
+        t = self.formulation.draw_timesteps(size, self.generator, self.config.antithetic)[self.rows]
+        if cond is not None and self.dropout > 0:
+            # Classifier-free guidance training: conditions dropped to the null condition,
+            # seeded, the same for teacher and student.
             dropped = (torch.rand((size,), generator=self.generator) < self.dropout)[self.rows]
-            labels = torch.where(dropped.view(-1, *([1] * (labels.dim() - 1))), self.null, labels)
+            cond = drop(cond, self.null, dropped)
         device = self.accelerator.device
-        return Batch(x0.to(device), labels.to(device) if labels is not None else None, noise.to(device), t.to(device))
+        return Batch(x0.to(device), to(cond, device), noise.to(device), t.to(device))
 
     def feature_weight(self, step: int) -> float:
         """constant; linear: from w_feat at the first step down to 0 at the last; epoch-linear:
@@ -235,20 +245,20 @@ class Trainer:
     def compute_losses(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """(total loss, each term's KDTerms) of one micro-batch; gradients flow to the student."""
         config, family = self.config, self.family
-        noisy = self.scheduler.add_noise(batch.x0, batch.noise, batch.timesteps)
+        noisy = self.formulation.noisy(batch.x0, batch.noise, batch.timesteps)
         if config.channels_last and noisy.dim() == 4:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        target = regression_target(self.scheduler, batch.x0, batch.noise, batch.timesteps)
+        target = self.formulation.target(batch.x0, batch.noise, batch.timesteps)
+        inputs = ModelInputs(noisy, batch.timesteps, batch.cond or {})
         kd = self.objective.kind == "output" and config.w_kd > 0
         with self.accelerator.autocast():
-            pred, variance = family.predict_split(self.forward_model, noisy, batch.timesteps, batch.labels)
+            pred, variance = family.forward(self.forward_model, inputs)
             variance = variance if self.learn_variance else None
             teacher_pred = teacher_variance = None
             if kd or variance is not None or self.taps is not None:  # one teacher call serves all three
                 with torch.no_grad():
-                    teacher_pred, teacher_variance = family.predict_split(
-                        self.teacher_forward, noisy.to(next(self.teacher.parameters()).dtype), batch.timesteps,
-                        batch.labels)
+                    teacher_pred, teacher_variance = family.forward(
+                        self.teacher_forward, inputs.cast(next(self.teacher.parameters()).dtype))
         # Sum form (the authors'): task and output KD summed over each sample's elements.
         scale = pred[0].numel() if config.loss_reduction == "sum" else 1.0
         terms: dict[str, Any] = {}
@@ -314,10 +324,10 @@ class Trainer:
         return logs["loss"], logs
 
     # ---- the loop -----------------------------------------------------------------------------
-    def fit(self, on_log: Callable[[dict[str, Any]], None], on_checkpoint: Callable[[int], None]) -> dict[str, Any]:
+    def fit(self, on_log: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Train from the current step to `config.steps`. Every `log_every` steps (and at
         the last) the mean values since the previous line go to `on_log`; every
-        `checkpoint_every` steps `on_checkpoint(step)` saves (never after a non-finite loss).
+        `checkpoints.every` steps a checkpoint is saved (never after a non-finite loss).
         Raises NonFiniteLoss when the loss stops being finite."""
         config = self.config
         clock, line = time.perf_counter(), {}
@@ -329,9 +339,10 @@ class Trainer:
                 line, clock = self.read_window(now - clock), now
                 self.check_finite()
                 on_log(line)
-            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.steps:
+            every = config.checkpoint_every if self.checkpoints else 0
+            if every and self.step % every == 0 and self.step < config.steps:
                 self.check_finite()
-                on_checkpoint(self.step)
+                self.save_checkpoint()
         return line
 
     def check_finite(self) -> None:

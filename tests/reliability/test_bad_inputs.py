@@ -13,7 +13,7 @@ import torch
 from conftest import assert_one_line_error, run_distill, run_prune
 from PIL import Image
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -146,7 +146,7 @@ def test_other_hostile_class_names_are_refused(name, pruned_dir, tmp_path, run_c
 def test_a_unet_with_dropout_prunes_at_every_ratio(tmp_path):
     from conftest import build_tiny_unet, save_pipeline
 
-    from difcompress.io.loading import load_model
+    from difcompress.loading.models import load_model
 
     teacher = save_pipeline(build_tiny_unet(seed=3, dropout=0.1), tmp_path / "dropout-teacher")
     for ratio in (0.25, 0.5, 0.75):

@@ -39,7 +39,7 @@ def hidden(folder: Path) -> list[str]:
 
 
 def test_checkpoint_write_fails_cleanly_and_the_run_resumes(student, tmp_path, monkeypatch, run_cli):
-    import difcompress.training.checkpoint as checkpoint
+    import difcompress.artifacts.checkpoint as checkpoint
 
     run = tmp_path / "run"
     real = checkpoint.save_file
@@ -64,7 +64,7 @@ def test_checkpoint_write_fails_cleanly_and_the_run_resumes(student, tmp_path, m
 
 def test_final_student_write_fails_cleanly(student, tmp_path, monkeypatch):
     import difcompress.training.run_folder as run_folder
-    from difcompress.errors import UserError
+    from difcompress.core.errors import UserError
 
     run = tmp_path / "run"
     monkeypatch.setattr(run_folder, "save_model_folder", no_space)
@@ -83,14 +83,14 @@ def test_other_run_files_fail_cleanly(writer, student, tmp_path, monkeypatch):
     import matplotlib.figure
 
     import difcompress.training.run_folder as run_folder
-    from difcompress.errors import UserError
+    from difcompress.core.errors import UserError
 
     data = "teacher" if writer == "teacher samples" else "digits"
     if writer == "metrics":
         monkeypatch.setattr(run_folder, "json", type("J", (), {"dumps": staticmethod(no_space),
                                                                "loads": json.loads}))
     elif writer == "teacher samples":
-        import difcompress.io.folders as folders
+        import difcompress.core.files as folders
         monkeypatch.setattr(folders, "save_file", no_space)
     else:
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)

@@ -18,8 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from difcompress.errors import UserError
-from difcompress.io.folders import disk_errors
+from difcompress.core.errors import UserError
+from difcompress.core.files import disk_errors
 from difcompress.metrics.extractors import to_uint8
 
 __all__ = ["save_sample_grid", "plot_metrics", "plot_by_ratio", "plot_runs", "LOSS_KEYS"]

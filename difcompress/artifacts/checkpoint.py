@@ -10,18 +10,31 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from difcompress.errors import UserError
-from difcompress.io.folders import atomic_folder, remove
+from difcompress.core.errors import UserError
+from difcompress.core.files import atomic_folder, remove
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
+@dataclass
+class Checkpoint:
+    """A distill run's whole state (what `Trainer.state_dict()` returns): named module state
+    dicts (student, ema, adapters), the optimizer's state dict, the RNG states, and plain
+    values (data-stream position, lr schedule, grad scaler)."""
+
+    step: int
+    modules: dict[str, dict[str, torch.Tensor]]
+    optimizer: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for index, slots in state["state"].items():
         for key, value in slots.items():
@@ -44,29 +57,21 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return rng
-
-
-def save_checkpoint(run_dir: Path, step: int, *, modules: dict[str, dict[str, torch.Tensor]],
-                    optimizer: torch.optim.Optimizer, generator: torch.Generator, info: dict[str, Any],
-                    keep: int | None = None) -> Path:
-    """Write `checkpoints/step-XXXXXXX` atomically. `modules` are named state dicts
-    (student, ema, adapters); `keep` old checkpoints stay (None: all of them)."""
+def save_checkpoint(run_dir: Path, state: Checkpoint, *, info: dict[str, Any], keep: int | None = None) -> Path:
+    """Write `checkpoints/step-XXXXXXX` atomically, with `info` (the run's identity) beside
+    the state; `keep` old checkpoints stay (None: all of them)."""
     root = Path(run_dir) / "checkpoints"
-    target = root / f"step-{step:07d}"
-    tensors = {name: _cpu(state) for name, state in modules.items()}
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    target = root / f"step-{state.step:07d}"
+    tensors = {name: _cpu(modules) for name, modules in state.modules.items()}
+    opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
     needed = sum(t.numel() * t.element_size() for group in (*tensors.values(), opt_tensors) for t in group.values())
     with atomic_folder(target, needed_bytes=needed) as tmp:
-        for name, state in tensors.items():
-            save_file(state, tmp / f"{name}.safetensors")
+        for name, module_state in tensors.items():
+            save_file(module_state, tmp / f"{name}.safetensors")
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        save_file(_rng_state(generator), tmp / "rng.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**info, "step": step, "optimizer": opt_meta}, indent=2))
+        save_file(_cpu(state.rng), tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**info, **state.info, "step": state.step, "optimizer": opt_meta},
+                                                   indent=2))
     if keep is not None:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -97,9 +102,8 @@ def read_checkpoint_info(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
 
 
-def load_checkpoint(path: Path, generator: torch.Generator) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]],
-                                                                   dict[str, Any]]:
-    """(info, named state dicts, optimizer state) of a checkpoint; restores the RNG states."""
+def load_checkpoint(path: Path) -> Checkpoint:
+    """The state a checkpoint folder holds (its info: everything state.json records)."""
     info = read_checkpoint_info(path)
     try:
         modules = {p.stem: load_file(p) for p in path.glob("*.safetensors") if p.stem not in ("optimizer", "rng")}
@@ -107,9 +111,4 @@ def load_checkpoint(path: Path, generator: torch.Generator) -> tuple[dict[str, A
         rng = load_file(path / "rng.safetensors")
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    return info, modules, optimizer
+    return Checkpoint(info["step"], modules, optimizer, rng, info)

@@ -16,18 +16,19 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundEr
 from safetensors.torch import load_file
 from torch import nn
 
+from difcompress.artifacts.folders import STRUCTURE, read_manifest
 from difcompress.builtin import builtin_model_path
+from difcompress.core.environment import hub_offline
+from difcompress.core.errors import UserError
+from difcompress.core.files import read_json
 from difcompress.data.latents import AUTOENCODER_CLASSES, Autoencoder
 from difcompress.data.text import TextEncoder, load_transformers_part
-from difcompress.environment import hub_offline
-from difcompress.errors import UserError
+from difcompress.diffusion.sampling import sample_images
 from difcompress.families.base import ModelFamily
-from difcompress.families.registry import family_for_class_name
-from difcompress.io.folders import STRUCTURE, read_json, read_manifest
+from difcompress.families.registry import family_for
 from difcompress.pruning.graph import replay_history
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TEXT_PIPELINES = ("StableDiffusionPipeline",)
 DENOISER_COMPONENTS = ("unet", "transformer")
 AUTOENCODER_COMPONENTS = ("vae", "vqvae")  # DiTPipeline, LDMPipeline
 
@@ -54,8 +55,10 @@ class LoadedModel:
         return self.autoencoder.image_channels, h * f, w * f
 
     def sample(self, num_samples: int, **kwargs) -> torch.Tensor:
-        """The family's sampler on this model, in its space (latents stay unclamped)."""
-        return self.family.sample(self.model, self.scheduler, num_samples, pixels=self.autoencoder is None, **kwargs)
+        """Samples of this model in its space (latents stay unclamped); keyword arguments as
+        diffusion/sampling.py's `sample_images` takes them."""
+        return sample_images(self.family, self.model, self.scheduler, num_samples, pixels=self.autoencoder is None,
+                             **kwargs)
 
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples in the denoiser's space -> images in [-1, 1] (decoded for latent models)."""
@@ -117,29 +120,30 @@ def _load_folder(path: Path, source: str) -> LoadedModel:
         component = next((c for c in DENOISER_COMPONENTS if c in index), None)
         if component is None:
             raise UserError(f"{path} is a pipeline without a unet or transformer; nothing to compress")
-        family = family_for_class_name(index[component][1])
-        if family.conditioning == "text" and index.get("_class_name") not in TEXT_PIPELINES:
-            raise UserError(f"{path} is a {index.get('_class_name')} with a {index[component][1]}, which is not "
-                            f"supported yet: difcompress compresses the U-Net of {', '.join(TEXT_PIPELINES)} (SD 1.x and 2.x)")
+        family = _family(path, index[component][1], index.get("_class_name"))
         model_dir = path / component
         scheduler_dir = path / "scheduler"
         autoencoder = _load_autoencoder(path, index)
-        text = _load_text(path, index) if family.conditioning == "text" else None
+        text = _load_text(path, index) if family.takes_text else None
         settings = {k: v for k, v in index.items() if not k.startswith("_") and not _is_component(v)}
     elif (path / "config.json").is_file():
-        family = family_for_class_name(read_json(path / "config.json").get("_class_name", "?"))
+        family = _family(path, read_json(path / "config.json").get("_class_name", "?"))
         model_dir = path
         scheduler_dir = path if (path / "scheduler_config.json").is_file() else path.parent / "scheduler"
         autoencoder, settings, text = None, None, None
-        if family.conditioning == "text":
-            raise UserError(f"{path} is a bare {family.model_class.__name__}; pass its StableDiffusionPipeline folder "
-                            "(the VAE, text encoder and tokenizer come from there)")
     else:
         raise UserError(f"{path} is not a diffusers model or pipeline folder (no model_index.json or config.json)")
     model = _load_weights(family, model_dir)
     structure = read_json(model_dir / STRUCTURE) if (model_dir / STRUCTURE).is_file() else None
     return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest, structure, autoencoder,
                        settings or None, text)
+
+
+def _family(path: Path, denoiser_class: str, pipeline_class: str | None = None) -> ModelFamily:
+    try:
+        return family_for(denoiser_class, pipeline_class)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
 
 
 def _is_component(value: Any) -> bool:

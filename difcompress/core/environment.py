@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 import torch
 
-from difcompress.errors import UserError
+from difcompress.core.errors import UserError
 
 # The dtype names the options take (--dtype, --teacher-dtype), as torch dtypes.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

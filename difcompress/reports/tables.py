@@ -1,42 +1,12 @@
-"""What people and scripts see: rich tables, progress bars and warnings on the terminal,
-JSON for scripts (`--json`)."""
+"""The rich tables each command prints: the prune report, the distill plan, the evaluation."""
 
 from __future__ import annotations
 
-import json
-import sys
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
-
-
-def human(n: float, unit: str = "") -> str:
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= factor:
-            return f"{n / factor:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}" if float(n).is_integer() else f"{n:.3g}{unit}"
-
-
-SCHEMA_VERSION = 1  # of every --json output (docs/output-format.md); raise it when a field changes meaning
-
-
-def print_json(data: dict[str, Any]) -> None:
-    """A command's result on stdout, stamped with the schema version."""
-    sys.stdout.write(json.dumps({"schema_version": SCHEMA_VERSION, **data}, indent=2, default=str) + "\n")
+from difcompress.core.console import console, err_console, human
 
 
 def print_prune_report(report: dict[str, Any]) -> None:
@@ -51,9 +21,8 @@ def print_prune_report(report: dict[str, Any]) -> None:
         before, after = report[key]
         table.add_row(key, human(before), f"{human(after)} ({after / before:.1%})")
     console.print(table)
-    unit = "head" if report["family"] == "dit" else "channel"
     console.print(
-        f"requested {unit} reduction {report['requested_channel_reduction']:.0%}; "
+        f"requested {report['pruned_unit']} reduction {report['requested_channel_reduction']:.0%}; "
         f"achieved params -{report['params_reduction']:.1%}, MACs -{report['macs_reduction']:.1%}"
     )
     if "kept_blocks" in report and report["kept_blocks"] != list(range(report["blocks"])):
@@ -87,7 +56,7 @@ def print_eval_report(result: dict[str, Any]) -> None:
     for row in rows:
         table.add_column(row["model"], justify="right")
     first = rows[0]
-    denoiser = "U-Net" if first["family"] != "dit" else "transformer"
+    denoiser = first["denoiser_kind"]
     lines = [
         ("params", lambda r: human(r["params"])),
         ("MACs / call", lambda r: human(r["macs"])),
@@ -120,34 +89,3 @@ def print_eval_report(result: dict[str, Any]) -> None:
         console.print(f"FID/KID: {p['feature_extractor']} features, {p['num_samples']} samples, {p['sampler']} "
                       f"{p['steps']} steps, seed {p['seed']}, reference {p['reference']}")
     console.print(f"sample grid: {result['grid']}")
-
-
-def warn(message: str) -> None:
-    """One yellow warning line on stderr (stdout stays clean for --json)."""
-    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-
-def progress_bar(enabled: bool = True, *extra_columns) -> Progress:
-    """A rich progress bar on stderr (stdout stays clean for --json) with ETA."""
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(), *extra_columns, console=err_console, disable=not enabled,
-    )
-
-
-def _stats_text(line: dict[str, Any]) -> str:
-    parts = [f"loss {line['loss']:.4f}"]
-    parts += [f"{key} {line[key]:.3f}" for key in ("task", "kd", "feature", "w", "slope", "intercept") if key in line]
-    return " ".join(parts)
-
-
-@contextmanager
-def distill_progress(enabled: bool, loss: str, total: int, start: int) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A progress bar over distill steps; the callable it yields takes each log line."""
-    with progress_bar(enabled, TextColumn("{task.fields[stats]}")) as progress:
-        task = progress.add_task(f"distill ({loss})", total=total, completed=start, stats="")
-
-        def advance(line: dict[str, Any]) -> None:
-            progress.update(task, completed=line["step"], stats=_stats_text(line))
-
-        yield advance

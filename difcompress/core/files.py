@@ -1,15 +1,4 @@
-"""The difcompress output folder, and every write that makes one: atomic, locked, shared.
-
-    OUT/
-      difcompress.json                 what made it: stage, source, settings, versions, report
-      model_index.json                 DDPMPipeline / LDMPipeline / DiTPipeline.from_pretrained(OUT)
-      unet/ or transformer/            the denoiser: config.json, diffusion_pytorch_model.safetensors
-                                       (the one copy of the weights; UNet2DModel.from_pretrained(OUT, subfolder="unet"))
-      vae/ or vqvae/                   latent pipelines: the original autoencoder, unchanged
-      scheduler/scheduler_config.json
-      unet/difcompress_structure.json  only when the widths cannot be expressed in the
-                                       stock config (global pruning): base config + the
-                                       torch-pruning history that rebuilds the exact model
+"""Every write difcompress makes, and the reads of others' files: atomic, locked, shared.
 
 Guarantees, each enforced here once:
 * atomic: a folder is built under a temporary sibling name and renamed when complete, so a
@@ -35,19 +24,15 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from difcompress.errors import UserError
-from difcompress.io.report import human
+from difcompress.core.console import human
+from difcompress.core.errors import UserError
 
-MANIFEST = "difcompress.json"
-STRUCTURE = "difcompress_structure.json"
-EVAL_FILE = "eval.json"
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
@@ -213,7 +198,7 @@ def folder_lock(folder: str | Path, *, wait: bool = False) -> Iterator[None]:
     however it exits, and a clean exit removes the file."""
     folder = Path(folder)
     lock_path = folder.parent / f".{folder.name}.lock"
-    _refuse_a_file_in_the_way(folder)
+    refuse_a_file_in_the_way(folder)
     with disk_errors(folder.parent):
         folder.parent.mkdir(parents=True, exist_ok=True)
         fd = _lock(lock_path, wait)
@@ -253,84 +238,10 @@ def build_once(folder: Path, write: Callable[[Path], None], *, build_here: bool 
     return read_json(index_path), reused
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / MANIFEST
-    return read_json(path) if path.is_file() else None
-
-
-def pruning_report(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The prune report a folder carries: "report" in a pruned folder, "pruning" in a
-    distilled or exported one."""
-    manifest = manifest or {}
-    return manifest.get("report") if manifest.get("stage") == "prune" else manifest.get("pruning")
-
-
 def resolved_source(source: str | Path) -> str:
     """Where a source lives, for the record: an existing path made absolute, anything else
     (a hub id, a dataset name, a built-in name) as given."""
     return str(Path(source).resolve()) if Path(source).exists() else str(source)
-
-
-def _within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def file_in_the_way(out: str | Path) -> Path | None:
-    """The file, if any, standing where one of `out`'s parent folders would have to be."""
-    nearest = next((p for p in Path(out).expanduser().absolute().parents if p.exists()), None)
-    return nearest if nearest is not None and not nearest.is_dir() else None
-
-
-def _refuse_a_file_in_the_way(out: Path) -> None:
-    blocking = file_in_the_way(out)
-    if blocking is not None:
-        raise UserError(f"cannot write {out}: {blocking} is a file, not a folder; choose another output")
-
-
-def check_output_folder(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
-    """An output may be new, empty, or an earlier difcompress folder (replaced), but never one
-    of the inputs or a folder holding one (checked through symlinks and `..`)."""
-    out = Path(out)
-    _refuse_a_file_in_the_way(out)
-    target = out.expanduser().resolve()
-    for source in inputs:
-        source_path = Path(source).expanduser()
-        if source_path.exists() and _within(source_path.resolve(), target):
-            raise UserError(f"output {out} would replace the input {source}; choose another output", exit_code=2)
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"output {out} exists and is a file; choose another output")
-        if any(out.iterdir()) and read_manifest(out) is None:
-            raise UserError(f"output folder {out} exists and is not a difcompress folder; choose another output")
-    return out
-
-
-@contextmanager
-def quiet_diffusers() -> Iterator[None]:
-    """diffusers' warnings off for a call whose warnings are about things done on purpose."""
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
-
-
-def save_model_folder(folder: Path, model, scheduler, family, manifest: dict[str, Any],
-                      structure: dict[str, Any] | None = None, *, autoencoder=None,
-                      pipeline_settings: dict[str, Any] | None = None, variant: str | None = None, text=None) -> None:
-    """Write pipeline (with a latent model's autoencoder, unchanged) + manifest into `folder`
-    (normally the temp folder of atomic_folder); `variant` names the weight files as
-    diffusers variants (diffusion_pytorch_model.fp16.safetensors)."""
-    pipeline = family.pipeline(model, scheduler, autoencoder, text)
-    with quiet_diffusers():  # a pixel DiT's absent VAE is intended, not worth a warning
-        pipeline.save_pretrained(folder, safe_serialization=True, variant=variant)
-    if pipeline_settings:  # e.g. DiT's id2label (ImageNet class names), which the pipeline takes as an argument
-        index = read_json(folder / "model_index.json")
-        write_json(folder / "model_index.json", {**index, **pipeline_settings})
-    if structure is not None:
-        write_json(folder / family.component / STRUCTURE, structure)
-    write_json(folder / MANIFEST, manifest)
 
 
 def folder_size_bytes(folder: str | Path) -> int:
@@ -342,3 +253,15 @@ def folder_size_bytes(folder: str | Path) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_size
     return total
+
+
+def file_in_the_way(out: str | Path) -> Path | None:
+    """The file, if any, standing where one of `out`'s parent folders would have to be."""
+    nearest = next((p for p in Path(out).expanduser().absolute().parents if p.exists()), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
+def refuse_a_file_in_the_way(out: Path) -> None:
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise UserError(f"cannot write {out}: {blocking} is a file, not a folder; choose another output")

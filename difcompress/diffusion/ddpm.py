@@ -1,0 +1,76 @@
+"""The DDPM formulation (Ho et al. 2020; DDIM sampling, Song et al. 2021): discrete
+timesteps, noise added by the scheduler's alphas, and a denoiser that predicts the noise
+(epsilon), the velocity (v) or the clean sample, as the scheduler config says.
+
+A formulation is what training and sampling ask of the diffusion process, apart from the
+model family: draw timesteps, noise a clean batch, name the regression target, and build
+the sampler. (A flow-matching formulation is the other kind diffusers trains.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from difcompress.core.errors import UserError
+
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+def antithetic_timesteps(batch: int, num_train: int, generator: torch.Generator) -> torch.Tensor:
+    """Pairs (t, T-1-t): lower variance of the loss estimate across timesteps."""
+    half = torch.randint(0, num_train, ((batch + 1) // 2,), generator=generator)
+    return torch.cat([half, num_train - 1 - half])[:batch]
+
+
+@dataclass
+class DDPMFormulation:
+    """Noise and targets of a DDPM-trained denoiser with `scheduler`'s training config."""
+
+    scheduler: Any
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def draw_timesteps(self, size: int, generator: torch.Generator, antithetic: bool = False) -> torch.Tensor:
+        """Training timesteps, uniform over the schedule (in antithetic pairs when asked)."""
+        if antithetic:
+            return antithetic_timesteps(size, self.num_train_timesteps, generator)
+        return torch.randint(0, self.num_train_timesteps, (size,), generator=generator)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser predicts: the noise, the velocity, or the clean sample."""
+        kind = self.scheduler.config.get("prediction_type", "epsilon")
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t)
+        return x0
+
+    def sampler(self, name: str, steps: int, learned_variance: bool = False, pixels: bool = True):
+        """A DDIM or ancestral sampler built from the training config (betas, prediction type),
+        set to `steps`; ancestral sampling uses a learned variance where the model predicts
+        one (DiT); latents (pixels=False) are never clipped to [-1, 1]."""
+        if name not in SAMPLERS:
+            raise UserError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}", exit_code=2)
+        extra = {"variance_type": "learned_range"} if learned_variance and name == "ddpm" else {}
+        if not pixels:
+            extra.update(clip_sample=False, thresholding=False)
+        out = SAMPLERS[name].from_config(self.scheduler.config, **extra)
+        out.set_timesteps(steps)
+        return out
+
+
+def formulation_for(scheduler: Any) -> DDPMFormulation:
+    """The formulation a denoiser was trained with, read off its scheduler."""
+    if "FlowMatch" in type(scheduler).__name__:
+        raise UserError(f"{type(scheduler).__name__}: flow-matching denoisers are not supported yet "
+                        "(difcompress trains DDPM-formulated ones)", exit_code=2)
+    return DDPMFormulation(scheduler)
