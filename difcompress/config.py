@@ -39,11 +39,13 @@ DepthCriterion = Literal["uniform", "output-change"]
 Loss = Literal[LOSS_NAMES]  # type: ignore[valid-type]  (the objectives registry is the source)
 CoarseNorm = Literal[COARSE_NORMS]  # type: ignore[valid-type]
 FeatureSchedule = Literal["constant", "linear", "epoch-linear"]
-FeatureHooks = Literal["stages", "blocks"]
+FeatureHooks = Literal["stages", "blocks", "self-attention"]
 Reduction = Literal[REDUCTIONS]  # type: ignore[valid-type]
 MaskSource = Literal[MASK_SOURCES]  # type: ignore[valid-type]
 VarianceLoss = Literal["mse", "vlb-kl"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+# The block-removal presets every family offers (each family's `presets` lists its own).
+Preset = Literal["bk-base", "bk-small", "bk-tiny", "koala-1b", "koala-700m", "ssd-1b", "vega"]
 ExportFormatName = Literal["diffusers"]  # commands/export.py's FORMATS writes each
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Optimizer = Literal["adamw", "adam", "adamw-8bit"]
@@ -154,9 +156,10 @@ class PruneConfig(StageConfig):
                                  "default: train when there is one).")
     image_column: Optional[str] = Field(None, description="Image column of --data (default: the first image "
                                         "column, else image or img).")
-    preset: Optional[Literal["bk-base", "bk-small", "bk-tiny"]] = Field(
-        None, description="Text-to-image U-Nets: BK-SDM's block removal (base: one layer per block; small: and no "
-        "mid block; tiny: and no innermost stage), every weight copied from the teacher.")
+    preset: Optional[Preset] = Field(
+        None, description="Text-to-image U-Nets: block removal, every weight copied from the teacher. SD: BK-SDM's "
+        "bk-base (one layer per block), bk-small (and no mid block), bk-tiny (and no innermost stage); SDXL: the "
+        "published koala-1b, koala-700m, ssd-1b and vega layouts.")
     global_pruning: bool = Field(False, description="Rank channels across layers (widths recorded in JSON, "
                                  "not in the stock config).", json_schema_extra=_cli(flags=("--global",)))
     depth: Optional[int] = Field(None, ge=1, description="DiT: transformer blocks to keep.")
@@ -248,8 +251,9 @@ class DistillConfig(StageConfig):
                                                 "teacher blocks they came from).",
                                                 json_schema_extra=_cli(flags=("--feature-layer",)))
     feature_hooks: FeatureHooks = Field("stages", description="Default feature-KD modules: stages (the output of "
-                                        "each down/mid/up block) or blocks (every resnet, attention and resampling "
-                                        "conv: the LIFT/PLACE authors' DDPM FitNet rule).")
+                                        "each down/mid/up block), blocks (every resnet, attention and resampling "
+                                        "conv: the LIFT/PLACE authors' DDPM FitNet rule) or self-attention (every "
+                                        "transformer block's self-attention: KOALA's, SDXL only).")
     feature_reduction: Reduction = Field("mean", description="Feature KD over the hooked pairs: mean, or sum "
                                          "(BK-SDM and the LIFT/PLACE authors).")
     feature_adapter_bias: bool = Field(True, description="Feature adapters (1x1 conv / linear) with a bias.")

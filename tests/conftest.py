@@ -322,6 +322,54 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
         return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
+def build_tiny_sdxl(folder: Path, seed: int = 0, **unet_overrides) -> Path:
+    """SDXL's block pattern in miniature (3 levels, 2 layers per block, attention on the two
+    inner levels at depths 2 and 6, text-and-time conditioning), two CLIP text encoders (the
+    second with a projection) over the character vocabulary; 16x16 images, 8x8 latents."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    from difcompress.data.text import write_character_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 2, 6), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        norm_num_groups=8), **unet_overrides})
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    tokenizer = CLIPTokenizer.from_pretrained(write_character_tokenizer(folder.parent / f"{folder.name}-tokenizer"))
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32)), tokenizer_2=tokenizer,
+        unet=unet, scheduler=EulerDiscreteScheduler(num_train_timesteps=TINY_NUM_TRAIN_TIMESTEPS, steps_offset=1,
+                                                    timestep_spacing="leading"),
+        add_watermarker=False).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    with one_thread():
+        return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
 def write_captioned_digits(folder: Path, count: int = 24) -> Path:
     """An imagefolder tree of digits with a metadata.jsonl of captions ("a handwritten 7")."""
     from PIL import Image

@@ -269,7 +269,17 @@ def test_families_are_found_by_pipeline_and_denoiser_together():
     assert family_for("UNet2DConditionModel", "StableDiffusionPipeline") is FAMILIES["t2i"]
     assert family_for("UNet2DModel", "LDMPipeline") is FAMILIES["unet2d"]
     assert family_for("UNet2DModel") is FAMILIES["unet2d"]  # a bare model folder
-    with pytest.raises(UserError, match="StableDiffusionXLPipeline with a UNet2DConditionModel"):
-        family_for("UNet2DConditionModel", "StableDiffusionXLPipeline")
+    assert family_for("UNet2DConditionModel", "StableDiffusionXLPipeline") is FAMILIES["sdxl"]
+    with pytest.raises(UserError, match="StableDiffusionXLImg2ImgPipeline with a UNet2DConditionModel"):
+        family_for("UNet2DConditionModel", "StableDiffusionXLImg2ImgPipeline")  # the refiner
     with pytest.raises(UserError, match="pass its pipeline folder"):
         family_for("UNet2DConditionModel")
+
+
+def test_the_preset_choices_are_the_families_presets():
+    import typing
+
+    from difcompress.families.registry import FAMILIES
+
+    offered = {p for family in FAMILIES.values() for p in family.presets}
+    assert set(typing.get_args(config_module.Preset)) == offered

@@ -71,7 +71,11 @@ def test_a_unet_without_sds_pattern_and_other_pipelines_are_clear_errors(tiny_sd
     shutil.copytree(tiny_sd_dir, other)
     index = json.loads((other / "model_index.json").read_text())
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(UserError, match="StableDiffusionXLPipeline with a UNet2DConditionModel, which is not supported yet"):
+    with pytest.raises(UserError, match="StableDiffusionXLPipeline without its text_encoder_2"):
+        load_model(other)
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    with pytest.raises(UserError, match="StableDiffusionXLImg2ImgPipeline with a UNet2DConditionModel, which is not "
+                                        "supported yet"):
         load_model(other)
     code, _, err = run_cli("prune", tiny_sd_dir, "--preset", "bk-small", "--ratio", "0.5", "--global", "-o",
                            tmp_path / "q", "--device", "cpu")

@@ -108,7 +108,7 @@ def plan_distill(config: DistillConfig) -> dict[str, Any]:
     pairs = _feature_pairs(config, student, teacher, w_feat) or []
     memory = estimate_distill_memory(
         config, student.family, student.model, teacher.model if teacher else None, micro_batch=micro_batch,
-        feature_pairs=pairs, text_tokens=student.text.tokenizer.model_max_length if student.text else None)
+        feature_pairs=pairs, text_tokens=student.text.max_length if student.text else None)
     settings = config.model_dump(mode="json", exclude=NOT_SETTINGS)
     settings.update(teacher=teacher_ref, w_feat=w_feat, objective=objective_name(config.loss, w_feat),
                     processes=processes)

@@ -27,6 +27,7 @@ from difcompress.core.errors import UserError
 from difcompress.core.files import disk_errors, folder_lock, write_json
 from difcompress.data.conditions import take
 from difcompress.data.datasets import check_labels
+from difcompress.data.images import frame_rows
 from difcompress.data.text import read_prompts
 from difcompress.diffusion.sampling import Guidance, balanced_labels
 from difcompress.loading.models import load_model
@@ -124,7 +125,9 @@ def eval_conditions(item, count: int, config: EvalConfig) -> EvalConditions:
             raise UserError(f"{item.source} is a text-to-image model: pass --prompts FILE", exit_code=2)
         prompts = read_prompts(config.prompts)
         prompts = [prompts[i % len(prompts)] for i in range(count)]
-        return EvalConditions(Guidance(family.conditions(model, text=item.text.encode(prompts)),
+        _, height, width = item.image_shape()
+        geometry = frame_rows(None, count, height, width)
+        return EvalConditions(Guidance(family.conditions(model, text=item.text.encode(prompts), geometry=geometry),
                                        family.null_conditions(model, text=item.text.encode([config.negative_prompt])),
                                        scale), prompts)
     classes = family.num_classes(model)

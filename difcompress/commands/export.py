@@ -31,7 +31,6 @@ from difcompress.core.files import (
     resolved_source,
 )
 from difcompress.data.latents import Autoencoder
-from difcompress.data.text import TextEncoder
 from difcompress.loading.models import LoadedModel, load_model, load_model_folder
 from difcompress.metrics.cost import model_size, peak_activation_bytes_estimate
 
@@ -60,7 +59,7 @@ class ExportJob:
     loaded: LoadedModel
     net: nn.Module
     autoencoder: Autoencoder | None
-    text: TextEncoder | None
+    text: Any  # the text side (data/text.py), or None
     info: dict[str, Any]
 
 
@@ -152,10 +151,10 @@ def _in_dtype(autoencoder, dtype):
 
 
 def _text_in_dtype(text, dtype):
-    """The text encoder in the export dtype (the tokenizer has none)."""
+    """The text encoders in the export dtype (the tokenizers have none)."""
     if text is None or dtype == torch.float32:
         return text
-    return TextEncoder(text.tokenizer, text.model.to(dtype))
+    return text.with_models(lambda encoder: encoder.to(dtype))
 
 
 def _evaluation(folder: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

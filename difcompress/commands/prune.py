@@ -41,8 +41,10 @@ def prune(config: PruneConfig, *, show_progress: bool = False) -> dict[str, Any]
         if loaded.structure is not None and not config.global_pruning:
             raise UserError(f"{config.model} was pruned with --global (its widths are not uniform); prune it again "
                             "with --global")
-        if config.preset and not loaded.family.presets:
-            raise UserError(f"--preset (block removal) applies to text-to-image U-Nets, not {loaded.family.name}",
+        family = loaded.family
+        if config.preset and config.preset not in family.presets:
+            offers = f"its presets are {', '.join(family.presets)}" if family.presets else "it has none"
+            raise UserError(f"--preset {config.preset} does not apply to a {family.name} model ({offers})",
                             exit_code=2)
         if depth_pruning and not loaded.family.supports_depth:
             raise UserError(f"depth pruning (--depth/--blocks) applies to transformer models, not "

@@ -24,7 +24,9 @@ from difcompress.core.errors import UserError
 from difcompress.core.files import read_text
 from difcompress.data.conditions import Conditions
 from difcompress.data.images import (
+    crop_geometry,
     crop_position,
+    image_size,
     image_to_tensor,
     load_image,
     scan_image_folder,
@@ -91,6 +93,11 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return load_image(self.paths[index], self.size, self.channels, crop_position(self.crop_seed, index))
+
+    def geometry(self) -> torch.Tensor:
+        """(N, 4): each image's original height and width and its crop's top-left corner."""
+        return torch.tensor([crop_geometry(*image_size(p), self.size, crop_position(self.crop_seed, i))
+                             for i, p in enumerate(self.paths)])
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset({str(self.root)!r}, size={self.size}, channels={self.channels}, "
@@ -202,6 +209,12 @@ class HFDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         return image_to_tensor(self.pil(index), self.size, self.channels, crop_position(self.crop_seed, index))
 
+    def geometry(self) -> torch.Tensor:
+        """(N, 4): each image's original height and width and its crop's top-left corner."""
+        sizes = [self.pil(i).size for i in range(len(self))]  # (width, height)
+        return torch.tensor([crop_geometry(h, w, self.size, crop_position(self.crop_seed, i))
+                             for i, (w, h) in enumerate(sizes)])
+
     def __repr__(self) -> str:
         return (f"HFDataset({self.source!r}, split={self.split!r}, column={self.column!r}, size={self.size}, "
                 f"channels={self.channels}, items={len(self)})")
@@ -306,6 +319,10 @@ class MirroredDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         image = self.dataset[index % len(self.dataset)]
         return image.flip(-1) if index >= len(self.dataset) else image
+
+    def geometry(self) -> torch.Tensor:
+        first = self.dataset.geometry()
+        return torch.cat([first, first])
 
     def __repr__(self) -> str:
         return f"MirroredDataset({self.dataset!r})"

@@ -128,6 +128,39 @@ def image_to_tensor(img: Image.Image, size: int, channels: int,
     return t.to(torch.float32).div_(127.5).sub_(1.0).clamp_(-1.0, 1.0).contiguous()
 
 
+def crop_geometry(height: int, width: int, size: int, crop_at: tuple[float, float] | None = None
+                  ) -> tuple[int, int, int, int]:
+    """(original height, original width, crop top, crop left) of the crop `image_to_tensor`
+    takes from an image of that size: what SDXL's U-Net is told about each training image
+    (its "micro-conditioning"; the crop corner is in the resized image, as SDXL's training
+    script computes it)."""
+    resized = (height, width)
+    if min(height, width) != size:  # torchvision's resize: the shorter side to `size`
+        long = int(size * max(height, width) / min(height, width))
+        resized = (size, long) if height <= width else (long, size)
+    if crop_at is None:
+        return height, width, int(round((resized[0] - size) / 2.0)), int(round((resized[1] - size) / 2.0))
+    return height, width, round(crop_at[0] * (resized[0] - size)), round(crop_at[1] * (resized[1] - size))
+
+
+def frame_rows(geometry: torch.Tensor | None, count: int, height: int, width: int) -> torch.Tensor:
+    """(N, 6) rows of (original height, width, crop top, left, target height, width): the
+    images' `geometry` (N, 4) at this target, or, without it, the full frame at the target
+    (what SDXL's pipeline asks for at generation)."""
+    if geometry is None:
+        geometry = torch.tensor([[height, width, 0, 0]]).repeat(count, 1)
+    return torch.cat([geometry, torch.tensor([[height, width]]).repeat(len(geometry), 1)], 1)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file as read_image returns it (EXIF rotation applied),
+    read from its header only."""
+    with Image.open(path) as img:
+        width, height = img.size
+        rotated = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
+    return (width, height) if rotated else (height, width)
+
+
 def load_image(path: str | Path, size: int, channels: int, crop_at: tuple[float, float] | None = None
                ) -> torch.Tensor:
     """Read one image file into a float32 ``(channels, size, size)`` tensor in [-1, 1]."""

@@ -27,6 +27,7 @@ from difcompress.core.files import build_once, read_text
 from difcompress.data.datasets import CAPTION_COLUMNS
 
 SHARD_CAPTIONS = 4096
+CACHE_FORMAT = 2  # shards keyed by condition name (1: one "encodings" tensor)
 
 
 def load_transformers_part(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
@@ -44,9 +45,27 @@ def load_transformers_part(cls: Any, folder: Path, what: str, **kwargs: Any) -> 
             transformers.utils.logging.enable_progress_bar()
 
 
+def _fingerprint(parts: list[tuple[Any, nn.Module]]) -> str:
+    """What identifies encodings: every tokenizer's vocabulary and every encoder's config and weights."""
+    digest = hashlib.sha256()
+    for tokenizer, model in parts:
+        digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+        digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=int(tokenizer.model_max_length), truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
 @dataclass
 class TextEncoder:
-    """A pipeline's tokenizer and (frozen) text encoder."""
+    """Stable Diffusion's text side: one tokenizer and (frozen) CLIP text encoder, whose last
+    hidden states the U-Net reads."""
 
     tokenizer: Any = field(repr=False)
     model: nn.Module = field(repr=False)
@@ -55,24 +74,66 @@ class TextEncoder:
     def max_length(self) -> int:
         return int(self.tokenizer.model_max_length)
 
+    def components(self) -> dict[str, Any]:
+        """The pipeline components, by their model_index names."""
+        return {"tokenizer": self.tokenizer, "text_encoder": self.model}
+
+    def with_models(self, change) -> TextEncoder:
+        """The same text side with `change(model)` applied to each encoder (device, dtype)."""
+        return TextEncoder(self.tokenizer, change(self.model))
+
     @torch.no_grad()
-    def encode(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """(N, tokens, width) last hidden states, as StableDiffusionPipeline computes them."""
+    def encode(self, prompts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """{"encoder_hidden_states": (N, tokens, width)}: the last hidden states, as
+        StableDiffusionPipeline computes them."""
         device = next(self.model.parameters()).device
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            tokens = self.tokenizer(prompts[start:start + batch_size], padding="max_length",
-                                    max_length=self.max_length, truncation=True, return_tensors="pt")
-            out.append(self.model(tokens.input_ids.to(device))[0].float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
+        out = [self.model(_tokens(self.tokenizer, prompts[start:start + batch_size], device))[0].float().cpu()
+               for start in range(0, len(prompts), batch_size)]
+        return {"encoder_hidden_states": torch.cat(out) if out else torch.empty(0)}
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
-        digest.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
-        for name, tensor in sorted(self.model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return _fingerprint([(self.tokenizer, self.model)])
+
+
+@dataclass
+class DualTextEncoder:
+    """SDXL's text side: CLIP ViT-L and OpenCLIP ViT-bigG (with projection). The U-Net reads
+    both encoders' penultimate hidden states side by side, and the second one's pooled,
+    projected output (``text_embeds``), as StableDiffusionXLPipeline.encode_prompt builds them."""
+
+    tokenizer: Any = field(repr=False)
+    model: nn.Module = field(repr=False)
+    tokenizer_2: Any = field(repr=False)
+    model_2: nn.Module = field(repr=False)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def components(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer, "text_encoder": self.model, "tokenizer_2": self.tokenizer_2,
+                "text_encoder_2": self.model_2}
+
+    def with_models(self, change) -> DualTextEncoder:
+        return DualTextEncoder(self.tokenizer, change(self.model), self.tokenizer_2, change(self.model_2))
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """{"encoder_hidden_states": (N, tokens, width_1 + width_2), "text_embeds": (N, projection)}."""
+        device = next(self.model.parameters()).device
+        states, pooled = [], []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            first = self.model(_tokens(self.tokenizer, chunk, device), output_hidden_states=True)
+            second = self.model_2(_tokens(self.tokenizer_2, chunk, device), output_hidden_states=True)
+            states.append(torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1).float().cpu())
+            pooled.append(second.text_embeds.float().cpu())
+        if not states:
+            return {"encoder_hidden_states": torch.empty(0), "text_embeds": torch.empty(0)}
+        return {"encoder_hidden_states": torch.cat(states), "text_embeds": torch.cat(pooled)}
+
+    def fingerprint(self) -> str:
+        return _fingerprint([(self.tokenizer, self.model), (self.tokenizer_2, self.model_2)])
 
 
 def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
@@ -106,26 +167,28 @@ def _caption_key(row: dict[str, Any], path: Path) -> str:
     return key
 
 
-def cached_text(captions: list[str], text: TextEncoder, cache_root: Path, *, encode_here: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(caption encodings (N, tokens, width) in fp16, the empty prompt's encoding, report),
-    encoded once per (text encoder, captions) and read back afterwards."""
-    key = hashlib.sha256(f"{text.fingerprint()}:{json.dumps(captions)}".encode()).hexdigest()[:20]
+def cached_text(captions: list[str], text, cache_root: Path, *, encode_here: bool = True
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(caption encodings by condition name, each (N, ...) in fp16; the empty prompt's
+    encodings (one row, fp32); report), encoded once per (text encoder, captions) and read
+    back afterwards."""
+    key = hashlib.sha256(f"{text.fingerprint()}:{json.dumps(captions)}:{CACHE_FORMAT}".encode()).hexdigest()[:20]
     folder = Path(cache_root) / "text" / key
     index, reused = build_once(folder, lambda tmp: _write(captions, text, tmp), build_here=encode_here)
-    encodings = torch.cat([load_file(folder / name)["encodings"] for name in index["shards"]])
-    empty = load_file(folder / "empty.safetensors")["encoding"]
+    shards = [load_file(folder / name) for name in index["shards"]]
+    encodings = {name: torch.cat([shard[name] for shard in shards]) for name in shards[0]} if shards else {}
+    empty = load_file(folder / "empty.safetensors")
     return encodings, empty, {"folder": str(folder), "reused": reused, "captions": len(captions)}
 
 
-def _write(captions: list[str], text: TextEncoder, folder: Path) -> None:
+def _write(captions: list[str], text, folder: Path) -> None:
     shards = []
     for start in range(0, len(captions), SHARD_CAPTIONS):
         name = f"shard-{len(shards):05d}.safetensors"
-        encodings = text.encode(captions[start:start + SHARD_CAPTIONS]).half().contiguous()
-        save_file({"encodings": encodings}, folder / name)
+        encodings = text.encode(captions[start:start + SHARD_CAPTIONS])
+        save_file({n: v.half().contiguous() for n, v in encodings.items()}, folder / name)
         shards.append(name)
-    save_file({"encoding": text.encode([""])[0].contiguous()}, folder / "empty.safetensors")
+    save_file({n: v.contiguous() for n, v in text.encode([""]).items()}, folder / "empty.safetensors")
     (folder / "index.json").write_text(json.dumps({"shards": shards, "captions": len(captions)}, indent=2) + "\n")
 
 

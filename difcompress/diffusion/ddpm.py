@@ -32,6 +32,11 @@ class DDPMFormulation:
 
     scheduler: Any
 
+    def __post_init__(self):
+        # Training noises with DDPM's formula whatever sampler the pipeline ships (SDXL ships
+        # Euler, whose add_noise scales by sigma), as diffusers' training scripts do.
+        self.training = DDPMScheduler.from_config(self.scheduler.config)
+
     @property
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
@@ -43,7 +48,7 @@ class DDPMFormulation:
         return torch.randint(0, self.num_train_timesteps, (size,), generator=generator)
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.add_noise(x0, noise, t)
+        return self.training.add_noise(x0, noise, t)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the denoiser predicts: the noise, the velocity, or the clean sample."""
@@ -51,7 +56,7 @@ class DDPMFormulation:
         if kind == "epsilon":
             return noise
         if kind == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, t)
+            return self.training.get_velocity(x0, noise, t)
         return x0
 
     def sampler(self, name: str, steps: int, learned_variance: bool = False, pixels: bool = True):

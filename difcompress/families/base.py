@@ -52,6 +52,8 @@ class ModelFamily(ABC):
     pipeline_tag: str = "unconditional-image-generation"  # the Hub's task of an exported folder
     supports_depth: bool = False  # whether whole blocks can be removed (--depth / --blocks)
     takes_text: bool = False  # conditioned on captions / prompts through the pipeline's text encoder
+    text_parts: tuple[str, ...] = ()  # the pipeline components of its text side (tokenizers, encoders)
+    reads_geometry: bool = False  # told each training image's original size and crop (SDXL)
     presets: tuple[str, ...] = ()  # block-removal presets `prune --preset` offers
     denoiser_kind: str = "U-Net"  # what reports call the denoiser
     pruned_unit: str = "channel"  # what --ratio removes a fraction of
@@ -102,13 +104,19 @@ class ModelFamily(ABC):
         return (config.get("out_channels") or config.in_channels) == 2 * config.in_channels
 
     # ---- conditioning ----------------------------------------------------------------------
-    def conditions(self, model: nn.Module, *, labels: torch.Tensor | None = None,
-                   text: torch.Tensor | None = None) -> Conditions | None:
+    def text_side(self, parts: dict[str, Any]):
+        """The text encoder object (data/text.py) over the loaded `text_parts`."""
+        raise NotImplementedError(f"{self.name} takes no text")
+
+    def conditions(self, model: nn.Module, *, labels: torch.Tensor | None = None, text: Conditions | None = None,
+                   geometry: torch.Tensor | None = None) -> Conditions | None:
         """The named conditions the denoiser reads, one row per sample, from class labels or
-        from encoded captions (None for an unconditional model)."""
+        from encoded captions (the text side's encodings by name), with each image's
+        (original height, width, crop top, left) where the model reads them (None for an
+        unconditional model)."""
         return None
 
-    def null_conditions(self, model: nn.Module, *, text: torch.Tensor | None = None) -> Conditions | None:
+    def null_conditions(self, model: nn.Module, *, text: Conditions | None = None) -> Conditions | None:
         """What classifier-free guidance drops a condition to (one row of each name that
         drops), or None when the model has no null condition."""
         return None

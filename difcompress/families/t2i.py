@@ -23,6 +23,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.activations import GEGLU
 
 from difcompress.core.errors import UserError
+from difcompress.data.text import TextEncoder
 from difcompress.families.base import PruneOutcome, PruneRequest
 from difcompress.families.unet2d import PixelUNetFamily, attention_modules
 from difcompress.pruning.blocks import PRESETS, feature_pairs, remove_blocks
@@ -37,6 +38,7 @@ class TextToImageFamily(PixelUNetFamily):
     needs_pipeline = True
     pipeline_tag = "text-to-image"
     takes_text = True
+    text_parts = ("text_encoder", "tokenizer")
     default_guidance = 7.5  # Stable Diffusion's default guidance scale (StableDiffusionPipeline)
     teacher_data_guidance = 7.5
     presets = tuple(PRESETS)
@@ -45,9 +47,8 @@ class TextToImageFamily(PixelUNetFamily):
     def pipeline(self, model, scheduler, autoencoder=None, text=None):
         if autoencoder is None or text is None:
             raise UserError("a text-to-image U-Net needs its pipeline's VAE, text encoder and tokenizer")
-        return StableDiffusionPipeline(vae=autoencoder.model, text_encoder=text.model, tokenizer=text.tokenizer,
-                                       unet=model, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return StableDiffusionPipeline(vae=autoencoder.model, **text.components(), unet=model, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
     def card_usage(self, where, load_args, imports, info):
         return ["```python", *imports, "from diffusers import StableDiffusionPipeline",
@@ -60,12 +61,19 @@ class TextToImageFamily(PixelUNetFamily):
         width = width[0] if isinstance(width, (list, tuple)) else width
         return {**inputs, "encoder_hidden_states": torch.randn(batch_size, 8, width, device=inputs["sample"].device)}
 
-    def conditions(self, model, *, labels=None, text=None):
-        return None if text is None else {"encoder_hidden_states": text}
+    def matches(self, model):
+        # SD's U-Net reads text alone; one with added text-and-time conditioning is SDXL's.
+        return isinstance(model, self.model_class) and model.config.get("addition_embed_type") != "text_time"
+
+    def text_side(self, parts):
+        return TextEncoder(parts["tokenizer"], parts["text_encoder"])
+
+    def conditions(self, model, *, labels=None, text=None, geometry=None):
+        return None if text is None else {"encoder_hidden_states": text["encoder_hidden_states"]}
 
     def null_conditions(self, model, *, text=None):
         """The empty (or negative) prompt's encoding."""
-        return None if text is None else {"encoder_hidden_states": text.reshape(1, *text.shape[-2:])}
+        return None if text is None else {"encoder_hidden_states": text["encoder_hidden_states"][:1]}
 
     def dropout_option(self, model):
         return "caption_dropout"

@@ -133,6 +133,10 @@ class PixelUNetFamily(GraphPrunedFamily):
         head_dim = model.config.attention_head_dim
         return not head_dim or all(w % head_dim == 0 for w in kept_widths)
 
+    def widths_expressible(self, model, kept_widths: list[int]) -> bool:
+        """Whether the stock config can express these block widths (whole heads here)."""
+        return self.whole_heads(model, kept_widths)
+
     def uniform_groups(self, model, ratio, round_to=1):
         """Groups to keep: the count nearest to (1 - ratio) of them whose widths stay whole
         heads (several heads) and multiples of `round_to` (the time embedding's too)."""
@@ -141,7 +145,7 @@ class PixelUNetFamily(GraphPrunedFamily):
 
         def ok(k):
             kept = [c * k // groups for c in widths]
-            return all(w % round_to == 0 for w in kept) and self.whole_heads(model, kept[:-1])
+            return all(w % round_to == 0 for w in kept) and self.widths_expressible(model, kept[:-1])
 
         candidates = sorted(range(1, groups + 1), key=lambda k: (abs(k - groups * (1 - ratio)), k))
         keep = next((k for k in candidates if ok(k)), None)
@@ -259,6 +263,9 @@ class PixelUNetFamily(GraphPrunedFamily):
         style). blocks: every resnet, attention and resampling conv of those blocks, in
         forward order (the LIFT/PLACE authors' DDPM FitNet rule: 34 modules on the
         ddpm-cifar10-32 layout). Pruning keeps module names, so student and teacher pair by name."""
+        if hooks == "self-attention":
+            raise UserError("--feature-hooks self-attention (KOALA's) applies to SDXL U-Nets; use stages or blocks",
+                            exit_code=2)
         if hooks == "blocks":
             names = [n for block in _blocks(student) for n in _block_modules(student, block)]
         else:

@@ -16,7 +16,12 @@ from difcompress.builtin import builtin_data
 from difcompress.config import DistillConfig
 from difcompress.core.console import warn
 from difcompress.core.errors import UserError
-from difcompress.core.files import build_once, resolved_source, write_json, write_tensors
+from difcompress.core.files import (
+    build_once,
+    resolved_source,
+    write_json,
+    write_tensors,
+)
 from difcompress.data.conditions import Conditions
 from difcompress.data.datasets import (
     Framing,
@@ -26,6 +31,7 @@ from difcompress.data.datasets import (
     check_class_data,
     open_image_data,
 )
+from difcompress.data.images import frame_rows
 from difcompress.data.latents import default_cache_root, latent_training_data
 from difcompress.data.stream import BatchStream
 from difcompress.data.text import cached_text, read_prompts
@@ -101,7 +107,8 @@ def teacher_samples(teacher, count: int, *, seed: int, noise_seed: int, steps: i
     if prompts is not None:
         text, null_text, _ = cached_text(prompts, teacher.text, cache_root or default_cache_root(),
                                          encode_here=processes.is_local_main)
-    conditions = family.conditions(model, labels=labels, text=text)
+    _, height, width = teacher.image_shape()
+    conditions = family.conditions(model, labels=labels, text=text, geometry=frame_rows(None, count, height, width))
     null = family.null_conditions(model, text=null_text)
 
     def generate():
@@ -153,7 +160,11 @@ def training_data(config: DistillConfig, student, teacher, *, cache_dir: Path, p
             images.captions, student.text, config.latent_cache or default_cache_root(),
             encode_here=processes.is_local_main)
     family, model = student.family, student.model
-    conditions = family.conditions(model, labels=getattr(dataset, "labels", None), text=text)
+    geometry = None
+    if family.reads_geometry:
+        size = training_size(student, framing.resolution)
+        geometry = frame_rows(images.geometry() if hasattr(images, "geometry") else None, len(images), size, size)
+    conditions = family.conditions(model, labels=getattr(dataset, "labels", None), text=text, geometry=geometry)
     return TrainingSet(dataset, conditions, family.null_conditions(model, text=null_text)), report
 
 

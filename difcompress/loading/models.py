@@ -22,7 +22,7 @@ from difcompress.core.environment import hub_offline
 from difcompress.core.errors import UserError
 from difcompress.core.files import read_json
 from difcompress.data.latents import AUTOENCODER_CLASSES, Autoencoder
-from difcompress.data.text import TextEncoder, load_transformers_part
+from difcompress.data.text import load_transformers_part
 from difcompress.diffusion.sampling import sample_images
 from difcompress.families.base import ModelFamily
 from difcompress.families.registry import family_for
@@ -44,7 +44,7 @@ class LoadedModel:
     structure: dict[str, Any] | None = None  # the --global pruning record, when there is one
     autoencoder: Autoencoder | None = None  # latent pipelines: the frozen VAE / VQ-VAE
     pipeline_settings: dict[str, Any] | None = None  # model_index.json entries that are not components (id2label)
-    text: TextEncoder | None = None  # text-to-image pipelines: the frozen tokenizer and text encoder
+    text: Any = None  # text-to-image pipelines: the frozen tokenizers and text encoders (data/text.py)
 
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the images this model generates."""
@@ -74,7 +74,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> Loaded
     if loaded.autoencoder is not None:
         loaded.autoencoder.model.to(device).eval().requires_grad_(False)
     if loaded.text is not None:
-        loaded.text.model.to(device)
+        loaded.text = loaded.text.with_models(lambda encoder: encoder.to(device))
     return loaded
 
 
@@ -124,7 +124,7 @@ def _load_folder(path: Path, source: str) -> LoadedModel:
         model_dir = path / component
         scheduler_dir = path / "scheduler"
         autoencoder = _load_autoencoder(path, index)
-        text = _load_text(path, index) if family.takes_text else None
+        text = _load_text(path, index, family) if family.takes_text else None
         settings = {k: v for k, v in index.items() if not k.startswith("_") and not _is_component(v)}
     elif (path / "config.json").is_file():
         family = _family(path, read_json(path / "config.json").get("_class_name", "?"))
@@ -134,6 +134,9 @@ def _load_folder(path: Path, source: str) -> LoadedModel:
     else:
         raise UserError(f"{path} is not a diffusers model or pipeline folder (no model_index.json or config.json)")
     model = _load_weights(family, model_dir)
+    if not family.matches(model):  # e.g. an SD U-Net in an SDXL pipeline folder
+        raise UserError(f"{model_dir}: this {type(model).__name__} does not fit a {family.name} pipeline "
+                        f"({', '.join(family.pipelines)}); check the folder")
     structure = read_json(model_dir / STRUCTURE) if (model_dir / STRUCTURE).is_file() else None
     return LoadedModel(model, load_scheduler(scheduler_dir), family, source, path, manifest, structure, autoencoder,
                        settings or None, text)
@@ -185,17 +188,21 @@ def weights_file(folder: Path) -> tuple[Path | None, str | None]:
     return None, None
 
 
-def _load_text(path: Path, index: dict[str, Any]) -> TextEncoder:
-    """The pipeline's tokenizer and text encoder (safetensors only), frozen."""
-    for component in ("text_encoder", "tokenizer"):
-        if not index.get(component) or not index[component][1] or not (path / component).is_dir():
-            raise UserError(f"{path} is a text-to-image pipeline without its {component}; a text-to-image U-Net "
-                            "needs it to encode captions and prompts")
-    where = f"the text encoder or tokenizer in {path}"
-    tokenizer = load_transformers_part(getattr(transformers, index["tokenizer"][1]), path / "tokenizer", where)
-    encoder = load_transformers_part(getattr(transformers, index["text_encoder"][1]), path / "text_encoder", where,
-                                     use_safetensors=True)
-    return TextEncoder(tokenizer, encoder.eval().requires_grad_(False))
+def _load_text(path: Path, index: dict[str, Any], family: ModelFamily):
+    """The pipeline's tokenizers and text encoders (safetensors only), frozen, as the
+    family's text side."""
+    parts = {}
+    for component in family.text_parts:
+        entry = index.get(component)
+        cls = getattr(transformers, entry[1], None) if entry and entry[1] else None
+        if cls is None or not (path / component).is_dir():
+            raise UserError(f"{path} is a {index.get('_class_name')} without its {component}; its U-Net needs it "
+                            "to encode captions and prompts")
+        where = f"the {component} in {path}"
+        options = {} if "tokenizer" in component else {"use_safetensors": True}
+        part = load_transformers_part(cls, path / component, where, **options)
+        parts[component] = part if "tokenizer" in component else part.eval().requires_grad_(False)
+    return family.text_side(parts)
 
 
 def _load_weights(family: ModelFamily, model_dir: Path) -> nn.Module:

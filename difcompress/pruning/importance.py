@@ -10,6 +10,7 @@ import torch_pruning as tp
 from torch import nn
 
 from difcompress.data.conditions import Conditions, repeat, to
+from difcompress.diffusion.ddpm import formulation_for
 from difcompress.diffusion.inputs import ModelInputs
 
 
@@ -39,7 +40,7 @@ def _per_timestep_losses(model, family, scheduler, images, conditions, chunk, ge
     noise = torch.cat([torch.randn(images.shape, generator=generator) for _ in chunk]).to(images.device)
     t = torch.tensor(chunk, device=images.device).repeat_interleave(n)
     repeated = images.repeat(len(chunk), *([1] * (images.dim() - 1)))
-    inputs = ModelInputs(scheduler.add_noise(repeated, noise, t), t, repeat(conditions, len(chunk)) or {})
+    inputs = ModelInputs(formulation_for(scheduler).noisy(repeated, noise, t), t, repeat(conditions, len(chunk)) or {})
     errors = (family.predict(model, inputs).float() - noise).square()
     return errors.view(len(chunk), -1).mean(1)  # each entry: the MSE over that timestep's images
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from difcompress.core.errors import UserError
 from difcompress.data.conditions import to
+from difcompress.diffusion.ddpm import formulation_for
 from difcompress.diffusion.inputs import ModelInputs
 
 
@@ -36,7 +37,7 @@ def block_removal_scores(family, model, calibration, seed: int) -> list[float]:
     x0 = x0.to(device)
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
-    inputs = ModelInputs(scheduler.add_noise(x0, noise, t), t, to(conditions, device) or {})
+    inputs = ModelInputs(formulation_for(scheduler).noisy(x0, noise, t), t, to(conditions, device) or {})
     full = family.predict(model, inputs)
     scores = []
     for block in model.transformer_blocks:
