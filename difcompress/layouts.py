@@ -100,6 +100,33 @@ SD21_BASE_UNET = dict(
 # level (attention_head_dim 8), CLIP ViT-L/14 text width 768 and 1x1-conv projections.
 SD14_UNET = {**SD21_BASE_UNET, "attention_head_dim": 8, "cross_attention_dim": 768, "use_linear_projection": False}
 
+# stabilityai/stable-diffusion-xl-base-1.0's U-Net (unet/config.json, as quoted in
+# docs/published-layouts.md): 2,567,463,684 parameters counted on the meta device (KOALA's
+# model card: 2,567M).
+SDXL_BASE_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+)
+
 # The embedded digits-t2i teacher (difcompress build-digits --family t2i): Stable Diffusion's
 # U-Net block pattern (so the BK-SDM presets apply) over 8x8x4 latents of 16x16 digits, 16
 # GroupNorm groups (so --ratio 0.5 keeps 8), heads per level as SD 2.x names them.

@@ -25,3 +25,10 @@ class ModelInputs:
     def cast(self, dtype: torch.dtype) -> ModelInputs:
         """The sample and floating-point conditions in `dtype` (a teacher kept in another dtype)."""
         return ModelInputs(self.sample.to(dtype), self.timestep, to(self.cond, self.sample.device, dtype) or {})
+
+
+def cast_floating(inputs: dict, dtype: torch.dtype) -> dict:
+    """A model's keyword inputs with every floating-point tensor in `dtype`, nested dicts
+    (SDXL's added_cond_kwargs) included: the call a teacher kept in another dtype takes."""
+    return {k: cast_floating(v, dtype) if isinstance(v, dict) else v.to(dtype) if v.is_floating_point() else v
+            for k, v in inputs.items()}

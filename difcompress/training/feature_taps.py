@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from difcompress.core.errors import UserError
+from difcompress.diffusion.inputs import cast_floating
 from difcompress.objectives.feature import FeatureAdapters
 
 
@@ -60,8 +61,7 @@ class FeatureTaps:
         read off one dry forward pass; `options` go to FeatureAdapters (bias, init_range, always)."""
         inputs = family.example_inputs(student, 1)
         student(**inputs)
-        teacher(**{k: v.to(next(teacher.parameters()).dtype) if v.is_floating_point() else v
-                   for k, v in inputs.items()})
+        teacher(**cast_floating(inputs, next(teacher.parameters()).dtype))
         conv = self._student[0].dim() == 4
         width = (lambda x: x.shape[1]) if conv else (lambda x: x.shape[-1])
         adapters = FeatureAdapters([width(t) for t in self.student_outputs()],

@@ -30,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from difcompress.config import DistillConfig
 from difcompress.core.console import quiet_diffusers
 from difcompress.core.environment import DTYPES
+from difcompress.diffusion.inputs import cast_floating
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adam": 8, "adamw-8bit": 2}
 
@@ -79,8 +80,7 @@ def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: in
             if teacher is not None:
                 dtype = next(teacher.parameters()).dtype
                 with torch.no_grad():
-                    target = teacher(**{k: v.to(dtype) if v.is_floating_point() else v
-                                        for k, v in inputs.items()}).sample.float()
+                    target = teacher(**cast_floating(inputs, dtype)).sample.float()
             loss = (student(**inputs).sample - target).pow(2).mean()
             for s, t in zip(kept["student"], kept["teacher"]):
                 loss = loss + s.float().pow(2).mean() + t.float().mean()  # the taps stay alive until backward
