@@ -112,9 +112,11 @@ def read_text(path: str | Path) -> str:
     """A text file someone else wrote (recipe, prompts, captions, JSON) as UTF-8; one error
     line when it cannot be read or is not text."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); pass a text file") from None
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path} is not UTF-8 text (line {line}, byte {err.start}); pass a text file") from None
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror}") from None
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from difcompress.core.errors import UserError
 from difcompress.core.files import read_text
 from difcompress.data.conditions import Conditions
+from difcompress.data.metadata import check_metadata
 from difcompress.data.images import (
     crop_position,
     image_to_tensor,
@@ -138,6 +140,8 @@ def _load_hf(spec: str | Path, split: str | None) -> tuple[Any, str]:
     the Hub (read from the datasets cache when offline)."""
     datasets = _import_datasets()
     path = Path(str(spec)).expanduser()
+    if not str(spec).startswith(HF_PREFIX) and is_imagefolder_tree(path) and not is_hf_disk_dataset(path):
+        check_metadata(path)  # the datasets library would say only "An error occurred"
     try:
         if str(spec).startswith(HF_PREFIX):
             name, _, config = str(spec)[len(HF_PREFIX):].partition(":")
@@ -180,6 +184,7 @@ class HFDataset(Dataset):
             raise UserError(f"no image column{named} in {spec} (columns: "
                             f"{', '.join(ds.column_names) or 'none'}); pass --image-column", exit_code=2)
         self.labels = _label_column(ds, datasets)
+        self.caption_gaps = _caption_gaps(self.captions, ds, self.column, spec)
         ds = ds.select_columns([self.column]).with_format(None)
         feat = ds.features[self.column]
         if isinstance(feat, datasets.Image) and not feat.decode:
@@ -218,7 +223,40 @@ def _caption_column(ds: Any, column: str | None, spec) -> list[str] | None:
     column = column or next((c for c in CAPTION_COLUMNS if c in ds.column_names), None)
     if column is None:
         return None
-    return [v[0] if isinstance(v, (list, tuple)) and v else str(v) for v in ds[column]]
+    return [_caption(v[0] if isinstance(v, (list, tuple)) and v else v) for v in ds[column]]
+
+
+def _caption(value: Any) -> str:
+    """A caption cell as text; a missing one (None, NaN, an empty list) is the empty prompt."""
+    if value is None or value != value or isinstance(value, (list, tuple)):
+        return ""
+    return str(value).strip()
+
+
+@dataclass(frozen=True)
+class CaptionGaps:
+    """Rows that have no caption: they train as the empty prompt (as caption dropout does)."""
+
+    where: str
+    missing: int
+    total: int
+    first: str
+
+    def note(self) -> str:
+        return (f"{self.missing} of {self.total} rows of {self.where} have no caption (first: {self.first}); "
+                "they train as the empty prompt")
+
+
+def _caption_gaps(captions: list[str] | None, ds: Any, column: str, spec) -> CaptionGaps | None:
+    missing = [i for i, c in enumerate(captions or []) if not c]
+    if not missing:
+        return None
+    first = f"row {missing[0]}"
+    with contextlib.suppress(Exception):  # the image's own file names it best, when it has one
+        datasets = _import_datasets()
+        value = ds.cast_column(column, datasets.Image(decode=False))[missing[0]][column]
+        first = value.get("path") or first
+    return CaptionGaps(str(spec), len(missing), len(captions), first)
 
 
 def _label_column(ds: Any, datasets: Any) -> torch.Tensor | None:
@@ -299,6 +337,7 @@ class MirroredDataset(Dataset):
         self.class_names = getattr(dataset, "class_names", None)
         self.split = getattr(dataset, "split", None)
         self.scan = getattr(dataset, "scan", None)  # unreadable files the image folder passed over
+        self.caption_gaps = getattr(dataset, "caption_gaps", None)
 
     def __len__(self) -> int:
         return 2 * len(self.dataset)
