@@ -29,7 +29,9 @@ from difcompress.data.images import (
     crop_position,
     image_to_tensor,
     load_image,
+    read_header,
     scan_image_folder,
+    survey_images,
 )
 
 # Files that `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top level.
@@ -83,6 +85,7 @@ class ImageFolderDataset(Dataset):
         if not self.paths:
             raise UserError(f"no images found in {self.root} ({len(self.scan.unreadable) + len(self.scan.other)} "
                             "other files skipped); put png/jpg/webp/... files there")
+        self.survey = survey_images(self.scan.headers, size, channels, self.root)
         self.class_names, self.labels = _folder_classes(self.root, self.paths)
         # Same-stem .txt files caption the images (when every image has one).
         texts = [p.with_suffix(".txt") for p in self.paths]
@@ -191,6 +194,7 @@ class HFDataset(Dataset):
             ds = ds.cast_column(self.column, datasets.Image(decode=True))
         if len(ds) == 0:
             raise UserError(f"dataset {spec} has no rows; give a dataset with images")
+        self.survey = survey_images(_file_headers(ds, self.column, datasets), size, channels, spec)
         self.dataset = ds
 
     def __len__(self) -> int:
@@ -210,6 +214,21 @@ class HFDataset(Dataset):
     def __repr__(self) -> str:
         return (f"HFDataset({self.source!r}, split={self.split!r}, column={self.column!r}, size={self.size}, "
                 f"channels={self.channels}, items={len(self)})")
+
+
+def _file_headers(ds: Any, column: str, datasets: Any) -> dict[str, Any]:
+    """The headers of the images a dataset reads from files (an imagefolder tree): cheap, a
+    few bytes each. Images held inside the dataset are not surveyed: that would read all of
+    them once more."""
+    if not isinstance(ds.features[column], datasets.Image):
+        return {}
+    headers = {}
+    for value in ds.cast_column(column, datasets.Image(decode=False))[column]:
+        path = value.get("path") if isinstance(value, dict) and not value.get("bytes") else None
+        if path:
+            with contextlib.suppress(Exception), Image.open(path) as img:  # unreadable: reported when read
+                headers[path] = read_header(img)
+    return headers
 
 
 CAPTION_COLUMNS = ("text", "caption", "prompt", "captions")
@@ -338,6 +357,7 @@ class MirroredDataset(Dataset):
         self.split = getattr(dataset, "split", None)
         self.scan = getattr(dataset, "scan", None)  # unreadable files the image folder passed over
         self.caption_gaps = getattr(dataset, "caption_gaps", None)
+        self.survey = getattr(dataset, "survey", None)
 
     def __len__(self) -> int:
         return 2 * len(self.dataset)

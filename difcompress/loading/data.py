@@ -185,13 +185,17 @@ def _source_report(data: str, images: Dataset, *, warn_here: bool, captions: boo
     scan = getattr(images, "scan", None)
     skipped = scan.unreadable if scan else []
     gaps = getattr(images, "caption_gaps", None) if captions else None
+    survey = getattr(images, "survey", None)
     if warn_here:
-        for note in (scan.unreadable_note() if skipped else None, gaps.note() if gaps else None):
+        notes = (scan.unreadable_note() if skipped else None, gaps.note() if gaps else None,
+                 survey.note() if survey else None)
+        for note in notes:
             if note:
                 warn(note)
     report = {"data": data, "resolved": resolved_source(data), "split": getattr(images, "split", None),
               "items": len(images), "unreadable_skipped": len(skipped),
-              "first_unreadable": str(skipped[0]) if skipped else None}
+              "first_unreadable": str(skipped[0]) if skipped else None,
+              "converted": survey.converted if survey else {}, "upscaled": survey.upscaled if survey else 0}
     if captions:
         report["uncaptioned"] = gaps.missing if gaps else 0
         report["first_uncaptioned"] = gaps.first if gaps else None

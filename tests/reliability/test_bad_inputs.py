@@ -328,3 +328,30 @@ def test_prompts_that_are_not_a_regular_file_or_hold_nothing_say_so(tmp_path):
     (tmp_path / "p.jsonl").write_text("\n")
     with pytest.raises(UserError, match="p.jsonl holds no rows"):
         read_prompts(tmp_path / "p.jsonl")
+
+
+def test_converted_and_upscaled_images_are_one_warning_and_tiny_ones_are_refused(pruned_dir, tmp_path, capsys,
+                                                                               run_cli):
+    from conftest import TINY_SIZE
+
+    data = tmp_path / "mixed"
+    data.mkdir()
+    side = TINY_SIZE
+    for i in range(3):
+        Image.new("RGB", (side, side), (60 * i, 0, 0)).save(data / f"rgb{i}.png")
+    Image.new("RGBA", (side, side), (0, 200, 0, 100)).save(data / "alpha.png")
+    Image.new("CMYK", (side, side), (0, 50, 100, 0)).save(data / "print.jpg")
+    Image.fromarray(np.full((side, side), 40000, dtype=np.uint16)).save(data / "deep.png")
+    Image.new("RGB", (side // 2, side // 2)).save(data / "half.png")
+    capsys.readouterr()
+    summary = run_distill(pruned_dir, tmp_path / "run", data=data, steps=1, batch_size=2, checkpoint_every=0,
+                          device="cpu")
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1, err
+    assert "converted 3 image(s) to RGB (1 16-bit, 1 CMYK, 1 RGBA)" in err and "upscaled 1 image(s)" in err, err
+    assert summary["data"]["converted"] == {"16-bit": 1, "CMYK": 1, "RGBA": 1} and summary["data"]["upscaled"] == 1
+    Image.new("RGB", (1, 1)).save(data / "dot.png")
+    code, _, err = run_cli(*DISTILL[:1], "--student", pruned_dir, "-o", tmp_path / "refused", "--data", data,
+                           "--steps", "1", "--device", "cpu")
+    line = assert_one_line_error(code, err, 1)
+    assert "dot.png, 1x1" in line and "at least" in line, line
