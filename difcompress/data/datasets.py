@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from difcompress.core.environment import hub_offline
 from difcompress.core.errors import UserError
 from difcompress.core.files import read_text
 from difcompress.data.conditions import Conditions
@@ -158,7 +159,7 @@ def _load_hf(spec: str | Path, split: str | None) -> tuple[Any, str]:
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split or "train")
     except Exception as e:  # missing, corrupt, offline and uncached, ... : say so in one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load dataset {spec}: {reason}") from None
+        raise UserError(f"cannot load dataset {spec}: {reason}{_download_hint(spec, e)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if not ds:
             raise UserError(f"dataset {spec} has no splits; save one with a 'train' split")
@@ -167,6 +168,16 @@ def _load_hf(spec: str | Path, split: str | None) -> tuple[Any, str]:
             raise UserError(f"dataset {spec} has no split {split!r} (it has {', '.join(ds)})", exit_code=2)
         return ds[chosen], chosen
     return ds, split or "train"
+
+
+def _download_hint(spec, err: Exception) -> str:
+    """How to get a Hub dataset that cannot be reached, as loading/models.py says for models."""
+    unreachable = hub_offline() or isinstance(err, ConnectionError) or "reach" in str(err) or "ffline" in str(err)
+    if not str(spec).startswith(HF_PREFIX) or not unreachable:
+        return ""
+    name = str(spec)[len(HF_PREFIX):].partition(":")[0]
+    return (f"; run `hf download {name} --repo-type dataset --local-dir DIR` where there is network "
+            "and pass --data DIR instead")
 
 
 class HFDataset(Dataset):
