@@ -361,3 +361,19 @@ def test_rows_without_a_caption_are_counted_warned_once_and_refused_when_none_ha
     code, _, err = run_cli("distill", "--student", small[0], "-o", tmp_path / "none", "--data", data, "--steps", "1",
                            "--device", "cpu", "--latent-cache", tmp_path / "cache")
     assert "no row of" in assert_one_line_error(code, err, 2)
+
+
+def test_a_text_cache_cut_short_is_rebuilt_with_one_warning(tiny_sd_dir, tmp_path, capsys):
+    from difcompress.data.text import cached_text
+
+    text = load_model(tiny_sd_dir).text
+    captions = [f"a handwritten {i}" for i in range(5)]
+    first, empty, report = cached_text(captions, text, tmp_path)
+    shard = Path(report["folder"]) / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    again, empty_again, report = cached_text(captions, text, tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "100 of" in err and "rebuilding" in err, err
+    assert not report["reused"] and torch.equal(first, again) and torch.equal(empty, empty_again)
+    assert cached_text(captions, text, tmp_path)[2]["reused"]
