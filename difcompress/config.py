@@ -280,7 +280,8 @@ class DistillConfig(StageConfig):
     caption_column: Optional[str] = Field(None, description="Text-to-image data: the caption column (default: "
                                           "text, caption or prompt).")
     resolution: Optional[int] = Field(None, ge=8, description="Short side training images are resized to "
-                                      "(default: the model's own size; U-Nets only).")
+                                      "(default: the model's own size; U-Nets only). Images whose short side is "
+                                      "under a quarter of it are refused.")
     center_crop: bool = Field(True, description="Crop training images at the centre; --no-center-crop draws a "
                               "crop position once per image from --seed (kept across epochs and in the latent "
                               "cache).")

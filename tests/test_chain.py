@@ -44,6 +44,17 @@ def test_every_recipe_validates(recipe, capsys, monkeypatch):
     assert "are missing or blocked:" in captured.err and ".data" in captured.err and len(captured.err.splitlines()) == 1
 
 
+def test_a_dry_run_calls_a_model_path_that_is_not_there_a_missing_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli("run", REPO / "recipes" / "ddpm-celeba64-place.yaml", "--dry-run") == 1
+    assert "prune.model models/ddim-celeba64: no such folder" in capsys.readouterr().err
+    for path in ("./models/x", "../models/x", "/nowhere/x", "~/nowhere/x", "a/b/c"):
+        recipe = tmp_path / "local.yaml"
+        recipe.write_text(f"name: x\noutput_dir: {tmp_path / 'out'}\nprune:\n  model: {path}\n  ratio: 0.5\n")
+        assert cli("run", recipe, "--dry-run") == 1
+        assert f"prune.model {path}: no such folder;" in capsys.readouterr().err.strip() + ";"
+
+
 def test_recipe_with_unknown_setting_is_one_line_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\noutput_dir: out\nprune:\n  model: m\n  ratio: 0.5\n  ratoi: 3\n")

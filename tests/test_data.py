@@ -368,3 +368,18 @@ def test_class_subfolders_give_labels_and_flat_folders_none(tmp_path):
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
     assert ImageFolderDataset(tmp_path / "flat", 8, 3).labels is None
+
+
+def test_an_imagefolder_tree_surveys_its_image_files_too(tmp_path):
+    import json
+
+    root = tmp_path / "tree"
+    root.mkdir()
+    Image.new("RGB", (16, 16)).save(root / "a.png")
+    Image.new("RGBA", (8, 8)).save(root / "b.png")
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "x"}) + "\n"
+                                                 for n in ("a.png", "b.png")))
+    survey = open_image_data(root, 16, 3).survey
+    assert survey.converted == {"RGBA": 1} and survey.upscaled == 1
+    with pytest.raises(UserError, match=r"b.png, 8x8\); the shorter side must be at least 16 px"):
+        open_image_data(root, 64, 3)

@@ -152,6 +152,20 @@ def test_distill_reads_a_hub_style_dataset_offline(pruned_dir, tmp_path, monkeyp
     assert summary["data"]["items"] == 8 and summary["data"]["split"] == "train"
 
 
+def test_a_hub_dataset_that_cannot_be_reached_offline_says_how_to_get_it(pruned_dir, tmp_path, monkeypatch, run_cli):
+    import socket
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-home" / "datasets"))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("opened a network connection"))
+    code, _, err = run_cli("distill", "--student", pruned_dir, "-o", tmp_path / "run", "--data",
+                           "hf:difcompress-tests/not-cached", "--steps", "1", "--device", "cpu")
+    line = assert_one_line_error(code, err, 1)
+    assert "hf download difcompress-tests/not-cached --repo-type dataset --local-dir DIR" in line, line
+
+
 # ---- export: model card, fp16 variant, push to the Hub ------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,25 @@ def test_interrupted_encoding_leaves_nothing_behind(tiny_dit_dir, tmp_path, monk
         cached_latents(builtin_data("digits", 16, 3), loaded.autoencoder, image_size=16, cache_root=tmp_path,
                        show_progress=False)
     assert list((tmp_path / "latents").iterdir()) == []
+
+
+def _cut_short(path: Path) -> None:
+    """What a crash or a full disk mid-write leaves: the file's first part only."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_cache_shard_cut_short_is_rebuilt_with_one_warning(tiny_dit_dir, tmp_path, capsys):
+    loaded = load_model(str(tiny_dit_dir))
+    data = builtin_data("digits", 16, 3)
+    first, report = cached_latents(data, loaded.autoencoder, image_size=16, cache_root=tmp_path, show_progress=False)
+    folder = Path(report["folder"])
+    assert json.loads((folder / "index.json").read_text())["files"]["shard-00000.safetensors"] > 0
+    _cut_short(folder / "shard-00000.safetensors")
+    capsys.readouterr()
+    again, report = cached_latents(data, loaded.autoencoder, image_size=16, cache_root=tmp_path, show_progress=False)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "shard-00000.safetensors is" in err and "rebuilding" in err, err
+    assert not report["reused"] and torch.equal(first.images, again.images)
+    _, report = cached_latents(data, loaded.autoencoder, image_size=16, cache_root=tmp_path, show_progress=False)
+    assert report["reused"] and capsys.readouterr().err == ""

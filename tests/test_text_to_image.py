@@ -345,3 +345,39 @@ def test_the_stable_diffusion_recipes_fit_one_24gb_gpu(recipe):
     layout = SD21_BASE_UNET if "v2" in recipe else SD14_UNET
     total = _sd_memory(layout, settings["prune"]["preset"], micro_batch=micro_batch)["total_bytes"]
     assert total * 1.15 < 24e9, f"{total / 2**30:.1f} GiB"
+
+
+def test_rows_without_a_caption_are_counted_warned_once_and_refused_when_none_has_one(small, tmp_path, capsys,
+                                                                                      run_cli):
+    data = write_captioned_digits(tmp_path / "gaps", count=8)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    rows[2].pop("text")
+    rows[5]["text"] = None
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    summary = run_distill(small[0], tmp_path / "run", loss="place", data=str(data), steps=1, batch_size=4,
+                          checkpoint_every=0, device="cpu", latent_cache=tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "2 of 8 rows" in err and "002.png" in err, err
+    assert summary["data"]["uncaptioned"] == 2 and summary["data"]["first_uncaptioned"].endswith("002.png")
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": r["file_name"], "text": ""}) + "\n"
+                                                       for r in rows))
+    code, _, err = run_cli("distill", "--student", small[0], "-o", tmp_path / "none", "--data", data, "--steps", "1",
+                           "--device", "cpu", "--latent-cache", tmp_path / "cache")
+    assert "no row of" in assert_one_line_error(code, err, 2)
+
+
+def test_a_text_cache_cut_short_is_rebuilt_with_one_warning(tiny_sd_dir, tmp_path, capsys):
+    from difcompress.data.text import cached_text
+
+    text = load_model(tiny_sd_dir).text
+    captions = [f"a handwritten {i}" for i in range(5)]
+    first, empty, report = cached_text(captions, text, tmp_path)
+    shard = Path(report["folder"]) / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    again, empty_again, report = cached_text(captions, text, tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "100 of" in err and "rebuilding" in err, err
+    assert not report["reused"] and torch.equal(first, again) and torch.equal(empty, empty_again)
+    assert cached_text(captions, text, tmp_path)[2]["reused"]

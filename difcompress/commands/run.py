@@ -39,7 +39,7 @@ from difcompress.core.environment import hub_offline, is_main_process
 from difcompress.core.errors import UserError
 from difcompress.core.files import file_in_the_way, read_text, wait_for
 from difcompress.data.datasets import HF_PREFIX
-from difcompress.loading.models import HUB_ID
+from difcompress.loading.models import looks_local
 from difcompress.metrics.extractors import resolve_inception_path
 from difcompress.metrics.fid import cleanfid_named_stats
 
@@ -137,11 +137,12 @@ def _model_missing(reference: str) -> str | None:
     """Why a model reference cannot be loaded here, or None."""
     if builtin_model_path(reference) or Path(reference).expanduser().is_dir():
         return None
-    if not HUB_ID.match(reference):
+    if looks_local(reference):
         return "no such folder"
     if try_to_load_from_cache(reference, "model_index.json") or try_to_load_from_cache(reference, "config.json"):
         return None
-    return "not in the Hugging Face cache (HF_HUB_OFFLINE is set)" if hub_offline() else None
+    # owner/name could be either: a folder that is not there, or a hub id not cached
+    return "no such folder, nor in the Hugging Face cache (HF_HUB_OFFLINE is set)" if hub_offline() else None
 
 
 def _data_missing(reference: str | None) -> str | None:

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from difcompress.core.console import human
+from difcompress.core.console import human, warn
 from difcompress.core.errors import UserError
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -112,9 +112,11 @@ def read_text(path: str | Path) -> str:
     """A text file someone else wrote (recipe, prompts, captions, JSON) as UTF-8; one error
     line when it cannot be read or is not text."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); pass a text file") from None
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path} is not UTF-8 text (line {line}, byte {err.start}); pass a text file") from None
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror}") from None
 
@@ -219,22 +221,56 @@ def wait_for(condition: Callable[[], bool], poll_seconds: float = 2.0) -> None:
         time.sleep(poll_seconds)
 
 
+CACHE_INDEX = "index.json"
+
+
+def cache_damage(folder: Path) -> str | None:
+    """Why a published cache folder cannot be trusted, or None: its index records every
+    file's size, and a file cut short (a crash or a full disk mid-write, a copy) or gone
+    no longer matches."""
+    try:
+        files = json.loads((folder / CACHE_INDEX).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return "its index.json is unreadable"
+    if not isinstance(files, dict):
+        return "its index.json records no file sizes (an older cache)"
+    for name, size in files.items():
+        path = folder / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            return f"{name} is {'missing' if actual is None else f'{actual} of {size} bytes'}"
+    return None
+
+
+def _record_sizes(folder: Path) -> None:
+    """Add each file's size to the index `write` left, for cache_damage to check."""
+    index = read_json(folder / CACHE_INDEX)
+    index["files"] = {p.relative_to(folder).as_posix(): p.stat().st_size
+                      for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CACHE_INDEX}
+    write_json(folder / CACHE_INDEX, index)
+
+
 def build_once(folder: Path, write: Callable[[Path], None], *, build_here: bool = True) -> tuple[Any, bool]:
     """A cache folder built by one process and afterwards only read. The builder holds the
     folder's lock (a second run wanting the same cache waits for it) and publishes it
-    atomically; `write` fills it and writes its index.json. A process told not to build
-    (the others of a launch) waits for the folder instead. Returns the index, and whether
-    the folder was already there."""
-    index_path = folder / "index.json"
-    reused = index_path.is_file()
+    atomically; `write` fills it and writes its index.json, to which the sizes of its files
+    are added. A damaged cache (cache_damage) is rebuilt, with one warning. A process told
+    not to build (the others of a launch) waits for a sound folder instead. Returns the
+    index, and whether the folder was already there."""
+    index_path = folder / CACHE_INDEX
+    reused = index_path.is_file() and cache_damage(folder) is None
     if not reused and build_here:
         with folder_lock(folder, wait=True):
-            if not index_path.is_file():  # nobody finished it while we waited
+            damage = cache_damage(folder) if index_path.is_file() else "missing"
+            if damage:  # nobody finished or repaired it while we waited
+                if damage != "missing":
+                    warn(f"the cache {folder} is damaged ({damage}); rebuilding it")
                 remove_temporaries(folder)
                 with atomic_folder(folder) as tmp:
                     write(tmp)
+                    _record_sizes(tmp)
     elif not reused:
-        wait_for(index_path.is_file)
+        wait_for(lambda: index_path.is_file() and cache_damage(folder) is None)
     return read_json(index_path), reused
 
 

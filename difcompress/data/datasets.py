@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +21,20 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from difcompress.core.environment import hub_offline
 from difcompress.core.errors import UserError
 from difcompress.core.files import read_text
 from difcompress.data.conditions import Conditions
+from difcompress.data.metadata import check_metadata
 from difcompress.data.images import (
     crop_geometry,
     crop_position,
     image_size,
     image_to_tensor,
     load_image,
+    read_header,
     scan_image_folder,
+    survey_images,
 )
 
 # Files that `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top level.
@@ -83,6 +88,7 @@ class ImageFolderDataset(Dataset):
         if not self.paths:
             raise UserError(f"no images found in {self.root} ({len(self.scan.unreadable) + len(self.scan.other)} "
                             "other files skipped); put png/jpg/webp/... files there")
+        self.survey = survey_images(self.scan.headers, size, channels, self.root)
         self.class_names, self.labels = _folder_classes(self.root, self.paths)
         # Same-stem .txt files caption the images (when every image has one).
         texts = [p.with_suffix(".txt") for p in self.paths]
@@ -145,6 +151,8 @@ def _load_hf(spec: str | Path, split: str | None) -> tuple[Any, str]:
     the Hub (read from the datasets cache when offline)."""
     datasets = _import_datasets()
     path = Path(str(spec)).expanduser()
+    if not str(spec).startswith(HF_PREFIX) and is_imagefolder_tree(path) and not is_hf_disk_dataset(path):
+        check_metadata(path)  # the datasets library would say only "An error occurred"
     try:
         if str(spec).startswith(HF_PREFIX):
             name, _, config = str(spec)[len(HF_PREFIX):].partition(":")
@@ -158,7 +166,7 @@ def _load_hf(spec: str | Path, split: str | None) -> tuple[Any, str]:
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split or "train")
     except Exception as e:  # missing, corrupt, offline and uncached, ... : say so in one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load dataset {spec}: {reason}") from None
+        raise UserError(f"cannot load dataset {spec}: {reason}{_download_hint(spec, e)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if not ds:
             raise UserError(f"dataset {spec} has no splits; save one with a 'train' split")
@@ -167,6 +175,16 @@ def _load_hf(spec: str | Path, split: str | None) -> tuple[Any, str]:
             raise UserError(f"dataset {spec} has no split {split!r} (it has {', '.join(ds)})", exit_code=2)
         return ds[chosen], chosen
     return ds, split or "train"
+
+
+def _download_hint(spec, err: Exception) -> str:
+    """How to get a Hub dataset that cannot be reached, as loading/models.py says for models."""
+    unreachable = hub_offline() or isinstance(err, ConnectionError) or "reach" in str(err) or "ffline" in str(err)
+    if not str(spec).startswith(HF_PREFIX) or not unreachable:
+        return ""
+    name = str(spec)[len(HF_PREFIX):].partition(":")[0]
+    return (f"; run `hf download {name} --repo-type dataset --local-dir DIR` where there is network "
+            "and pass --data DIR instead")
 
 
 class HFDataset(Dataset):
@@ -187,12 +205,14 @@ class HFDataset(Dataset):
             raise UserError(f"no image column{named} in {spec} (columns: "
                             f"{', '.join(ds.column_names) or 'none'}); pass --image-column", exit_code=2)
         self.labels = _label_column(ds, datasets)
+        self.caption_gaps = _caption_gaps(self.captions, ds, self.column, spec)
         ds = ds.select_columns([self.column]).with_format(None)
         feat = ds.features[self.column]
         if isinstance(feat, datasets.Image) and not feat.decode:
             ds = ds.cast_column(self.column, datasets.Image(decode=True))
         if len(ds) == 0:
             raise UserError(f"dataset {spec} has no rows; give a dataset with images")
+        self.survey = survey_images(_file_headers(ds, self.column, datasets), size, channels, spec)
         self.dataset = ds
 
     def __len__(self) -> int:
@@ -220,6 +240,21 @@ class HFDataset(Dataset):
                 f"channels={self.channels}, items={len(self)})")
 
 
+def _file_headers(ds: Any, column: str, datasets: Any) -> dict[str, Any]:
+    """The headers of the images a dataset reads from files (an imagefolder tree): cheap, a
+    few bytes each. Images held inside the dataset are not surveyed: that would read all of
+    them once more."""
+    if not isinstance(ds.features[column], datasets.Image):
+        return {}
+    headers = {}
+    for value in ds.cast_column(column, datasets.Image(decode=False))[column]:
+        path = value.get("path") if isinstance(value, dict) and not value.get("bytes") else None
+        if path:
+            with contextlib.suppress(Exception), Image.open(path) as img:  # unreadable: reported when read
+                headers[path] = read_header(img)
+    return headers
+
+
 CAPTION_COLUMNS = ("text", "caption", "prompt", "captions")
 
 
@@ -231,7 +266,40 @@ def _caption_column(ds: Any, column: str | None, spec) -> list[str] | None:
     column = column or next((c for c in CAPTION_COLUMNS if c in ds.column_names), None)
     if column is None:
         return None
-    return [v[0] if isinstance(v, (list, tuple)) and v else str(v) for v in ds[column]]
+    return [_caption(v[0] if isinstance(v, (list, tuple)) and v else v) for v in ds[column]]
+
+
+def _caption(value: Any) -> str:
+    """A caption cell as text; a missing one (None, NaN, an empty list) is the empty prompt."""
+    if value is None or value != value or isinstance(value, (list, tuple)):
+        return ""
+    return str(value).strip()
+
+
+@dataclass(frozen=True)
+class CaptionGaps:
+    """Rows that have no caption: they train as the empty prompt (as caption dropout does)."""
+
+    where: str
+    missing: int
+    total: int
+    first: str
+
+    def note(self) -> str:
+        return (f"{self.missing} of {self.total} rows of {self.where} have no caption (first: {self.first}); "
+                "they train as the empty prompt")
+
+
+def _caption_gaps(captions: list[str] | None, ds: Any, column: str, spec) -> CaptionGaps | None:
+    missing = [i for i, c in enumerate(captions or []) if not c]
+    if not missing:
+        return None
+    first = f"row {missing[0]}"
+    with contextlib.suppress(Exception):  # the image's own file names it best, when it has one
+        datasets = _import_datasets()
+        value = ds.cast_column(column, datasets.Image(decode=False))[missing[0]][column]
+        first = value.get("path") or first
+    return CaptionGaps(str(spec), len(missing), len(captions), first)
 
 
 def _label_column(ds: Any, datasets: Any) -> torch.Tensor | None:
@@ -312,6 +380,8 @@ class MirroredDataset(Dataset):
         self.class_names = getattr(dataset, "class_names", None)
         self.split = getattr(dataset, "split", None)
         self.scan = getattr(dataset, "scan", None)  # unreadable files the image folder passed over
+        self.caption_gaps = getattr(dataset, "caption_gaps", None)
+        self.survey = getattr(dataset, "survey", None)
 
     def __len__(self) -> int:
         return 2 * len(self.dataset)

@@ -7,6 +7,7 @@ here, so they agree on which files count: image suffixes, no hidden files or fol
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,24 @@ from torchvision.transforms.v2 import functional as TF
 from difcompress.core.errors import UserError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".pgm", ".ppm"})
+# Training refuses an image whose shorter side is under this fraction of the training size:
+# upscaled that far it holds nothing to learn from (docs/families.md, "Training images").
+MIN_SIDE_FRACTION = 4
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file says about itself before it is decoded."""
+
+    mode: str
+    size: tuple[int, int]
+    sixteen_bit: bool  # 16 bits per channel, reduced to 8 on reading
+
+
+def read_header(img: Image.Image) -> ImageHeader:
+    raw_modes = [t.args if isinstance(t.args, str) else (t.args or ("",))[0] for t in (img.tile or [])]
+    sixteen = img.mode.startswith("I;16") or any(";16" in str(m) for m in raw_modes)
+    return ImageHeader(img.mode, img.size, sixteen)
 
 
 @dataclass
@@ -30,6 +49,7 @@ class ImageScan:
     images: list[Path] = field(default_factory=list)
     unreadable: list[Path] = field(default_factory=list)
     other: list[Path] = field(default_factory=list)
+    headers: dict[Path, ImageHeader] = field(default_factory=dict)  # each readable image's
 
     def unreadable_note(self) -> str | None:
         """One line for the user when images were skipped, else None."""
@@ -43,14 +63,15 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
 
 
-def _verifies(path: Path) -> bool:
+def _verified_header(path: Path) -> ImageHeader | None:
     """Cheap check at scan time: PIL recognises the file and its structure verifies."""
     try:
         with Image.open(path) as img:
+            header = read_header(img)
             img.verify()
-        return True
+        return header
     except Exception:
-        return False
+        return None
 
 
 def scan_image_folder(root: str | Path) -> ImageScan:
@@ -65,11 +86,51 @@ def scan_image_folder(root: str | Path) -> ImageScan:
     for path in files:
         if _hidden(path.relative_to(root)) or path.suffix.lower() not in IMAGE_SUFFIXES:
             scan.other.append(path)
-        elif _verifies(path):
+        elif (header := _verified_header(path)) is not None:
             scan.images.append(path)
+            scan.headers[path] = header
         else:
             scan.unreadable.append(path)
     return scan
+
+
+@dataclass(frozen=True)
+class ImageSurvey:
+    """What reading a set of images at one training size changes: modes converted (alpha
+    dropped, CMYK, 16 bits reduced to 8, grayscale widened) and images upscaled."""
+
+    where: str
+    target: str
+    converted: dict[str, int]
+    upscaled: int
+    size: int
+
+    def note(self) -> str | None:
+        """One line for the user when anything is converted or upscaled, else None."""
+        parts = []
+        if self.converted:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.converted.items()))
+            parts.append(f"converted {sum(self.converted.values())} image(s) to {self.target} ({kinds})")
+        if self.upscaled:
+            parts.append(f"upscaled {self.upscaled} image(s) smaller than {self.size} px")
+        return f"{'; '.join(parts)} in {self.where}" if parts else None
+
+
+def survey_images(headers: dict, size: int, channels: int, where) -> ImageSurvey:
+    """Survey images (source -> header) for training at `size`; one error naming the first
+    image whose shorter side is under 1/MIN_SIDE_FRACTION of it."""
+    target = "RGB" if channels == 3 else "L"
+    minimum = max(1, -(-size // MIN_SIDE_FRACTION))
+    too_small = [(src, h) for src, h in headers.items() if min(h.size) < minimum]
+    if too_small:
+        src, h = too_small[0]
+        raise UserError(f"{len(too_small)} image(s) in {where} are too small to train at {size} px (first: {src}, "
+                        f"{h.size[0]}x{h.size[1]}); the shorter side must be at least {minimum} px (a quarter of "
+                        "the training size): remove them or lower --resolution")
+    converted = Counter("16-bit" if h.sixteen_bit else h.mode for h in headers.values()
+                        if h.sixteen_bit or h.mode != target)
+    upscaled = sum(min(h.size) < size for h in headers.values())
+    return ImageSurvey(str(where), target, dict(converted), upscaled, size)
 
 
 def read_image(path: str | Path, *, apply_exif: bool = True, draft_size: int | None = None) -> Image.Image:

@@ -9,7 +9,6 @@ encoding is the "no caption" condition classifier-free guidance drops captions t
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -23,8 +22,9 @@ from torch import nn
 from transformers import CLIPTokenizer
 
 from difcompress.core.errors import UserError
-from difcompress.core.files import build_once, read_text
+from difcompress.core.files import build_once, read_json, read_text
 from difcompress.data.datasets import CAPTION_COLUMNS
+from difcompress.data.metadata import read_rows
 
 SHARD_CAPTIONS = 4096
 CACHE_FORMAT = 2  # shards keyed by condition name (1: one "encodings" tensor)
@@ -140,19 +140,19 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     """Prompts from a file: one per line (.txt), a caption column (.csv, .jsonl), or a COCO
     captions file (.json with an "annotations" list)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"prompts file {path} does not exist")
+    if not path.is_file():  # a folder, a device (/dev/zero), a pipe: nothing to read to the end
+        raise UserError(f"prompts file {path} is not a regular file; pass a .txt, .csv, .jsonl or .json file")
     try:
         if path.suffix == ".json":
-            return [a["caption"].strip() for a in json.loads(path.read_text())["annotations"]]
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return [a["caption"].strip() for a in read_json(path)["annotations"]]
+        if path.suffix in (".jsonl", ".csv"):
+            rows = [row for _, row in read_rows(path)]
+            if not rows:
+                raise UserError(f"{path} holds no rows")
             return [str(r[column or _caption_key(rows[0], path)]) for r in rows]
-        if path.suffix == ".csv":
-            with path.open(newline="") as f:
-                rows = list(csv.DictReader(f))
-            return [str(r[column or _caption_key(rows[0], path)]) for r in rows]
-    except (KeyError, IndexError, TypeError, ValueError, json.JSONDecodeError) as err:
+    except (KeyError, IndexError, TypeError, ValueError) as err:
         raise UserError(f"cannot read prompts from {path}: {err}") from None
     prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not prompts:

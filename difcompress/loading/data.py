@@ -51,9 +51,13 @@ def image_data(data: str, loaded, split: str | None = None, image_column: str | 
     h = size or h
     dataset = builtin_data(data, h, c) or open_image_data(data, h, c, split=split, image_column=image_column,
                                                           caption_column=caption_column, crop_seed=crop_seed)
-    if loaded.family.takes_text and getattr(dataset, "captions", None) is None:
+    captions = getattr(dataset, "captions", None)
+    if loaded.family.takes_text and captions is None:
         raise UserError(f"{data} has no captions for a text-to-image model: give an imagefolder with a metadata "
                         "file, a dataset with a text column (--caption-column), or same-stem .txt files", 2)
+    if loaded.family.takes_text and not any(captions):
+        raise UserError(f"no row of {data} has a caption (all {len(captions)} are empty); a text-to-image model "
+                        "trains on captions: fill the caption column or pass --caption-column", 2)
     classes = loaded.family.num_classes(loaded.model)
     if classes:
         check_class_data(dataset, classes, data)
@@ -148,7 +152,7 @@ def training_data(config: DistillConfig, student, teacher, *, cache_dir: Path, p
         return _teacher_data(config, student, teacher, cache_dir, processes)
     images = framed_image_data(config.data, student, framing, config.seed, split=config.split,
                                image_column=config.image_column, caption_column=config.caption_column)
-    report = _source_report(config.data, images, warn_here=processes.is_main)
+    report = _source_report(config.data, images, warn_here=processes.is_main, captions=student.family.takes_text)
     dataset, latents = latent_training_data(images, student.autoencoder, training_size(student, framing.resolution),
                                             cache_root=config.latent_cache, is_main=processes.is_local_main,
                                             show_progress=processes.show_progress)
@@ -185,16 +189,28 @@ def _teacher_data(config: DistillConfig, student, teacher, cache_dir: Path, proc
     return data, report
 
 
-def _source_report(data: str, images: Dataset, *, warn_here: bool) -> dict[str, Any]:
+def _source_report(data: str, images: Dataset, *, warn_here: bool, captions: bool) -> dict[str, Any]:
     """What the training images came from, with the unreadable files an image folder passed
-    over (warned about once, by the process that says so)."""
+    over and, for a text-to-image model, the rows without a caption (each warned about
+    once, by the process that says so)."""
     scan = getattr(images, "scan", None)
     skipped = scan.unreadable if scan else []
-    if skipped and warn_here:
-        warn(scan.unreadable_note())
-    return {"data": data, "resolved": resolved_source(data), "split": getattr(images, "split", None),
-            "items": len(images), "unreadable_skipped": len(skipped),
-            "first_unreadable": str(skipped[0]) if skipped else None}
+    gaps = getattr(images, "caption_gaps", None) if captions else None
+    survey = getattr(images, "survey", None)
+    if warn_here:
+        notes = (scan.unreadable_note() if skipped else None, gaps.note() if gaps else None,
+                 survey.note() if survey else None)
+        for note in notes:
+            if note:
+                warn(note)
+    report = {"data": data, "resolved": resolved_source(data), "split": getattr(images, "split", None),
+              "items": len(images), "unreadable_skipped": len(skipped),
+              "first_unreadable": str(skipped[0]) if skipped else None,
+              "converted": survey.converted if survey else {}, "upscaled": survey.upscaled if survey else 0}
+    if captions:
+        report["uncaptioned"] = gaps.missing if gaps else 0
+        report["first_uncaptioned"] = gaps.first if gaps else None
+    return report
 
 
 def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, split: str | None = None,

@@ -90,8 +90,13 @@ def load_model_folder(source: str | Path) -> Path:
     return path
 
 
+def looks_local(reference: str) -> bool:
+    """Whether a model reference can only be a path: ./, ../, /, ~, or not shaped owner/name."""
+    return reference.startswith(("./", "../", "/", "~")) or not HUB_ID.match(reference)
+
+
 def _from_hub(source: str) -> Path:
-    if not HUB_ID.match(source):
+    if looks_local(source):
         raise UserError(f"model not found: {source} is neither a folder nor a Hugging Face hub id (owner/name)")
     offline = hub_offline()
     try:
@@ -104,7 +109,7 @@ def _from_hub(source: str) -> Path:
     except (LocalEntryNotFoundError, OSError, ConnectionError, ValueError) as err:
         reason = "offline mode (HF_HUB_OFFLINE=1)" if offline else f"the Hub cannot be reached ({type(err).__name__})"
         raise UserError(
-            f"cannot load {source}: {reason} and it is not in the local cache; "
+            f"cannot load {source}: no such folder here, {reason} and it is not in the local cache; "
             f"run `hf download {source} --local-dir DIR` where there is network and pass DIR instead"
         ) from None
     return Path(folder)

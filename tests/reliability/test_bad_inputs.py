@@ -272,3 +272,86 @@ def test_a_run_refused_while_setting_up_leaves_no_folder_and_resume_from_is_chec
     code, _, err = run_cli(*DISTILL, "--student", pruned_dir, "-o", out, "--resume-from", tmp_path)
     assert "--resume-from" in assert_one_line_error(code, err, 2)
     assert not out.exists()
+
+
+def _metadata_folder(tmp_path, metadata_name: str, content: bytes):
+    data = tmp_path / "meta"
+    data.mkdir(exist_ok=True)
+    for i in range(2):
+        Image.new("RGB", (16, 16), (90 * i, 0, 0)).save(data / f"{i}.png")
+    for name in ("metadata.jsonl", "metadata.csv"):
+        (data / name).unlink(missing_ok=True)
+    (data / metadata_name).write_bytes(content)
+    return data
+
+
+METADATA_MISTAKES = [
+    ("metadata.jsonl", b"", "holds no rows"),
+    ("metadata.jsonl", b'{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png", "text": "\xe9t\xe9"}\n',
+     "metadata.jsonl is not UTF-8 text (line 2"),
+    ("metadata.jsonl", b'{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png", "text": \n', "line 2 is not valid JSON"),
+    ("metadata.csv", b"file_name,text\n0.png,a\n1.png,b,c\n", "metadata.csv line 3 has 3 fields"),
+    ("metadata.csv", b'file_name,text\n0.png,a\n1.png,"b\n', "metadata.csv line 3 is not valid CSV"),
+    ("metadata.csv", b"file_name,text\n0.png,\xe9\n", "metadata.csv is not UTF-8 text (line 2"),
+    ("metadata.jsonl", b'{"file_name": "../../etc/passwd", "text": "a"}\n', "'../../etc/passwd' leads outside"),
+    ("metadata.jsonl", b'{"file_name": "/etc/passwd", "text": "a"}\n', "'/etc/passwd' leads outside"),
+    ("metadata.jsonl", b'{"file_name": "link.png", "text": "a"}\n', "'link.png' leads outside"),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", METADATA_MISTAKES, ids=[m[2] for m in METADATA_MISTAKES])
+def test_metadata_mistakes_name_the_file_and_line_before_any_reading(name, content, expected, pruned_dir, tmp_path,
+                                                                     run_cli, monkeypatch):
+    import datasets
+
+    from difcompress.data.datasets import open_image_data
+
+    data = _metadata_folder(tmp_path, name, content)
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (16, 16)).save(outside)
+    (data / "link.png").symlink_to(outside)
+    with pytest.raises(UserError, match=expected.replace("(", r"\(")):
+        open_image_data(data, 16, 3)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("read before the metadata check"))
+    code, _, err = run_cli(*DISTILL[:1], "--student", pruned_dir, "-o", tmp_path / "run", "--data", data,
+                           "--steps", "1", "--device", "cpu")
+    assert expected in assert_one_line_error(code, err, 1)
+
+
+def test_prompts_that_are_not_a_regular_file_or_hold_nothing_say_so(tmp_path):
+    from difcompress.data.text import read_prompts
+
+    with pytest.raises(UserError, match="/dev/zero is not a regular file"):
+        read_prompts("/dev/zero")
+    with pytest.raises(UserError, match="is not a regular file"):
+        read_prompts(tmp_path)
+    (tmp_path / "p.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="p.jsonl holds no rows"):
+        read_prompts(tmp_path / "p.jsonl")
+
+
+def test_converted_and_upscaled_images_are_one_warning_and_tiny_ones_are_refused(pruned_dir, tmp_path, capsys,
+                                                                               run_cli):
+    from conftest import TINY_SIZE
+
+    data = tmp_path / "mixed"
+    data.mkdir()
+    side = TINY_SIZE
+    for i in range(3):
+        Image.new("RGB", (side, side), (60 * i, 0, 0)).save(data / f"rgb{i}.png")
+    Image.new("RGBA", (side, side), (0, 200, 0, 100)).save(data / "alpha.png")
+    Image.new("CMYK", (side, side), (0, 50, 100, 0)).save(data / "print.jpg")
+    Image.fromarray(np.full((side, side), 40000, dtype=np.uint16)).save(data / "deep.png")
+    Image.new("RGB", (side // 2, side // 2)).save(data / "half.png")
+    capsys.readouterr()
+    summary = run_distill(pruned_dir, tmp_path / "run", data=data, steps=1, batch_size=2, checkpoint_every=0,
+                          device="cpu")
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1, err
+    assert "converted 3 image(s) to RGB (1 16-bit, 1 CMYK, 1 RGBA)" in err and "upscaled 1 image(s)" in err, err
+    assert summary["data"]["converted"] == {"16-bit": 1, "CMYK": 1, "RGBA": 1} and summary["data"]["upscaled"] == 1
+    Image.new("RGB", (1, 1)).save(data / "dot.png")
+    code, _, err = run_cli(*DISTILL[:1], "--student", pruned_dir, "-o", tmp_path / "refused", "--data", data,
+                           "--steps", "1", "--device", "cpu")
+    line = assert_one_line_error(code, err, 1)
+    assert "dot.png, 1x1" in line and "at least" in line, line
