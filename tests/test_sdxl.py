@@ -8,7 +8,13 @@ import json
 
 import pytest
 import torch
-from conftest import NO_DIFCOMPRESS_CHECK, assert_one_line_error, run_distill, run_prune, write_captioned_digits
+from conftest import (
+    NO_DIFCOMPRESS_CHECK,
+    assert_one_line_error,
+    run_distill,
+    run_prune,
+    write_captioned_digits,
+)
 
 from difcompress.core.errors import UserError
 from difcompress.loading.models import load_model
@@ -36,7 +42,7 @@ def test_the_sdxl_pipeline_is_its_own_family_with_both_text_encoders(tiny_sdxl_d
 def test_prune_distill_eval_export_and_stock_diffusers_generates(sdxl_chain, tmp_path, run_cli, run_subprocess):
     root, summary = sdxl_chain
     assert summary["final"]["loss"] == summary["final"]["loss"]  # finite
-    assert summary["data"]["text_cache"]["captions"] == 8
+    assert summary["data"]["text_cache"]["captions"] == 8 and summary["data"]["truncated_captions"] == 0
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten 3\nthe digit 7\n")
     code, out, err = run_cli("eval", root / "pruned", root / "student", "--prompts", prompts, "--sampler-steps", "2",
@@ -174,3 +180,14 @@ def test_a_refiner_is_refused_by_name(tiny_sdxl_dir, tmp_path):
     (refiner / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
     with pytest.raises(UserError, match="StableDiffusionXLImg2ImgPipeline"):
         load_model(refiner)
+
+
+def test_captions_over_the_token_window_are_found_for_one_warning(tiny_sdxl_dir, tmp_path, capsys):
+    from difcompress.loading.data import Processes, _encoded_captions
+
+    text = load_model(tiny_sdxl_dir).text  # the tiny tokenizer's window: 16 tokens, one per character
+    long = "a handwritten seven, drawn slowly"
+    report = {}
+    _encoded_captions(["a handwritten 3", long, long], text, tmp_path, Processes(), report)
+    assert report["truncated_captions"] == 2
+    assert capsys.readouterr().err.count("2 of 3 captions are longer than 16 tokens") == 1

@@ -25,7 +25,6 @@ from difcompress.core.environment import hub_offline
 from difcompress.core.errors import UserError
 from difcompress.core.files import read_text
 from difcompress.data.conditions import Conditions
-from difcompress.data.metadata import check_metadata
 from difcompress.data.images import (
     crop_geometry,
     crop_position,
@@ -36,6 +35,7 @@ from difcompress.data.images import (
     scan_image_folder,
     survey_images,
 )
+from difcompress.data.metadata import check_metadata
 
 # Files that `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top level.
 HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")

@@ -57,6 +57,12 @@ def _fingerprint(parts: list[tuple[Any, nn.Module]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _truncated(tokenizer, prompts: list[str]) -> list[str]:
+    """The prompts longer than the tokenizer's window (with its start and end tokens)."""
+    limit = int(tokenizer.model_max_length)
+    return [p for p, ids in zip(prompts, tokenizer(prompts, truncation=False, verbose=False).input_ids) if len(ids) > limit]
+
+
 def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=int(tokenizer.model_max_length), truncation=True,
                      return_tensors="pt").input_ids.to(device)
@@ -73,6 +79,9 @@ class TextEncoder:
     @property
     def max_length(self) -> int:
         return int(self.tokenizer.model_max_length)
+
+    def truncated(self, prompts: list[str]) -> list[str]:
+        return _truncated(self.tokenizer, prompts)
 
     def components(self) -> dict[str, Any]:
         """The pipeline components, by their model_index names."""
@@ -109,6 +118,9 @@ class DualTextEncoder:
     @property
     def max_length(self) -> int:
         return int(self.tokenizer.model_max_length)
+
+    def truncated(self, prompts: list[str]) -> list[str]:
+        return _truncated(self.tokenizer, prompts)  # both tokenizers share CLIP's 77-token window
 
     def components(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer, "text_encoder": self.model, "tokenizer_2": self.tokenizer_2,

@@ -160,9 +160,7 @@ def training_data(config: DistillConfig, student, teacher, *, cache_dir: Path, p
         report["latent_cache"] = latents
     text = null_text = None
     if student.family.takes_text:
-        text, null_text, report["text_cache"] = cached_text(
-            images.captions, student.text, config.latent_cache or default_cache_root(),
-            encode_here=processes.is_local_main)
+        text, null_text = _encoded_captions(images.captions, student.text, config.latent_cache, processes, report)
     family, model = student.family, student.model
     geometry = None
     if family.reads_geometry:
@@ -170,6 +168,20 @@ def training_data(config: DistillConfig, student, teacher, *, cache_dir: Path, p
         geometry = frame_rows(images.geometry() if hasattr(images, "geometry") else None, len(images), size, size)
     conditions = family.conditions(model, labels=getattr(dataset, "labels", None), text=text, geometry=geometry)
     return TrainingSet(dataset, conditions, family.null_conditions(model, text=null_text)), report
+
+
+def _encoded_captions(captions: list[str], text, cache_root: Path | None, processes: Processes,
+                      report: dict[str, Any]) -> tuple[Conditions, Conditions]:
+    """The captions' encodings (cached) and the empty prompt's; captions the tokenizer
+    truncates are counted in the report and warned about once."""
+    long = text.truncated(captions)
+    report["truncated_captions"] = len(long)
+    if long and processes.is_main:
+        warn(f"{len(long)} of {len(captions)} captions are longer than {text.max_length} tokens and are truncated "
+             f"to them, as the pipeline truncates prompts (first: {long[0][:60]!r})")
+    encodings, empty, report["text_cache"] = cached_text(captions, text, cache_root or default_cache_root(),
+                                                         encode_here=processes.is_local_main)
+    return encodings, empty
 
 
 def _teacher_data(config: DistillConfig, student, teacher, cache_dir: Path, processes: Processes
