@@ -143,6 +143,12 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert (tmp_path / "demo" / part).is_file(), part
     # The evaluation sits beside the student, so the exported card carries its FID.
     assert f"{student_row['fid']:.2f}" in (tmp_path / "demo" / "export" / "README.md").read_text()
+    # Drift made visible: the quick demo's loss trajectory and FIDs as recorded on CPU (torch
+    # 2.14.1; student weights sha256 b6a8cdf3... at 4aadd28, the same as before the renovation).
+    # A change of numerics fails here, not in a document.
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "demo" / "student" / "metrics.jsonl").open()]
+    assert losses == pytest.approx([3.16484, 1.41999], rel=1e-4)
+    assert (teacher_row["fid"], student_row["fid"]) == pytest.approx((1.368, 75.76), abs=0.05)
 
 
 def test_cli_reference_is_current(tmp_path):
