@@ -289,6 +289,22 @@ def test_resume_with_other_settings_is_refused(change, expected, resume_runs, pr
     assert snapshot(run) == before  # refused before touching anything
 
 
+def test_resuming_a_finished_run_with_other_data_is_refused_before_any_work(resume_runs, pruned_dir, tmp_path,
+                                                                           monkeypatch):
+    """The whole identity, data source included, is compared before the teacher samples
+    anything and before the finished folder is marked running again."""
+    import difcompress.loading.data as data_module
+
+    full, _ = resume_runs("place")
+    run = copy_run(full, tmp_path)
+    before = snapshot(run)
+    monkeypatch.setattr(data_module, "teacher_samples", lambda *a, **k: pytest.fail("sampled the teacher"))
+    with pytest.raises(UserError, match=r"differs in: data 'digits' -> 'teacher'"):
+        run_distill(str(pruned_dir), run, loss="place", resume=True, **{**RESUME, "data": "teacher"})
+    assert snapshot(run) == before
+    assert json.loads((run / "difcompress.json").read_text())["status"] == "complete"
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_over(resume_runs, pruned_dir, tmp_path, capsys):
     """With no checkpoint and no live owner the folder is restartable, with or without
     --resume (said once), and ends exactly like an uninterrupted run."""

@@ -271,6 +271,22 @@ def test_reference_stats_roundtrip_and_refusals(tmp_path):
     assert load_reference(folder, ex).feats.shape == (3, 8)
 
 
+def test_statistics_made_at_another_size_or_mode_are_refused(tmp_path):
+    """A `stats --size 32` file against a model generating 16 px images names both sizes."""
+    ex = FakeExtractor(name="fake")
+    feats = features_of_images(_images(20), ex)
+    at_32 = save_reference_stats(tmp_path / "ref32.npz", feats, {"extractor": "fake", "mode": "clean", "size": 32})
+    assert load_reference(at_32, ex, image_size=32).protocol["size"] == 32
+    with pytest.raises(UserError, match=r"32 px images \(stats --size 32\) but the model generates 16 px") as e:
+        load_reference(at_32, ex, image_size=16)
+    assert e.value.exit_code == 2
+    legacy = save_reference_stats(tmp_path / "legacy.npz", feats, {"extractor": "fake", "mode": "legacy_pytorch"})
+    with pytest.raises(UserError, match="legacy_pytorch"):
+        load_reference(legacy, ex, image_size=16)
+    unsized = save_reference_stats(tmp_path / "folder.npz", feats, {"extractor": "fake", "size": None})
+    assert load_reference(unsized, ex, image_size=16).dim == 8  # a folder's images are each at their own size
+
+
 def test_clean_fids_own_statistics_files_and_dataset_names_are_references(tmp_path, monkeypatch):
     """clean-fid's files hold mu and sigma (its Inception's): FID from them; KID when its
     _kid.npz companion sits beside it, else reported as unavailable."""

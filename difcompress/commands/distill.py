@@ -81,6 +81,8 @@ def distill(config: DistillConfig, *, show_progress: bool = False) -> dict[str, 
     new_folder = not output.exists() or not any(output.iterdir())
     with folder_lock(output) if accelerator.is_main_process else contextlib.nullcontext():
         if accelerator.is_main_process:
+            if resume:
+                check_resume_identity(config, output)
             resume, notes = prepare_run_folder(output, resume)
             for note in notes:
                 warn(note)
@@ -129,6 +131,27 @@ def check_resume_from(config: DistillConfig) -> None:
     if config.resume_from not in (None, "latest") and not (Path(config.resume_from) / "state.json").is_file():
         raise UserError(f"--resume-from {config.resume_from} is not a checkpoint folder "
                         "(RUN/checkpoints/step-XXXXXXX)", exit_code=2)
+
+
+# Identity settings the run resolves (from the student's manifest, the family, the
+# feature pairs) before recording them: compared only once resolved, in _resume.
+RESOLVED_SETTINGS = ("teacher", "w_feat", "feature_layers", "grad_clip", *DROPOUT_OPTIONS)
+
+
+def check_resume_identity(config: DistillConfig, output: Path) -> None:
+    """Before any work (and before the folder is marked running again): the settings as
+    given must match the checkpoint's, data source included."""
+    path = latest_checkpoint(output) if config.resume_from in (None, "latest") else Path(config.resume_from)
+    if path is None:
+        return  # prepare_run_folder says what is wrong with the folder
+    recorded = read_checkpoint_info(path).get("settings", {})
+    given = config.model_dump(mode="json")
+    differ = [k for k in DistillConfig.identity if k not in RESOLVED_SETTINGS and k in recorded
+              and recorded[k] != given.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} {recorded[k]!r} -> {given.get(k)!r}" for k in differ)
+        raise UserError(f"checkpoint {path} belongs to another run (differs in: {shown}); resume with the same "
+                        "settings or choose another -o")
 
 
 def make_accelerator(config: DistillConfig) -> Accelerator:

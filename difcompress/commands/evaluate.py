@@ -95,7 +95,8 @@ def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device, show_progres
         reference = Reference.of_features(features_of_images(digits_images(h, c), extractor,
                                                              batch_size=config.batch_size), name, "digits")
     else:
-        reference = load_reference(ref, extractor, batch_size=config.batch_size, show_progress=show_progress)
+        reference = load_reference(ref, extractor, batch_size=config.batch_size, show_progress=show_progress,
+                                   image_size=loaded[0].image_shape()[1])
     protocol = {"mode": "clean", "num_samples": config.num_samples, "sampler": config.sampler,
                 "steps": config.sampler_steps, "seed": config.seed, "reference": reference.source,
                 "feature_extractor": name, "feature_dim": reference.dim}

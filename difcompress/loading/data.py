@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from difcompress.builtin import builtin_data
 from difcompress.config import DistillConfig
-from difcompress.core.console import warn
+from difcompress.core.console import progress_bar, warn
 from difcompress.core.errors import UserError
 from difcompress.core.files import (
     build_once,
@@ -116,8 +116,10 @@ def teacher_samples(teacher, count: int, *, seed: int, noise_seed: int, steps: i
     null = family.null_conditions(model, text=null_text)
 
     def generate():
-        images = teacher.sample(count, seed=noise_seed, steps=steps,
-                                guidance=Guidance(conditions, null, family.teacher_data_guidance))
+        with progress_bar(processes.show_progress) as progress:
+            task = progress.add_task("sampling the teacher's training data (once)", total=count)
+            images = teacher.sample(count, seed=noise_seed, steps=steps, on_batch=lambda n: progress.advance(task, n),
+                                    guidance=Guidance(conditions, null, family.teacher_data_guidance))
         return {"images": images, **({"labels": labels} if labels is not None else {})}
 
     saved = _kept_samples(cache, processes.is_local_main, generate)

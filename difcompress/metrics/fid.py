@@ -10,7 +10,7 @@ import json
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cleanfid
@@ -39,6 +39,7 @@ class Reference:
     feats: np.ndarray | None
     extractor: str | None  # None: a clean-fid file, which is always its Inception
     source: str
+    protocol: dict = field(default_factory=dict)  # how a difcompress statistics file was made (stats)
 
     @classmethod
     def of_features(cls, feats: np.ndarray, extractor: str | None, source: str) -> Reference:
@@ -100,7 +101,7 @@ def read_reference_stats(path: str | os.PathLike) -> Reference:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             raise UserError(f"{companion} (the KID features beside {path.name}) is damaged: remove it to compute "
                             "FID without KID, or fetch it again") from None
-    return Reference(mu, sigma, feats, protocol.get("extractor") if ours else None, str(path))
+    return Reference(mu, sigma, feats, protocol.get("extractor") if ours else None, str(path), protocol)
 
 
 def cleanfid_named_stats(name: str) -> Path | None:
@@ -115,9 +116,10 @@ def cleanfid_named_stats(name: str) -> Path | None:
 
 
 def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, batch_size: int = 64,
-                   show_progress: bool = False) -> Reference:
+                   show_progress: bool = False, image_size: int | None = None) -> Reference:
     """The reference a ``--ref`` names: a folder of images (featurised now), a statistics
-    file made with the same extractor, or a clean-fid dataset name found in its cache."""
+    file made with the same extractor (and, when it records one, at `image_size`, the size
+    the evaluated model generates), or a clean-fid dataset name found in its cache."""
     p = Path(spec)
     if p.is_dir():
         feats = features_of_folder(p, extractor, batch_size, show_progress)
@@ -134,7 +136,22 @@ def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, batc
     if made_by != extractor.name:
         raise UserError(f"{p} holds {made_by!r} features but the metric uses {extractor.name!r}: recompute the "
                         f"reference stats with {extractor.name!r} or pick that extractor.")
+    check_protocol(reference, image_size)
     return reference
+
+
+def check_protocol(reference: Reference, image_size: int | None) -> None:
+    """Statistics made another way than this evaluation measures are refused: another mode
+    than clean, or resized to another size than the model generates."""
+    protocol, where = reference.protocol, reference.source
+    if protocol.get("mode", "clean") != "clean":
+        raise UserError(f"--ref {where} was made in {protocol['mode']!r} mode; difcompress measures clean FID: "
+                        "recompute it with difcompress stats", exit_code=2)
+    made_at = protocol.get("size")
+    if made_at is not None and image_size is not None and made_at != image_size:
+        raise UserError(f"--ref {where} holds statistics of {made_at} px images (stats --size {made_at}) but the "
+                        f"model generates {image_size} px: recompute them with difcompress stats --size {image_size}",
+                        exit_code=2)
 
 
 # ---- FID / KID (clean-fid's math)
