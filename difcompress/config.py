@@ -359,8 +359,9 @@ class ExportConfig(StageConfig):
     model: Ref = Field(description="A difcompress folder (or any diffusers model).",
                        json_schema_extra=_cli(argument=True))
     output: Path = OutputField("Pipeline folder to write.")
-    dtype: DType = Field("fp32", description="Weights dtype of the exported folder (fp16/bf16: written as the "
-                         "diffusers variant, loaded with variant='fp16').")
+    dtype: DType = Field("fp32", description="Weights dtype of the exported folder (fp16/bf16: the plain weight "
+                         "files in that dtype, plus the diffusers variant's names linked to them, so "
+                         "from_pretrained loads it with or without variant='fp16').")
     format: ExportFormatName = Field("diffusers", description="What to write: diffusers (a pipeline folder stock "
                                      "diffusers loads, with a model card).")
     push_to_hub: Optional[str] = Field(None, description="Also upload the folder to this Hugging Face repo id "

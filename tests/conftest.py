@@ -137,6 +137,17 @@ def run_cli(capsys):
     return run
 
 
+def run_python(code: str, *, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -c CODE` in a fresh interpreter (offline); the run_subprocess fixture, for
+    fixtures of a wider scope."""
+    full_env = dict(os.environ)
+    full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONWARNINGS": "ignore",
+                     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
 @pytest.fixture
 def run_subprocess():
     """Run `python -c CODE` in a fresh interpreter (offline); returns the CompletedProcess.
@@ -144,18 +155,7 @@ def run_subprocess():
     For checks that must hold without difcompress: the code should assert at its end that
     difcompress was never imported.
     """
-
-    def run(code: str, *, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        full_env = dict(os.environ)
-        full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONWARNINGS": "ignore",
-                         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-        if env:
-            full_env.update(env)
-        return subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout
-        )
-
-    return run
+    return run_python
 
 
 NO_DIFCOMPRESS_CHECK = """

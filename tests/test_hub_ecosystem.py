@@ -16,6 +16,7 @@ from conftest import (
     run_distill,
     run_eval,
     run_export,
+    run_python,
 )
 from PIL import Image
 
@@ -166,7 +167,7 @@ def test_a_hub_dataset_that_cannot_be_reached_offline_says_how_to_get_it(pruned_
     assert "hf download difcompress-tests/not-cached --repo-type dataset --local-dir DIR" in line, line
 
 
-# ---- export: model card, fp16 variant, push to the Hub ------------------------------------------------
+# ---- export: model card, fp16 weights and variant, push to the Hub ------------------------------------------------
 
 @pytest.fixture(scope="module")
 def evaluated_student(pruned_dir, tmp_path_factory):
@@ -219,24 +220,110 @@ def test_a_hub_teacher_is_the_base_model(evaluated_student, tmp_path):
     assert data["base_model"] == "google/ddpm-cifar10-32" and data["base_model_relation"] == "finetune"
 
 
-def test_fp16_export_is_a_diffusers_variant_stock_diffusers_loads(evaluated_student, tmp_path, run_subprocess):
+# One interpreter checks every fp16 export (starting one costs more than a tiny model's checks).
+_FP16_LOADS = """
+import sys, torch, diffusers
+from pathlib import Path
+from safetensors import safe_open
+
+def check(out, pipeline):
+    plain = pipeline.from_pretrained(out)                                        # the stock call, no variant
+    variant = pipeline.from_pretrained(out, variant="fp16", torch_dtype=torch.float16)
+    weights = sorted(p for p in out.rglob("*.safetensors") if ".fp16." not in p.name)
+    inodes, total = set(), 0
+    for path in out.rglob("*"):
+        if path.is_file() and path.stat().st_ino not in inodes:
+            inodes.add(path.stat().st_ino)
+            total += path.stat().st_size
+    stored = sum(p.stat().st_size for p in weights)
+    assert total < 2 * stored, (total, stored)                                   # not stored twice
+    for path in weights:
+        with safe_open(path, "pt") as f:
+            assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys()), path
+    components = sorted(n for n, c in plain.components.items() if isinstance(c, torch.nn.Module))
+    for name in components:
+        a, b = getattr(plain, name).state_dict(), getattr(variant, name).state_dict()
+        assert all(v.dtype == torch.float16 for v in b.values()), name
+        assert a.keys() == b.keys() and all(torch.equal(a[k].half(), b[k]) for k in a), name
+    return " ".join(components)
+
+for case, out, pipeline in zip(*[iter(sys.argv[1:])] * 3):
+    try:
+        print(case, "ok", check(Path(out), getattr(diffusers, pipeline)))
+    except Exception as err:
+        print(case, "failed:", repr(err)[-2000:].replace(chr(10), " "))
+"""
+
+_FP16_CASES = {  # id: (fixture, pipeline class, the components it loads)
+    "pixel": ("tiny_model_dir", "DDPMPipeline", "unet"),
+    "latent": ("tiny_ldm_dir", "LDMPipeline", "unet vqvae"),
+    "dit": ("tiny_dit_dir", "DiTPipeline", "transformer vae"),
+    "sd": ("tiny_sd_dir", "StableDiffusionPipeline", "text_encoder unet vae"),
+    "sdxl": ("tiny_sdxl_dir", "StableDiffusionXLPipeline", "text_encoder text_encoder_2 unet vae"),
+}
+
+
+@pytest.fixture(scope="module")
+def fp16_exports(request, tmp_path_factory):
+    """Each case's model exported with --dtype fp16, and what stock diffusers (without
+    difcompress, in one fresh interpreter) said of each folder."""
+    exports, argv = {}, []
+    for case, (fixture, pipeline, _) in _FP16_CASES.items():
+        out = tmp_path_factory.mktemp(f"fp16-{case}") / "export"
+        exports[case] = (out, run_export(request.getfixturevalue(fixture), out, dtype="fp16"))
+        argv += [case, str(out), pipeline]
+    proc = run_python(f"import sys; sys.argv = ['-', *{argv!r}]\n" + _FP16_LOADS + NO_DIFCOMPRESS_CHECK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ", 1)[0] in _FP16_CASES)
+    return exports, said
+
+
+@pytest.mark.parametrize("case", list(_FP16_CASES))
+def test_an_fp16_export_loads_with_and_without_the_variant(case, fp16_exports):
+    """Plain weight files in fp16, the fp16 variant's names hard links to them: stock
+    from_pretrained loads the folder either way (transformers' text encoders included)."""
     from difcompress.loading.models import load_model
 
-    out = tmp_path / "fp16"
-    run_export(evaluated_student, out, dtype="fp16")
-    assert (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    assert not (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    assert "variant='fp16', torch_dtype=torch.float16" in (out / "README.md").read_text()
-    code = f"""
-import torch
-from diffusers import DDPMPipeline
-pipe = DDPMPipeline.from_pretrained({str(out)!r}, variant="fp16", torch_dtype=torch.float16)
-assert pipe.unet.dtype == torch.float16, pipe.unet.dtype
-print("variant-ok")
-""" + NO_DIFCOMPRESS_CHECK
-    proc = run_subprocess(code)
-    assert proc.returncode == 0 and "variant-ok" in proc.stdout, proc.stderr[-3000:]
-    assert load_model(out).model.dtype == torch.float32  # difcompress reads the variant too
+    (out, info), said = fp16_exports[0][case], fp16_exports[1]
+    components = _FP16_CASES[case][2]
+    assert said.get(case) == f"ok {components}", said.get(case)
+    for part in components.split():
+        plain = next(p for p in (out / part).glob("*.safetensors") if ".fp16." not in p.name)
+        assert plain.with_name(plain.name.replace(".safetensors", ".fp16.safetensors")).samefile(plain)
+    weights = sum(p.stat().st_size for p in out.rglob("*.safetensors") if ".fp16." not in p.name)
+    assert weights < info["size_on_disk_bytes"] < 2 * weights  # hard links counted once
+    card = (out / "README.md").read_text()
+    assert f".from_pretrained('{out.resolve()}', torch_dtype=torch.float16" in card and "variant='fp16'" in card
+    assert load_model(out).model.dtype == torch.float32  # difcompress reads the plain file, in fp32
+
+
+def test_a_variant_name_falls_back_to_a_copy_without_hard_links(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from difcompress.artifacts.folders import add_variant_names, variant_name
+
+    assert variant_name("model-00001-of-00002.safetensors", "fp16") == "model.fp16-00001-of-00002.safetensors"
+    assert variant_name("model.safetensors.index.json", "fp16") == "model.safetensors.index.fp16.json"
+    assert variant_name("model.fp16.safetensors", "fp16") is None and variant_name("config.json", "fp16") is None
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (tmp_path / "text_encoder").mkdir()
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (tmp_path / "text_encoder" / shard).write_bytes(b"shard")
+    (tmp_path / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+
+    def no_links(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    add_variant_names(tmp_path, "fp16")
+    copy = tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    assert copy.read_bytes() == b"weights" and copy.stat().st_nlink == 1
+    index = json.loads((tmp_path / "text_encoder" / "model.safetensors.index.fp16.json").read_text())
+    assert index["weight_map"] == {"a": "model.fp16-00001-of-00002.safetensors", "b": "model.fp16-00002-of-00002.safetensors"}
+    assert all((tmp_path / "text_encoder" / name).read_bytes() == b"shard" for name in index["weight_map"].values())
 
 
 def test_push_to_hub_uploads_the_export_and_is_one_error_offline(evaluated_student, tmp_path, monkeypatch, run_cli):

@@ -56,11 +56,13 @@ def card_data(info: dict[str, Any], name: str) -> ModelCardData:
 
 def usage(info: dict[str, Any], where: str) -> list[str]:
     """How stock diffusers loads and samples this folder (or repo)."""
-    variant = info["dtype"] if info["dtype"] != "fp32" else None
     dtype = {"fp16": "torch.float16", "bf16": "torch.bfloat16"}.get(info["dtype"])
-    load_args = f"'{where}'" + (f", variant='{variant}', torch_dtype={dtype}" if variant else "")
-    imports = ["import torch"] if variant else []
-    return FAMILIES[info["family"]].card_usage(where, load_args, imports, info)
+    load_args = f"'{where}'" + (f", torch_dtype={dtype}" if dtype else "")
+    lines = FAMILIES[info["family"]].card_usage(where, load_args, ["import torch"] if dtype else [], info)
+    if dtype:  # export writes the plain weight files in the dtype and links the variant's names to them
+        lines += ["", f"The weights are stored in {info['dtype']}; `variant='{info['dtype']}'` loads the same "
+                  "files (the variant's names are links to them)."]
+    return lines
 
 
 def _facts(info: dict[str, Any]) -> list[str]:

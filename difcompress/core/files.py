@@ -280,7 +280,24 @@ def resolved_source(source: str | Path) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else str(source)
 
 
+# Why a file system refuses a hard link where a copy would do: another device, no hard
+# links at all (FAT, some network mounts), or too many links to one file.
+_NO_HARD_LINK = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a second name of `source` (a hard link: one copy on disk), or a copy of
+    it where the file system cannot link the two."""
+    try:
+        os.link(source, target)
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINK:
+            raise
+        shutil.copyfile(source, target)
+
+
 def folder_size_bytes(folder: str | Path) -> int:
+    """Bytes on disk under `folder`, a hard-linked file counted once."""
     seen, total = set(), 0
     for path in Path(folder).rglob("*"):
         if path.is_file():

@@ -182,8 +182,9 @@ def _load_autoencoder(path: Path, index: dict[str, Any]) -> Autoencoder | None:
 
 
 def weights_file(folder: Path) -> tuple[Path | None, str | None]:
-    """A component's safetensors weights: the plain file, else its one diffusers variant
-    (diffusion_pytorch_model.fp16.safetensors, as `export --dtype fp16` writes)."""
+    """A component's safetensors weights: the plain file (which `export --dtype fp16` writes
+    in fp16, its variant name a link to it), else its one diffusers variant
+    (diffusion_pytorch_model.fp16.safetensors alone, as earlier exports and some Hub repos have)."""
     plain = folder / "diffusion_pytorch_model.safetensors"
     if plain.is_file():
         return plain, None
