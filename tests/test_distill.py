@@ -305,6 +305,27 @@ def test_resuming_a_finished_run_with_other_data_is_refused_before_any_work(resu
     assert json.loads((run / "difcompress.json").read_text())["status"] == "complete"
 
 
+def test_a_checkpoint_of_an_unfinished_run_is_evaluated_and_exported_read_only(resume_runs, tmp_path, run_cli):
+    """A user watching a long run: eval and export take RUN/checkpoints/step-N without the
+    run's lock and without touching the run, and say which step they looked at."""
+    _, crashed = resume_runs("place")
+    run = copy_run(crashed, tmp_path)
+    before = snapshot(run)
+    code, _, err = run_cli("eval", run, "--grid-size", "2", "--sampler-steps", "2", "--device", "cpu")
+    assert "newest checkpoint" in assert_one_line_error(code, err, 1)
+    checkpoint = run / "checkpoints" / "step-0000004"
+    code, out, err = run_cli("eval", checkpoint, "--grid-size", "2", "--sampler-steps", "2", "--device", "cpu",
+                             "-o", tmp_path / "eval", "--json")
+    assert code == 0, err
+    assert json.loads(out)["models"][0]["checkpoint_step"] == 4
+    code, _, err = run_cli("export", checkpoint, "-o", tmp_path / "export")
+    assert code == 0, err
+    ema = load_file(checkpoint / "ema.safetensors")
+    exported = load_file(tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], ema[k]) for k in exported)  # the weights a finished run would publish
+    assert snapshot(run) == before
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_over(resume_runs, pruned_dir, tmp_path, capsys):
     """With no checkpoint and no live owner the folder is restartable, with or without
     --resume (said once), and ends exactly like an uninterrupted run."""

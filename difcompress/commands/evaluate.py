@@ -174,6 +174,8 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
         guidance = cond.guidance
         row: dict[str, Any] = {"model": spec, "path": str(item.path.resolve()), "family": item.family.name,
                                "denoiser_kind": item.family.denoiser_kind, "latent": item.autoencoder is not None}
+        if (item.manifest or {}).get("checkpoint"):
+            row["checkpoint_step"] = item.manifest["checkpoint"]["step"]  # a running run looked at mid-way
         if guidance.conditions is not None:
             row["guidance_scale"] = guidance.scale
         if cond.prompts:

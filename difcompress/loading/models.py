@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundEr
 from safetensors.torch import load_file
 from torch import nn
 
+from difcompress.artifacts.checkpoint import latest_checkpoint, read_checkpoint_info
 from difcompress.artifacts.folders import STRUCTURE, read_manifest
 from difcompress.builtin import builtin_model_path
 from difcompress.core.environment import hub_offline
@@ -116,10 +118,14 @@ def _from_hub(source: str) -> Path:
 
 
 def _load_folder(path: Path, source: str) -> LoadedModel:
+    if is_checkpoint_folder(path):
+        return _load_checkpoint(path, source)
     manifest = read_manifest(path)
     if manifest and manifest.get("status") == "running":
+        newest = latest_checkpoint(path)
+        look = f", or look at its newest checkpoint: {newest}" if newest else ""
         raise UserError(f"{path} is an unfinished {manifest.get('stage', 'difcompress')} run (its manifest says "
-                        "running); finish it with --resume, or use a complete folder")
+                        f"running); finish it with --resume, or use a complete folder{look}")
     if (path / "model_index.json").is_file():
         index = read_json(path / "model_index.json")
         component = next((c for c in DENOISER_COMPONENTS if c in index), None)
@@ -152,6 +158,29 @@ def _family(path: Path, denoiser_class: str, pipeline_class: str | None = None) 
         return family_for(denoiser_class, pipeline_class)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    return (path / "state.json").is_file() and (path / "student.safetensors").is_file()
+
+
+def _load_checkpoint(path: Path, source: str) -> LoadedModel:
+    """A distill checkpoint (RUN/checkpoints/step-N), read-only and without the run's lock,
+    so a long run can be looked at while it trains: the run's student architecture with the
+    checkpoint's weights (its EMA where the run keeps one, as the final student is)."""
+    info = read_checkpoint_info(path)
+    settings = info.get("settings") or {}
+    if not settings.get("student"):
+        raise UserError(f"{path}: the checkpoint does not record its student; it cannot be rebuilt")
+    base = _load_folder(load_model_folder(settings["student"]), settings["student"])
+    kept = "ema" if (path / "ema.safetensors").is_file() else "student"
+    try:
+        base.model.load_state_dict(load_file(path / f"{kept}.safetensors"))
+    except (OSError, RuntimeError, ValueError) as err:  # a damaged file, or weights of another student
+        raise UserError(f"cannot read the weights of checkpoint {path}: {str(err).splitlines()[0]}") from None
+    manifest = {**(base.manifest or {}), "teacher": settings.get("teacher") or (base.manifest or {}).get("teacher"),
+                "checkpoint": {"step": info.get("step"), "weights": kept, "run": str(path.parent.parent)}}
+    return dataclasses.replace(base, source=source, path=path, manifest=manifest)
 
 
 def _is_component(value: Any) -> bool:

@@ -54,7 +54,8 @@ def print_eval_report(result: dict[str, Any]) -> None:
     table = Table(title=f"difcompress eval ({result['sampler']}, {result['sampler_steps']} steps, {result['device']})")
     table.add_column("metric")
     for row in rows:
-        table.add_column(row["model"], justify="right")
+        step = f" (checkpoint step {row['checkpoint_step']})" if "checkpoint_step" in row else ""
+        table.add_column(row["model"] + step, justify="right")
     first = rows[0]
     denoiser = first["denoiser_kind"]
     lines = [
