@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/difcompress demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) runs

@@ -87,21 +87,26 @@ def teacher_key(student_key: str, preset: str) -> str:
 
 
 @torch.no_grad()
+def student_from_teacher(teacher: nn.Module, config: dict[str, Any], source_key, what: str) -> nn.Module:
+    """The stock model of `config`, every weight copied from the teacher weight that
+    `source_key(student_key)` names (block-removal presets: BK-SDM's, the SDXL students')."""
+    student = type(teacher).from_config(config).to(next(teacher.parameters()).device)
+    source = teacher.state_dict()
+    for key, target in student.state_dict().items():
+        name = source_key(key)
+        if name not in source or source[name].shape != target.shape:
+            got = tuple(source[name].shape) if name in source else "nothing"
+            raise RuntimeError(f"{what}: {key} has shape {tuple(target.shape)} but its teacher weight {name} has {got}")
+        target.copy_(source[name])
+    return student
+
+
 def remove_blocks(teacher: nn.Module, preset: str) -> nn.Module:
     """The BK-SDM student of `teacher`, built from its stock config, every weight copied."""
     if preset not in PRESETS:
         raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}", exit_code=2)
     config = student_config(dict(teacher.config), preset)
-    device = next(teacher.parameters()).device
-    student = type(teacher).from_config(config).to(device)
-    source = teacher.state_dict()
-    for key, target in student.state_dict().items():
-        value = source[teacher_key(key, preset)]
-        if value.shape != target.shape:
-            raise RuntimeError(f"{preset}: {key} has shape {tuple(target.shape)} but its teacher weight "
-                               f"{teacher_key(key, preset)} has {tuple(value.shape)}")
-        target.copy_(value)
-    return student
+    return student_from_teacher(teacher, config, lambda key: teacher_key(key, preset), preset)
 
 
 def feature_pairs(preset: str | None) -> list[tuple[str, str]] | None:

@@ -26,10 +26,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 from torch import nn
 
 from difcompress.core.errors import UserError
+from difcompress.pruning.blocks import student_from_teacher
 
 SDXL_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
 SDXL_UP = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
@@ -93,20 +93,13 @@ def teacher_key(student_key: str, student_layers: int, teacher_layers: int) -> s
     return student_key
 
 
-@torch.no_grad()
 def remove_sdxl_blocks(teacher: nn.Module, preset: str) -> nn.Module:
     """The preset's student of `teacher`, built from its stock config, every weight copied."""
     if preset not in SDXL_PRESETS:
         raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(SDXL_PRESETS)}", exit_code=2)
     config = sdxl_student_config(dict(teacher.config), preset)
-    student = type(teacher).from_config(config).to(next(teacher.parameters()).device)
-    source = teacher.state_dict()
-    for key, target in student.state_dict().items():
-        name = teacher_key(key, config["layers_per_block"], teacher.config.layers_per_block)
-        if name not in source or source[name].shape != target.shape:
-            raise RuntimeError(f"{preset}: no teacher weight of shape {tuple(target.shape)} for {key} ({name})")
-        target.copy_(source[name])
-    return student
+    layers = (config["layers_per_block"], teacher.config.layers_per_block)
+    return student_from_teacher(teacher, config, lambda key: teacher_key(key, *layers), preset)
 
 
 def removed_blocks(teacher: nn.Module, student: nn.Module) -> list[str]:
