@@ -318,6 +318,7 @@ def test_a_checkpoint_of_an_unfinished_run_is_evaluated_and_exported_read_only(r
                              "-o", tmp_path / "eval", "--json")
     assert code == 0, err
     assert json.loads(out)["models"][0]["checkpoint_step"] == 4
+    assert load_model(run / "checkpoints" / "latest").manifest["checkpoint"]["step"] == 4  # the newest one
     code, _, err = run_cli("export", checkpoint, "-o", tmp_path / "export")
     assert code == 0, err
     ema = load_file(checkpoint / "ema.safetensors")

@@ -85,6 +85,11 @@ def load_model_folder(source: str | Path) -> Path:
     into or read from the Hugging Face cache), without loading anything from it."""
     source = str(source)
     path = builtin_model_path(source) or Path(source).expanduser()
+    if path.name == "latest" and path.parent.name == "checkpoints" and not path.exists():
+        newest = latest_checkpoint(path.parent.parent)  # RUN/checkpoints/latest: the newest complete one
+        if newest is None:
+            raise UserError(f"{path.parent.parent} has no complete checkpoint yet")
+        return newest
     if not path.exists():
         return _from_hub(source)
     if not path.is_dir():
