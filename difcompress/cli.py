@@ -195,7 +195,12 @@ def _export(config: ExportConfig, json_output: bool) -> None:
     if json_output:
         print_json(info)
         return
-    console.print(f"exported {human(info['params'])} params ({info['dtype']}) to {info['output']}: "
+    quantize = info["quantize"]
+    scheme = f", {quantize['scheme']} denoiser weights via {quantize['backend']} {quantize['backend_version']}" \
+        if quantize else ""
+    denoiser = f" ({human(quantize['denoiser_weight_bytes'], 'B')} the denoiser's)" if quantize else ""
+    console.print(f"exported {human(info['params'])} params ({info['dtype']}{scheme}) to {info['output']}: "
+                  f"{human(info['weight_bytes'], 'B')} of weights{denoiser}, "
                   f"{human(info['size_on_disk_bytes'], 'B')} on disk")
     if not info["stock_diffusers_loadable"]:
         err_console.print("[yellow]warning:[/] globally pruned widths: stock diffusers cannot load this folder; "

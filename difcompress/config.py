@@ -47,6 +47,8 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 # The block-removal presets every family offers (each family's `presets` lists its own).
 Preset = Literal["bk-base", "bk-small", "bk-tiny", "koala-1b", "koala-700m", "ssd-1b", "vega"]
 ExportFormatName = Literal["diffusers"]  # commands/export.py's FORMATS writes each
+# diffusers' QuantoConfig(weights_dtype=...) names (artifacts/quantize.py; docs/quantization.md)
+QuantizeScheme = Literal["int8", "int4"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Optimizer = Literal["adamw", "adam", "adamw-8bit"]
 Tracker = Literal["none", "tensorboard", "wandb"]
@@ -364,6 +366,10 @@ class ExportConfig(StageConfig):
                          "from_pretrained loads it with or without variant='fp16').")
     format: ExportFormatName = Field("diffusers", description="What to write: diffusers (a pipeline folder stock "
                                      "diffusers loads, with a model card).")
+    quantize: Optional[QuantizeScheme] = Field(None, description="Store the denoiser's linear-layer weights in "
+                                               "int8 or packed int4 (optimum-quanto through diffusers; needs "
+                                               "--dtype fp16 or bf16 and the quantize extra). Stock "
+                                               "from_pretrained(folder) reloads it; see docs/quantization.md.")
     push_to_hub: Optional[str] = Field(None, description="Also upload the folder to this Hugging Face repo id "
                                        "(needs the network and a login).", json_schema_extra=_cli(metavar="REPO_ID"))
     private: bool = Field(False, description="With --push-to-hub: create the repo private.")

@@ -24,7 +24,7 @@ KEYS = {
     "export": {"source", "teacher", "family", "model_class", "pipeline_tag", "pruning", "distill", "distill_steps",
                "objective", "params", "macs", "dtype", "sampling_memory_bytes", "eval", "eval_protocol",
                "stock_diffusers_loadable", "autoencoder", "num_classes", "license", "datasets", "output",
-               "size_on_disk_bytes"},
+               "size_on_disk_bytes", "quantize", "weight_bytes"},
     "stats": {"output", "feature_dim", "extractor", "mode", "source", "kind", "count", "size", "split"},
 }
 EVAL_ROW = {"model", "path", "family", "latent", "params", "macs", "latency_s_per_image", "throughput_img_s",

@@ -102,12 +102,13 @@ def variant_name(name: str, variant: str) -> str | None:
     return f"{match['stem']}.{variant}{match['shard'] or ''}.safetensors" if match else None
 
 
-def add_variant_names(folder: Path, variant: str) -> None:
+def add_variant_names(folder: Path, variant: str, pattern: str = "*/*") -> None:
     """Give every component's weights their `variant` names too, as hard links (a copy where
     the file system has none), so that both `from_pretrained(folder)` and
     `from_pretrained(folder, variant=...)` load the same weights, stored once (neither
-    diffusers nor transformers finds weights under a name it was not asked for)."""
-    for path in sorted(folder.glob("*/*")):
+    diffusers nor transformers finds weights under a name it was not asked for).
+    `pattern="*"` does it for one component's folder."""
+    for path in sorted(folder.glob(pattern)):
         target = variant_name(path.name, variant) if path.is_file() else None
         if target is None:
             continue

@@ -17,6 +17,7 @@ from difcompress.artifacts.folders import (
     pruning_report,
     save_model_folder,
 )
+from difcompress.artifacts.quantize import BACKEND, backend_version, quantize_denoiser, refuse_quantized
 from difcompress.commands.model_card import model_card, teacher_license
 from difcompress.config import ExportConfig
 from difcompress.core.console import quiet_diffusers
@@ -41,6 +42,12 @@ def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, An
     if config.push_to_hub and hub_offline():
         raise UserError("--push-to-hub needs the network, but HF_HUB_OFFLINE is set; export without it and "
                         "upload the folder later (hf upload REPO_ID FOLDER)", exit_code=2)
+    if config.quantize and config.dtype == "fp32":
+        raise UserError(f"--quantize {config.quantize} needs --dtype fp16 or bf16 (the weights it leaves "
+                        "unquantized are stored in that dtype)", exit_code=2)
+    if config.quantize:
+        backend_version()
+        refuse_quantized(load_model_folder(config.model), config.model)
     output = check_output_folder(config.output, inputs=[config.model])
     with folder_lock(output):
         remove_temporaries(output)
@@ -80,6 +87,10 @@ def _write_diffusers(folder: Path, job: ExportJob) -> None:
         {"stage": "export", "family": family.name, "teacher": info["teacher"], "versions": versions(), "export": info},
         loaded.structure, autoencoder=job.autoencoder, pipeline_settings=loaded.pipeline_settings,
         variant=None if config.dtype == "fp32" else config.dtype, text=job.text)
+    if config.quantize:
+        info["quantize"]["denoiser_weight_bytes"] = quantize_denoiser(
+            folder / family.component, family.model_class, config.quantize, DTYPES[config.dtype], config.dtype)
+    info["weight_bytes"] = folder_size_bytes(folder, "*.safetensors")
     where = config.push_to_hub or str(Path(config.output).resolve())
     model_card(info, where, config.push_to_hub or Path(config.output).name).save(folder / "README.md")
 
@@ -92,6 +103,9 @@ FORMATS: dict[str, ExportFormat] = {
 
 def _export(config: ExportConfig, output: Path) -> dict[str, Any]:
     loaded = load_model(config.model, "cpu")
+    if config.quantize and loaded.structure is not None:
+        raise UserError(f"--quantize: {config.model} is globally pruned, and stock diffusers (which quantizes it) "
+                        "cannot build its widths; quantize a uniformly pruned student", exit_code=2)
     info = export_info(config, loaded)
     dtype = DTYPES[config.dtype]
     with quiet_diffusers():  # the cast to fp16 is the export's point; diffusers warns about any .to(dtype)
@@ -121,6 +135,8 @@ def export_info(config: ExportConfig, loaded) -> dict[str, Any]:
         "pruning": pruning_report(manifest), "distill": settings or None, "distill_steps": distill.get("steps"),
         "objective": settings.get("objective") or settings.get("loss"), "params": size["params"], "macs": size["macs"],
         "dtype": config.dtype,
+        "quantize": {"scheme": config.quantize, "backend": BACKEND, "backend_version": backend_version(),
+                     "quantized": f"{family.component} (its nn.Linear weights)"} if config.quantize else None,
         # Activations scale with the dtype the same way the weights do.
         "sampling_memory_bytes": {b: peak_activation_bytes_estimate(net, family, b) * element // 4 for b in (1, 16)},
         "eval": evaluation[0], "eval_protocol": evaluation[1], "stock_diffusers_loadable": loaded.structure is None,

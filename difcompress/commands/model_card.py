@@ -49,7 +49,8 @@ def card_data(info: dict[str, Any], name: str) -> ModelCardData:
     data = ModelCardData(
         library_name="diffusers", base_model=teacher if HUB_ID.match(teacher) else None, license=info.get("license"),
         pipeline_tag=info["pipeline_tag"], datasets=info.get("datasets") or None, model_name=name,
-        tags=["difcompress", "pruned", "distilled", info["family"], *([info["objective"]] if info["objective"] else [])],
+        tags=["difcompress", "pruned", "distilled", info["family"], *([info["objective"]] if info["objective"] else []),
+              *(["quantized", info["quantize"]["backend"]] if info.get("quantize") else [])],
         eval_results=_eval_results(info) or None, **extra)
     return data
 
@@ -62,6 +63,12 @@ def usage(info: dict[str, Any], where: str) -> list[str]:
     if dtype:  # export writes the plain weight files in the dtype and links the variant's names to them
         lines += ["", f"The weights are stored in {info['dtype']}; `variant='{info['dtype']}'` loads the same "
                   "files (the variant's names are links to them)."]
+    quantize = info.get("quantize")
+    if quantize:
+        lines += ["", f"The denoiser's linear-layer weights are quantized to {quantize['scheme']} with "
+                  f"{quantize['backend']} {quantize['backend_version']} (diffusers' quanto backend): install it "
+                  f"(`pip install {quantize['backend']}`) before loading; diffusers reads the scheme from the "
+                  "denoiser's config.json."]
     return lines
 
 
@@ -77,6 +84,7 @@ def _facts(info: dict[str, Any]) -> list[str]:
         f"| params | {human(info['params'])} |",
         f"| MACs per denoiser call | {human(info['macs'])} |",
         f"| weights dtype | {info['dtype']} |",
+        *_quantize_facts(info),
         f"| memory to sample, batch 1 | {human(info['sampling_memory_bytes'][1], 'B')} (weights + activations, "
         "upper bound) |",
         f"| memory to sample, batch 16 | {human(info['sampling_memory_bytes'][16], 'B')} |",
@@ -87,6 +95,15 @@ def _facts(info: dict[str, Any]) -> list[str]:
         lines.append(f"| FID / KID | {row['fid']:.2f} / {row['kid']:.4f} ({p['feature_extractor']}, "
                      f"{p['num_samples']} samples, {p['sampler']} {p['steps']} steps, reference {p['reference']}) |")
     return lines
+
+
+def _quantize_facts(info: dict[str, Any]) -> list[str]:
+    quantize = info.get("quantize")
+    if not quantize:
+        return []
+    return [f"| quantization | {quantize['scheme']} weights of the {quantize['quantized']}, "
+            f"{quantize['backend']} {quantize['backend_version']} |",
+            f"| denoiser weight files | {human(quantize['denoiser_weight_bytes'], 'B')} |"]
 
 
 def model_card(info: dict[str, Any], where: str, name: str) -> ModelCard:

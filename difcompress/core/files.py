@@ -296,10 +296,11 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def folder_size_bytes(folder: str | Path) -> int:
-    """Bytes on disk under `folder`, a hard-linked file counted once."""
+def folder_size_bytes(folder: str | Path, pattern: str = "*") -> int:
+    """Bytes on disk under `folder` (of the files named like `pattern`), a hard-linked file
+    counted once."""
     seen, total = set(), 0
-    for path in Path(folder).rglob("*"):
+    for path in Path(folder).rglob(pattern):
         if path.is_file():
             st = path.stat()
             if (st.st_dev, st.st_ino) not in seen:
