@@ -245,6 +245,11 @@ def check(out, pipeline):
         a, b = getattr(plain, name).state_dict(), getattr(variant, name).state_dict()
         assert all(v.dtype == torch.float16 for v in b.values()), name
         assert a.keys() == b.keys() and all(torch.equal(a[k].half(), b[k]) for k in a), name
+    # The plain load is one dtype throughout (fp32, as diffusers loads), so it generates.
+    assert {getattr(plain, n).dtype for n in components} == {torch.float32}, components
+    if getattr(plain, "text_encoder", None) is not None:
+        image = plain("a 3", num_inference_steps=2, height=16, width=16, output_type="np").images
+        assert image.shape[1:3] == (16, 16)
     return " ".join(components)
 
 for case, out, pipeline in zip(*[iter(sys.argv[1:])] * 3):

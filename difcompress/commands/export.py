@@ -17,7 +17,12 @@ from difcompress.artifacts.folders import (
     pruning_report,
     save_model_folder,
 )
-from difcompress.artifacts.quantize import BACKEND, backend_version, quantize_denoiser, refuse_quantized
+from difcompress.artifacts.quantize import (
+    BACKEND,
+    backend_version,
+    quantize_denoiser,
+    refuse_quantized,
+)
 from difcompress.commands.model_card import model_card, teacher_license
 from difcompress.config import ExportConfig
 from difcompress.core.console import quiet_diffusers
@@ -30,6 +35,7 @@ from difcompress.core.files import (
     read_json,
     remove_temporaries,
     resolved_source,
+    write_json,
 )
 from difcompress.data.latents import Autoencoder
 from difcompress.loading.models import LoadedModel, load_model, load_model_folder
@@ -87,12 +93,29 @@ def _write_diffusers(folder: Path, job: ExportJob) -> None:
         {"stage": "export", "family": family.name, "teacher": info["teacher"], "versions": versions(), "export": info},
         loaded.structure, autoencoder=job.autoencoder, pipeline_settings=loaded.pipeline_settings,
         variant=None if config.dtype == "fp32" else config.dtype, text=job.text)
+    if job.text is not None and config.dtype != "fp32":
+        _encoders_load_like_the_rest(folder, job.text)
     if config.quantize:
         info["quantize"]["denoiser_weight_bytes"] = quantize_denoiser(
             folder / family.component, family.model_class, config.quantize, DTYPES[config.dtype], config.dtype)
     info["weight_bytes"] = folder_size_bytes(folder, "*.safetensors")
     where = config.push_to_hub or str(Path(config.output).resolve())
     model_card(info, where, config.push_to_hub or Path(config.output).name).save(folder / "README.md")
+
+
+def _encoders_load_like_the_rest(folder: Path, text) -> None:
+    """Text encoders' configs say float32, as diffusers' components load by default:
+    transformers' automatic dtype reads this field, so a plain from_pretrained(folder) gives
+    one dtype throughout (the fp16 weights upcast) and torch_dtype=torch.float16 keeps fp16.
+    Without it the encoders came up fp16 beside an fp32 U-Net and sampling failed."""
+    for name in text.components():
+        config_path = folder / name / "config.json"
+        if name.startswith("text_encoder") and config_path.is_file():
+            config = read_json(config_path)
+            for key in ("dtype", "torch_dtype"):
+                if key in config:
+                    config[key] = "float32"
+            write_json(config_path, config)
 
 
 # Every format `export --format` writes (config.ExportFormatName lists the same names).
