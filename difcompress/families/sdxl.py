@@ -26,6 +26,7 @@ from difcompress.core.errors import UserError
 from difcompress.data.text import DualTextEncoder
 from difcompress.families.base import PruneOutcome, PruneRequest
 from difcompress.families.t2i import TextToImageFamily
+from difcompress.families.unet2d import subset_frequencies
 from difcompress.pruning.sdxl_layouts import (
     SDXL_PRESETS,
     remove_sdxl_blocks,
@@ -71,10 +72,8 @@ class SDXLFamily(TextToImageFamily):
         if not self.whole_heads(model, kept_widths):
             return False
         old_half, new_half = model.time_proj.num_channels // 2, kept_widths[0] // 2
-        if new_half == old_half:
-            return True
         shift = model.time_proj.downscale_freq_shift
-        return new_half >= 2 and new_half - (old_half - shift) / ((old_half - 1) // (new_half - 1)) == shift
+        return new_half == old_half or (new_half >= 2 and subset_frequencies(old_half, new_half, shift)[1] == shift)
 
     def uniform_groups(self, model, ratio, round_to=1):
         keep, fraction = super().uniform_groups(model, ratio, round_to)

@@ -44,6 +44,16 @@ def set_attention_processor(model: nn.Module, processor_cls) -> None:
         attn.set_processor(processor_cls())
 
 
+def subset_frequencies(old_half: int, new_half: int, old_shift: float) -> tuple[int, float]:
+    """(stride, frequency shift) with which `new_half` of a sinusoidal embedding's
+    `old_half` frequencies (every stride-th) are what the stock formula computes at the new
+    width: exponent j / (new_half - shift) equals (stride * j) / (old_half - old_shift)."""
+    if new_half < 2:
+        return 1, 0.0
+    stride = (old_half - 1) // (new_half - 1)
+    return stride, new_half - (old_half - old_shift) / stride
+
+
 class PixelUNetFamily(GraphPrunedFamily):
     """Unconditional `UNet2DModel`: pixel space (DDPMPipeline) or over an autoencoder's
     latents (LDMPipeline, e.g. CompVis/ldm-celebahq-256, which keeps it as `vqvae`)."""
@@ -211,12 +221,7 @@ class PixelUNetFamily(GraphPrunedFamily):
         if info is None or info["num_channels"] == new_channels:
             return None
         old_half, new_half = info["num_channels"] // 2, new_channels // 2
-        if new_half < 2:
-            stride, shift = 1, 0.0
-        else:
-            stride = (old_half - 1) // (new_half - 1)
-            # exponent_j = j / (new_half - shift) must equal (stride * j) / (old_half - old_shift)
-            shift = new_half - (old_half - info["downscale_freq_shift"]) / stride
+        stride, shift = subset_frequencies(old_half, new_half, info["downscale_freq_shift"])
         kept = [j * stride for j in range(new_half)]
         # Both halves (sin|cos, or cos|sin when flipped) keep the same frequencies in order.
         columns = kept + [old_half + i for i in kept]

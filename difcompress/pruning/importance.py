@@ -34,13 +34,13 @@ def gradient_timesteps(criterion: str, num_train: int, max_timesteps: int | None
     return list(range(0, num_train, stride))
 
 
-def _per_timestep_losses(model, family, scheduler, images, conditions, chunk, generator):
+def _per_timestep_losses(model, family, formulation, images, conditions, chunk, generator):
     """Denoising loss of each timestep in `chunk`, from one batched forward pass."""
     n = images.shape[0]
     noise = torch.cat([torch.randn(images.shape, generator=generator) for _ in chunk]).to(images.device)
     t = torch.tensor(chunk, device=images.device).repeat_interleave(n)
     repeated = images.repeat(len(chunk), *([1] * (images.dim() - 1)))
-    inputs = ModelInputs(formulation_for(scheduler).noisy(repeated, noise, t), t, repeat(conditions, len(chunk)) or {})
+    inputs = ModelInputs(formulation.noisy(repeated, noise, t), t, repeat(conditions, len(chunk)) or {})
     errors = (family.predict(model, inputs).float() - noise).square()
     return errors.view(len(chunk), -1).mean(1)  # each entry: the MSE over that timestep's images
 
@@ -67,9 +67,10 @@ def accumulate_gradients(model: nn.Module, family: Any, scheduler: Any, images: 
     model.zero_grad(set_to_none=True)
     timesteps = gradient_timesteps(criterion, scheduler.config.num_train_timesteps, max_timesteps, generator)
     running_max, used = 0.0, 0
+    formulation = formulation_for(scheduler)
     for start in range(0, len(timesteps), timesteps_per_pass):
         chunk = timesteps[start: start + timesteps_per_pass]
-        losses = _per_timestep_losses(model, family, scheduler, images, conditions, chunk, generator)
+        losses = _per_timestep_losses(model, family, formulation, images, conditions, chunk, generator)
         keep = len(chunk)
         if criterion == "diff-pruning":
             for i, value in enumerate(losses.detach().tolist()):
