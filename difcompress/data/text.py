@@ -148,6 +148,59 @@ class DualTextEncoder:
         return _fingerprint([(self.tokenizer, self.model), (self.tokenizer_2, self.model_2)])
 
 
+@dataclass
+class FluxTextEncoder:
+    """FLUX.1's text side: CLIP ViT-L, whose pooled output the transformer reads
+    (``pooled_projections``), and T5-XXL, whose last hidden states at `max_sequence_length`
+    tokens it reads (``encoder_hidden_states``), as FluxPipeline.encode_prompt builds them.
+    Both truncate longer prompts as the pipeline does; T5's window is the one that matters
+    (CLIP's 77 tokens only feed the pooled vector), so that is the one counted and warned about."""
+
+    tokenizer: Any = field(repr=False)
+    model: nn.Module = field(repr=False)
+    tokenizer_2: Any = field(repr=False)
+    model_2: nn.Module = field(repr=False)
+    max_sequence_length: int = 512  # FluxPipeline's default and its upper bound
+
+    def __post_init__(self):
+        self.max_sequence_length = min(self.max_sequence_length, int(self.tokenizer_2.model_max_length))
+
+    @property
+    def max_length(self) -> int:
+        return self.max_sequence_length
+
+    def truncated(self, prompts: list[str]) -> list[str]:
+        ids = self.tokenizer_2(prompts, truncation=False, verbose=False).input_ids
+        return [p for p, row in zip(prompts, ids) if len(row) > self.max_sequence_length]
+
+    def components(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer, "text_encoder": self.model, "tokenizer_2": self.tokenizer_2,
+                "text_encoder_2": self.model_2}
+
+    def with_models(self, change) -> FluxTextEncoder:
+        return FluxTextEncoder(self.tokenizer, change(self.model), self.tokenizer_2, change(self.model_2),
+                               self.max_sequence_length)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """{"encoder_hidden_states": (N, max_sequence_length, T5 width), "pooled_projections": (N, CLIP width)}."""
+        device = next(self.model.parameters()).device
+        states, pooled = [], []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            pooled.append(self.model(_tokens(self.tokenizer, chunk, device)).pooler_output.float().cpu())
+            ids = self.tokenizer_2(chunk, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                                   return_tensors="pt").input_ids.to(device)
+            states.append(self.model_2(ids)[0].float().cpu())
+        if not states:
+            return {"encoder_hidden_states": torch.empty(0), "pooled_projections": torch.empty(0)}
+        return {"encoder_hidden_states": torch.cat(states), "pooled_projections": torch.cat(pooled)}
+
+    def fingerprint(self) -> str:
+        parts = _fingerprint([(self.tokenizer, self.model), (self.tokenizer_2, self.model_2)])
+        return f"{parts}-t5x{self.max_sequence_length}"
+
+
 def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     """Prompts from a file: one per line (.txt), a caption column (.csv, .jsonl), or a COCO
     captions file (.json with an "annotations" list)."""
