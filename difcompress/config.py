@@ -35,7 +35,7 @@ from difcompress.objectives.registry import LOSS_NAMES, OBJECTIVES
 
 # ---- choices ---------------------------------------------------------------------------------
 Importance = Literal["random", "magnitude", "taylor", "diff-pruning"]
-DepthCriterion = Literal["uniform", "output-change"]
+DepthCriterion = Literal["uniform", "output-change", "block-io-mse"]
 Loss = Literal[LOSS_NAMES]  # type: ignore[valid-type]  (the objectives registry is the source)
 CoarseNorm = Literal[COARSE_NORMS]  # type: ignore[valid-type]
 FeatureSchedule = Literal["constant", "linear", "epoch-linear"]
@@ -164,12 +164,18 @@ class PruneConfig(StageConfig):
         "published koala-1b, koala-700m, ssd-1b and vega layouts.")
     global_pruning: bool = Field(False, description="Rank channels across layers (widths recorded in JSON, "
                                  "not in the stock config).", json_schema_extra=_cli(flags=("--global",)))
-    depth: Optional[int] = Field(None, ge=1, description="DiT: transformer blocks to keep.")
-    blocks: Optional[IntList] = Field(None, description="DiT: blocks to keep, as indices (e.g. 1,3,5).",
-                                      json_schema_extra=_cli(metavar="I,J,..."))
-    depth_criterion: DepthCriterion = Field("uniform", description="DiT --depth: uniform (TinyFusion's i -> 2i+1 "
-                                            "when halving) or output-change (keep the blocks whose removal changes "
-                                            "the output most, on a --data batch).")
+    depth: Optional[int] = Field(None, ge=1, description="Transformers: blocks to keep of the first (or only) "
+                                 "block list (DiT's blocks, Flux's double-stream blocks).")
+    blocks: Optional[IntList] = Field(None, description="Transformers: blocks of the first list to keep, as "
+                                      "indices (e.g. 1,3,5).", json_schema_extra=_cli(metavar="I,J,..."))
+    single_depth: Optional[int] = Field(None, ge=1, description="Flux: single-stream blocks to keep.")
+    single_blocks: Optional[IntList] = Field(None, description="Flux: single-stream blocks to keep, as indices.",
+                                             json_schema_extra=_cli(metavar="I,J,..."))
+    depth_criterion: DepthCriterion = Field("uniform", description="How --depth / --single-depth choose: uniform "
+                                            "(TinyFusion's i -> 2i+1 when halving), output-change (keep the blocks "
+                                            "whose removal changes the output most, on a --data batch) or "
+                                            "block-io-mse (keep the blocks that change their input most: the MSE "
+                                            "between a block's input and output, Freepik's Flux.1-lite rule).")
     seed: int = Field(0, ge=0, description="Seeds random importance, data order and noise.")
     batch_size: int = Field(16, ge=1, description="Images for gradient criteria and output-change scoring.")
     diff_threshold: float = Field(0.05, ge=0, le=1, description="diff-pruning: stop once the loss falls below this "

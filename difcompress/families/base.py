@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from difcompress.data.conditions import Conditions
+from difcompress.diffusion.flow import FlowTraining
+from difcompress.diffusion.formulations import formulation_for
 from difcompress.diffusion.inputs import ModelInputs
 
 
@@ -26,9 +28,11 @@ class PruneRequest:
     ratio: float  # fraction of channels (U-Net) or attention heads (DiT) removed
     importance: str  # random, magnitude, taylor, diff-pruning (gradients already in .grad)
     global_pruning: bool = False
-    depth: int | None = None  # transformer blocks to keep
+    depth: int | None = None  # transformer blocks to keep (of the first block list)
     blocks: list[int] | None = None  # explicit blocks to keep
-    depth_criterion: str = "uniform"  # uniform or output-change
+    single_depth: int | None = None  # Flux: single-stream blocks to keep
+    single_blocks: list[int] | None = None  # Flux: explicit single-stream blocks to keep
+    depth_criterion: str = "uniform"  # uniform, output-change or block-io-mse
     calibration: Any = None  # (x0, conditions, scheduler) for data-driven criteria
     seed: int = 0
     round_to: int = 1  # every pruned width a multiple of this (tensor-core friendly)
@@ -97,6 +101,16 @@ class ModelFamily(ABC):
         """What every other sample size must be a multiple of (a U-Net halves it at each
         level), or None when the model's size is fixed (position embeddings)."""
         return None
+
+    def flow_training(self, model: nn.Module) -> FlowTraining | None:
+        """How a flow-matching model draws training timesteps and samples (None: not a flow
+        family, or diffusion/flow.py's defaults)."""
+        return None
+
+    def formulation(self, model: nn.Module, scheduler: Any):
+        """The diffusion formulation the model was trained with (DDPM or rectified flow, by
+        its scheduler), with this family's flow settings."""
+        return formulation_for(scheduler, self.flow_training(model))
 
     def learns_variance(self, model: nn.Module) -> bool:
         """True when the output carries a learned variance beside epsilon (out = 2 x in)."""

@@ -29,16 +29,21 @@ from diffusers.models.embeddings import LabelEmbedding
 
 from difcompress.core.errors import UserError
 from difcompress.families.base import ModelFamily, PruneOutcome, PruneRequest
+from difcompress.pruning.blocklists import (
+    CRITERIA,
+    DEPTH_CRITERIA,
+    BlockLayout,
+    BlockList,
+    uniform_blocks,
+)
 from difcompress.pruning.transformer import (
     WidthIndex,
-    block_removal_scores,
     copy_slices,
     element_scorer,
     same_embedders,
-    uniform_blocks,
 )
 
-DEPTH_CRITERIA = ("uniform", "output-change")
+LAYOUT = BlockLayout((BlockList("transformer_blocks", "num_layers"),))
 
 
 class DiTFamily(ModelFamily):
@@ -150,7 +155,8 @@ class DiTFamily(ModelFamily):
             raise UserError(f"--depth must lie between 1 and {layers} (the model has {layers} blocks)", exit_code=2)
         if request.depth_criterion == "uniform" or keep == layers:
             return uniform_blocks(layers, keep), None
-        scores = block_removal_scores(self, model, request.calibration, request.seed)
+        scores = CRITERIA[request.depth_criterion](self, model, LAYOUT, request.calibration,
+                                                   request.seed)["transformer_blocks"]
         ranked = sorted(range(layers), key=lambda i: -scores[i])
         return sorted(ranked[:keep]), scores
 
