@@ -97,6 +97,10 @@ class ModelFamily(ABC):
             "timestep": torch.full((batch_size,), 10, dtype=torch.long, device=device),
         }
 
+    def attach(self, model: nn.Module, autoencoder) -> None:
+        """Tell a loaded denoiser what its pipeline knows and its config does not (Flux: the
+        native image size, from the VAE). Nothing for most families."""
+
     def size_multiple(self, model: nn.Module) -> int | None:
         """What every other sample size must be a multiple of (a U-Net halves it at each
         level), or None when the model's size is fixed (position embeddings)."""
