@@ -201,3 +201,29 @@ def test_bad_pruning_requests_are_one_line(tiny_sd3_dir, tmp_path, run_cli, args
     code, _, err = run_cli("prune", tiny_sd3_dir, *args, "-o", tmp_path / "out", "--device", "cpu")
     assert expected in assert_one_line_error(code, err, 2)
     assert not (tmp_path / "out").exists()
+
+
+def test_training_timesteps_are_logit_normal_and_shifted(sd3_pipe):
+    """u ~ logit-normal(0, 1) (train_dreambooth_sd3.py's default), sigma = 3u / (1 + 2u) for
+    the scheduler's shift 3: the median u = 0.5 lands at sigma 0.75, t = 750."""
+    from difcompress.families.registry import FAMILIES
+
+    formulation = FAMILIES["sd3"].formulation(sd3_pipe.transformer, sd3_pipe.scheduler)
+    t = formulation.draw_timesteps(20_000, torch.Generator().manual_seed(0), sample_shape=(16, 8, 8))
+    assert abs(float(t.median()) - 750) < 10
+    u = t / 1000 / (3 - 2 * t / 1000)  # the shift undone
+    logit = torch.log(u / (1 - u))
+    assert abs(float(logit.mean())) < 0.05 and abs(float(logit.std()) - 1) < 0.05
+
+
+def test_other_sd3_pipelines_are_refused_by_name(tiny_sd3_dir, tmp_path, run_cli):
+    import json
+    import shutil
+
+    from conftest import assert_one_line_error
+
+    folder = shutil.copytree(tiny_sd3_dir, tmp_path / "img2img")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Img2ImgPipeline"}))
+    code, _, err = run_cli("prune", folder, "--ratio", "0", "--depth", "2", "-o", tmp_path / "out")
+    assert "StableDiffusion3Img2ImgPipeline" in assert_one_line_error(code, err)

@@ -166,3 +166,16 @@ def test_bad_pruning_requests_are_one_line(tiny_zimage_dir, tmp_path, run_cli, a
 
     code, _, err = run_cli("prune", tiny_zimage_dir, *args, "-o", tmp_path / "out", "--device", "cpu")
     assert expected in assert_one_line_error(code, err, 2)
+
+
+def test_other_zimage_pipelines_are_refused_by_name(tiny_zimage_dir, tmp_path, run_cli):
+    import json
+    import shutil
+
+    from conftest import assert_one_line_error
+
+    folder = shutil.copytree(tiny_zimage_dir, tmp_path / "inpaint")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "ZImageInpaintPipeline"}))
+    code, _, err = run_cli("prune", folder, "--ratio", "0", "--depth", "2", "-o", tmp_path / "out")
+    assert "ZImageInpaintPipeline" in assert_one_line_error(code, err)
