@@ -13,8 +13,8 @@ Quirks handled here:
   classifier-free guidance; it is a condition (`guidance`), the same for teacher and
   student. No caption is ever dropped (Flux trained without caption dropout, and samples
   without classifier-free guidance), so `null_conditions` is None.
-- Two text encoders (data/text.py's FluxTextEncoder): CLIP's pooled output and T5's
-  sequence at its max length.
+- Two text encoders (data/text.py's ClipT5TextEncoder without the CLIP sequence): CLIP's
+  pooled output and T5's sequence at min(its max length, 512), FluxPipeline's bound.
 - The transformer's config fixes no image size: the pipeline's native size is its VAE's
   `sample_size` (1024 for FLUX.1), which `attach` records on the loaded transformer.
 - Pruning (pruning/blocklists.py): `--depth` keeps double-stream blocks, `--single-depth`
@@ -29,26 +29,14 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from difcompress.core.errors import UserError
-from difcompress.data.text import FluxTextEncoder
+from difcompress.data.text import ClipT5TextEncoder
 from difcompress.diffusion.flow import FlowTraining
-from difcompress.families.base import ModelFamily, PruneOutcome, PruneRequest
-from difcompress.pruning.blocklists import (
-    HEADS,
-    RES,
-    BlockLayout,
-    BlockList,
-    DepthRequest,
-    choose_blocks,
-    heads_to_keep,
-    rebuilt,
-    uniform_blocks,
-)
-from difcompress.pruning.transformer import element_scorer
+from difcompress.families.block_transformer import BlockListFamily
+from difcompress.pruning.blocklists import HEADS, RES, BlockLayout, BlockList
 
 DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 STREAMS = ("encoder_hidden_states", "hidden_states")  # what both block kinds return, in this order
 NATIVE_LATENT = 128  # FluxPipeline.default_sample_size: 1024 px through the 8x VAE
-FEATURE_HOOKS = ("stages", "blocks", "depth")
 _B = r"transformer_blocks\.\d+\."
 _S = r"single_transformer_blocks\.\d+\."
 RULES = (
@@ -96,18 +84,11 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device, dtype)
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(BlockListFamily):
     name = "flux"
     model_class = FluxTransformer2DModel
-    component = "transformer"
     pipelines = ("FluxPipeline",)
-    needs_pipeline = True
-    pipeline_tag = "text-to-image"
-    supports_depth = True
-    takes_text = True
     text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    denoiser_kind = "transformer"
-    pruned_unit = "head"
     default_guidance = 3.5  # FluxPipeline's guidance_scale default (dev's embedded guidance; schnell ignores it)
     teacher_data_guidance = 3.5
 
@@ -141,15 +122,15 @@ class FluxFamily(ModelFamily):
     def size_multiple(self, model):
         return 2  # latents pack into 2x2 patches
 
-    def learns_variance(self, model):
-        return False
-
     def flow_training(self, model):
         # diffusers' Flux training scripts: weighting_scheme "none" (u uniform); FluxPipeline's linear sigmas.
         return FlowTraining(density="none", patch=2, linear_sigmas=True)
 
     def text_side(self, parts):
-        return FluxTextEncoder(parts["tokenizer"], parts["text_encoder"], parts["tokenizer_2"], parts["text_encoder_2"])
+        t5 = parts["tokenizer_2"]
+        # FluxPipeline's default max_sequence_length and its upper bound is 512.
+        return ClipT5TextEncoder(((parts["tokenizer"], parts["text_encoder"]),), t5, parts["text_encoder_2"],
+                                 min(512, int(t5.model_max_length)), clip_sequence=False)
 
     def conditions(self, model, *, labels=None, text=None, geometry=None, guidance=None):
         """T5's sequence and CLIP's pooled vector, and for a guidance-distilled model (dev) the
@@ -196,29 +177,13 @@ class FluxFamily(ModelFamily):
                     guidance=cond.get("guidance") if model.config.guidance_embeds else None, return_dict=False)[0]
         return unpack(out, h, w), None
 
-    # ---- pruning ---------------------------------------------------------------------------
-    def prune(self, model, request: PruneRequest) -> PruneOutcome:
-        if request.global_pruning:
-            raise UserError("Flux pruning is uniform (every block keeps the same heads, so the stock config "
-                            "expresses it); drop --global", exit_code=2)
-        depth = DepthRequest({DOUBLE: request.depth, SINGLE: request.single_depth},
-                             {DOUBLE: request.blocks, SINGLE: request.single_blocks}, request.depth_criterion)
-        kept, scores = choose_blocks(self, model, LAYOUT, depth, request.calibration, request.seed)
-        heads = model.config.num_attention_heads
-        keep_heads = heads_to_keep(heads, request.ratio)
-        warnings = []
-        if request.ratio > 0 and keep_heads == heads:
-            warnings.append(f"--ratio {request.ratio} of {heads} heads rounds to removing none; widths are unchanged")
-        pruned = rebuilt(model, LAYOUT, kept, keep_heads, element_scorer(request.importance, request.seed))
-        if hasattr(model, "native_latent_size"):
-            pruned.native_latent_size = model.native_latent_size
-        given = request.blocks is not None or request.single_blocks is not None
-        details = {"kept_blocks": kept, "blocks": {b.name: len(getattr(model, b.name)) for b in LAYOUT.lists},
-                   "depth_criterion": "indices" if given else request.depth_criterion,
-                   "heads_kept": keep_heads, "heads": heads}
-        if scores is not None:
-            details["block_scores"] = scores
-        return PruneOutcome(model=pruned, details=details, warnings=warnings)
+    # ---- pruning and feature pairs (families/block_transformer.py) ---------------------------
+    def layout(self, model):
+        return LAYOUT
+
+    def streams(self, block):
+        """Image stream (output 1) of every block, and the text stream (output 0) of double ones."""
+        return ("[1]", "[0]") if hasattr(block, "ff_context") else ("[1]",)
 
     def stage_widths(self, model):
         block = (model.transformer_blocks or model.single_transformer_blocks)[0]
@@ -227,24 +192,3 @@ class FluxFamily(ModelFamily):
                 "residual width": model.inner_dim,
                 "feed-forward width": block.ff.net[0].proj.out_features if hasattr(block, "ff")
                 else block.proj_mlp.out_features}
-
-    # ---- distillation ----------------------------------------------------------------------
-    def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):
-        """Every student block's image stream (and a double block's text stream) with its
-        teacher block's: the block it was copied from (the pruning record; stages, blocks), or
-        by depth (depth: student block i <-> teacher block round(i * L / K), Flux-Mini's
-        x -> 4x when the teacher is four times deeper)."""
-        if hooks not in FEATURE_HOOKS:
-            raise UserError(f"--feature-hooks {hooks}: a Flux transformer takes {', '.join(FEATURE_HOOKS)}", 2)
-        record = (pruning or {}).get("kept_blocks")
-        pairs = []
-        for blocks in LAYOUT.lists:
-            k, layers = len(getattr(student, blocks.name)), len(getattr(teacher, blocks.name))
-            kept = record.get(blocks.name) if isinstance(record, dict) else None
-            if hooks == "depth":
-                kept = [min(layers - 1, round(i * layers / k)) for i in range(k)]
-            elif kept is None or len(kept) != k or kept[-1] >= layers:
-                kept = uniform_blocks(layers, k) if k else []
-            streams = ("[1]", "[0]") if blocks.name == DOUBLE else ("[1]",)  # image stream, then text
-            pairs += [(f"{blocks.name}.{i}{s}", f"{blocks.name}.{t}{s}") for i, t in enumerate(kept) for s in streams]
-        return pairs

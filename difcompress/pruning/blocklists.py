@@ -58,6 +58,10 @@ class BlockLayout:
     rules: tuple[tuple[str, tuple], ...] = ()
     heads_key: str = "num_attention_heads"
     head_dim_key: str = "attention_head_dim"
+    head_dim: int | None = None  # where the config names no head dim (Z-Image: dim / n_heads)
+    # Residual channels fixed by the architecture rather than by importance: (width, new
+    # width) -> indices (SD3's stored sin-cos position table keeps its frequencies by stride).
+    residual: Callable[[int, int], torch.Tensor] | None = None
 
     def rule(self, name: str) -> tuple | None:
         return next((spec for pattern, spec in self.rules if re.fullmatch(pattern, name)), None)
@@ -230,7 +234,8 @@ class WidthPlan:
 
     def __init__(self, model: nn.Module, layout: BlockLayout, keep_heads: int, score, kept: dict[str, list[int]]):
         config = model.config
-        self.layout, self.heads, self.head_dim = layout, config[layout.heads_key], config[layout.head_dim_key]
+        self.layout, self.heads = layout, config[layout.heads_key]
+        self.head_dim = layout.head_dim or config[layout.head_dim_key]
         self.width = self.heads * self.head_dim
         self.new_width = keep_heads * self.head_dim
         self.keep_heads = keep_heads
@@ -252,6 +257,8 @@ class WidthPlan:
                     totals[key] = totals.get(key, 0) + chunk
         for (block, part), total in totals.items():
             self.chosen[(block, part)] = self._select(part, total)
+        if layout.residual is not None:
+            self.chosen[("", RES)] = layout.residual(self.width, self.new_width)
 
     def _pieces(self, name: str, p: torch.Tensor) -> list:
         spec = self.layout.rule(name)
