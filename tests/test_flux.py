@@ -187,3 +187,29 @@ def test_feature_pairs_follow_the_record_or_the_depth(tiny_flux_dir):
     by_depth = family.feature_layer_pairs(student, teacher, None, hooks="depth")
     assert [t for _, t in by_depth] == ["transformer_blocks.0[1]", "transformer_blocks.0[0]",
                                         "single_transformer_blocks.0[1]", "single_transformer_blocks.4[1]"]
+
+
+def test_flex_sized_student_from_flux_dev_at_1024_px_needs_sharding():
+    """--dry-run's estimate for Flex.1-alpha's layout (8 double + 38 single blocks) distilled
+    from FLUX.1-dev at 1024 px (4096 image + 512 text tokens), micro-batch 1, bf16 teacher
+    and mixed precision, gradient checkpointing, EMA: over 80 GB, and it says where to go."""
+    from diffusers import FluxTransformer2DModel
+
+    from difcompress.config import DistillConfig
+    from difcompress.families.flux import FluxFamily
+    from difcompress.layouts import FLEX1_ALPHA_TRANSFORMER, FLUX1_DEV_TRANSFORMER
+    from difcompress.training.memory import estimate_distill_memory
+
+    with torch.device("meta"):
+        teacher = FluxTransformer2DModel(**FLUX1_DEV_TRANSFORMER)
+        student = FluxTransformer2DModel(**FLEX1_ALPHA_TRANSFORMER)
+    assert FluxFamily().sample_shape(student) == (16, 128, 128)  # FluxPipeline's default 1024 px
+    config = DistillConfig(student="s", output="o", mixed_precision="bf16", gradient_checkpointing=True,
+                           teacher_dtype="bf16")
+    memory = estimate_distill_memory(config, FluxFamily(), student, teacher, micro_batch=1, feature_pairs=[],
+                                     text_tokens=512)
+    params = sum(p.numel() for p in student.parameters())
+    parts = list(memory["parts"].values())
+    assert parts[:3] == [params * 4, params * 8, params * 4]  # fp32 weights, AdamW moments, EMA
+    assert memory["total_bytes"] > 2 * 80 * 10**9
+    assert "does not fit one 80 GB GPU unsharded" in memory["fit"] and "--shard fsdp" in memory["fit"]
