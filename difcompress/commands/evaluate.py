@@ -178,8 +178,8 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
                                "denoiser_kind": item.family.denoiser_kind, "latent": item.autoencoder is not None}
         if (item.manifest or {}).get("checkpoint"):
             row["checkpoint_step"] = item.manifest["checkpoint"]["step"]  # a running run looked at mid-way
-        if guidance.conditions is not None:
-            row["guidance_scale"] = guidance.scale
+        if guidance.conditions is not None and (guidance.null or item.family.takes_guidance(item.model)):
+            row["guidance_scale"] = guidance.scale  # classifier-free, or the input of a guidance-distilled model
         if cond.prompts:
             row["prompts"] = cond.prompts[: config.grid_size]
         row.update(model_size(item.model, item.family))

@@ -102,6 +102,14 @@ class ModelFamily(ABC):
         """Tell a loaded denoiser what its pipeline knows and its config does not (Flux: the
         native image size, from the VAE). Nothing for most families."""
 
+    def with_text_tokens(self, inputs: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+        """`example_inputs` with a text sequence of `tokens` tokens (the memory estimate's)."""
+        if "encoder_hidden_states" not in inputs:
+            return inputs
+        states = inputs["encoder_hidden_states"]
+        return {**inputs, "encoder_hidden_states": torch.randn(states.shape[0], tokens, states.shape[-1],
+                                                               device=states.device)}
+
     def size_multiple(self, model: nn.Module) -> int | None:
         """What every other sample size must be a multiple of (a U-Net halves it at each
         level), or None when the model's size is fixed (position embeddings)."""

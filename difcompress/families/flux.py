@@ -161,6 +161,10 @@ class FluxFamily(BlockListFamily):
             inputs["guidance"] = torch.full((batch_size,), 3.5, device=device)
         return inputs
 
+    def with_text_tokens(self, inputs, tokens):
+        out = super().with_text_tokens(inputs, tokens)
+        return {**out, "txt_ids": torch.zeros(tokens, 3, device=out["txt_ids"].device)}
+
     def forward(self, model, inputs):
         cond, sample = inputs.cond, inputs.sample
         if "pooled_projections" not in cond:

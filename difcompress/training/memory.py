@@ -74,9 +74,8 @@ def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: in
                 feature_pairs: list[tuple[str, str]]) -> int:
     """Peak bytes one training step allocates at `batch` (student and teacher on meta)."""
     inputs = family.example_inputs(student, batch)
-    if "encoder_hidden_states" in inputs and text_tokens:
-        states = inputs["encoder_hidden_states"]
-        inputs["encoder_hidden_states"] = torch.randn(batch, text_tokens, states.shape[-1], device="meta")
+    if text_tokens:
+        inputs = family.with_text_tokens(inputs, text_tokens)
     kept: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
     hooks = []
     for role, model, names in (("student", student, [s for s, _ in feature_pairs]),
