@@ -98,9 +98,9 @@ class ModelFamily(ABC):
             "timestep": torch.full((batch_size,), 10, dtype=torch.long, device=device),
         }
 
-    def attach(self, model: nn.Module, autoencoder) -> None:
+    def attach(self, model: nn.Module, autoencoder, text=None) -> None:
         """Tell a loaded denoiser what its pipeline knows and its config does not (Flux: the
-        native image size, from the VAE). Nothing for most families."""
+        native image size, from the VAE, and the text window). Nothing for most families."""
 
     def with_text_tokens(self, inputs: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
         """`example_inputs` with a text sequence of `tokens` tokens (the memory estimate's)."""

@@ -24,6 +24,7 @@ from difcompress.pruning.blocklists import (
 from difcompress.pruning.transformer import element_scorer
 
 FEATURE_HOOKS = ("stages", "blocks", "depth")
+ATTACHED = ("native_latent_size", "native_text_tokens")  # what `attach` records on a transformer
 
 
 class BlockListFamily(ModelFamily):
@@ -85,10 +86,19 @@ class BlockListFamily(ModelFamily):
             details["block_scores"] = scores
         return PruneOutcome(model=pruned, details=details, warnings=warnings)
 
+    def attach(self, model, autoencoder, text=None) -> None:
+        """Record what the transformer's config does not fix: the pipeline's native latent size
+        (its VAE's sample_size) and the text side's window."""
+        if autoencoder is not None and autoencoder.model.config.get("sample_size"):
+            model.native_latent_size = int(autoencoder.model.config.sample_size) // autoencoder.downscale
+        if text is not None:
+            model.native_text_tokens = text.max_length
+
     def carry(self, model: nn.Module, pruned: nn.Module) -> None:
         """Copy what `attach` recorded on the teacher onto the pruned model."""
-        if hasattr(model, "native_latent_size"):
-            pruned.native_latent_size = model.native_latent_size
+        for name in ATTACHED:
+            if hasattr(model, name):
+                setattr(pruned, name, getattr(model, name))
 
     # ---- distillation ----------------------------------------------------------------------
     def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):

@@ -16,7 +16,8 @@ Quirks handled here:
 - Two text encoders (data/text.py's ClipT5TextEncoder without the CLIP sequence): CLIP's
   pooled output and T5's sequence at min(its max length, 512), FluxPipeline's bound.
 - The transformer's config fixes no image size: the pipeline's native size is its VAE's
-  `sample_size` (1024 for FLUX.1), which `attach` records on the loaded transformer.
+  `sample_size` (1024 for FLUX.1), which `attach` records on the loaded transformer, with
+  the text side's window (what latency and MACs are measured at).
 - Pruning (pruning/blocklists.py): `--depth` keeps double-stream blocks, `--single-depth`
   single-stream ones; `--ratio` removes whole heads in every block and the residual width
   with them (head_dim, hence the rotary embedding, stays). Control, Fill, Kontext, img2img
@@ -110,11 +111,6 @@ class FluxFamily(BlockListFamily):
         return {"guidance_embeds": bool(model.config.guidance_embeds),
                 "max_sequence_length": text.max_sequence_length if text is not None else None}
 
-    def attach(self, model, autoencoder) -> None:
-        """Record the pipeline's native latent size (its VAE's sample_size) on the transformer."""
-        if autoencoder is not None and autoencoder.model.config.get("sample_size"):
-            model.native_latent_size = int(autoencoder.model.config.sample_size) // autoencoder.downscale
-
     def sample_shape(self, model):
         size = getattr(model, "native_latent_size", NATIVE_LATENT)
         return model.config.in_channels // 4, size, size
@@ -151,12 +147,13 @@ class FluxFamily(BlockListFamily):
         device = next(model.parameters()).device
         config = model.config
         _, h, w = self.sample_shape(model)
+        tokens = getattr(model, "native_text_tokens", 512)  # the text side's window, else FluxPipeline's default
         inputs = {"hidden_states": torch.randn(batch_size, (h // 2) * (w // 2), config.in_channels, device=device),
-                  "encoder_hidden_states": torch.randn(batch_size, 512, config.joint_attention_dim, device=device),
+                  "encoder_hidden_states": torch.randn(batch_size, tokens, config.joint_attention_dim, device=device),
                   "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, device=device),
                   "timestep": torch.full((batch_size,), 0.5, device=device),
                   "img_ids": image_ids(h, w, device, torch.float32),
-                  "txt_ids": torch.zeros(512, 3, device=device)}
+                  "txt_ids": torch.zeros(tokens, 3, device=device)}
         if config.guidance_embeds:
             inputs["guidance"] = torch.full((batch_size,), 3.5, device=device)
         return inputs

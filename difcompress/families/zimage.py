@@ -107,11 +107,6 @@ class ZImageFamily(BlockListFamily):
                 "image = pipe('a photo of an astronaut riding a horse', guidance_scale=0.0, "
                 "num_inference_steps=8).images[0]", "```"]
 
-    def attach(self, model, autoencoder) -> None:
-        """Record the pipeline's native latent size (its VAE's sample_size) on the transformer."""
-        if autoencoder is not None and autoencoder.model.config.get("sample_size"):
-            model.native_latent_size = int(autoencoder.model.config.sample_size) // autoencoder.downscale
-
     def sample_shape(self, model):
         size = getattr(model, "native_latent_size", NATIVE_LATENT)
         return model.config.in_channels, size, size
