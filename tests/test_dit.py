@@ -347,6 +347,7 @@ def test_class_folders_must_match_the_model_classes(dit_student, tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["--ratio", "0", "--depth", "2", "--blocks", "0,1"], "not both"),
+    (["--ratio", "0", "--single-depth", "2"], "one block list"),
     (["--ratio", "0.5", "--depth-criterion", "output-change"], "give --depth"),
     (["--ratio", "0", "--depth", "2", "--depth-criterion", "best"], "--depth-criterion"),
 ])

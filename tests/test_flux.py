@@ -213,3 +213,18 @@ def test_flex_sized_student_from_flux_dev_at_1024_px_needs_sharding():
     assert parts[:3] == [params * 4, params * 8, params * 4]  # fp32 weights, AdamW moments, EMA
     assert memory["total_bytes"] > 2 * 80 * 10**9
     assert "does not fit one 80 GB GPU unsharded" in memory["fit"] and "--shard fsdp" in memory["fit"]
+
+
+def test_schnell_takes_no_guidance_value(tmp_path, captioned):
+    """FLUX.1-schnell (no guidance embedder) distills without --guidance-scale, and eval
+    reports no guidance scale (it would not act)."""
+    with one_thread():
+        schnell = build_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
+        run_prune(schnell, 0.5, tmp_path / "p", single_depth=2, device="cpu")
+        summary = run_distill(tmp_path / "p", tmp_path / "s", loss="place", data=str(captioned), steps=1,
+                              batch_size=2, checkpoint_every=0, device="cpu", latent_cache=tmp_path / "cache")
+        assert torch.isfinite(torch.tensor(summary["final"]["loss"]))
+        (tmp_path / "prompts.txt").write_text("a handwritten 5\n")
+        row = run_eval([tmp_path / "s"], prompts=str(tmp_path / "prompts.txt"), grid_size=1, sampler_steps=1,
+                       latency_batch_size=1, device="cpu", output=tmp_path / "eval")["models"][0]
+    assert "guidance_scale" not in row and row["family"] == "flux"

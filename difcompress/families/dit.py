@@ -189,6 +189,9 @@ def _check_prunable(model, request: PruneRequest) -> None:
                         f"this one has norm_type={config.norm_type}, norm_elementwise_affine={config.norm_elementwise_affine}")
     if config.activation_fn not in ("gelu", "gelu-approximate"):
         raise UserError(f"difcompress prunes DiT feed-forwards with gelu / gelu-approximate, not {config.activation_fn}")
+    if request.single_depth is not None or request.single_blocks is not None:
+        raise UserError("--single-depth / --single-blocks: a DiT has one block list; use --depth / --blocks",
+                        exit_code=2)
     if request.blocks is not None and request.depth is not None:
         raise UserError("give either --depth or --blocks, not both", exit_code=2)
     if request.depth_criterion not in DEPTH_CRITERIA:
