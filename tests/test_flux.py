@@ -211,6 +211,9 @@ def test_flex_sized_student_from_flux_dev_at_1024_px_needs_sharding():
     params = sum(p.numel() for p in student.parameters())
     parts = list(memory["parts"].values())
     assert parts[:3] == [params * 4, params * 8, params * 4]  # fp32 weights, AdamW moments, EMA
+    # One step: the fp32 gradients and a few GB of checkpointed activations (a view of a
+    # weight is no allocation: the transposed weights of the linear layers are not counted).
+    assert params * 4 < parts[4] < params * 4 + 10 * 10**9
     assert memory["total_bytes"] > 2 * 80 * 10**9
     assert "does not fit one 80 GB GPU unsharded" in memory["fit"] and "--shard fsdp" in memory["fit"]
 
@@ -228,3 +231,14 @@ def test_schnell_takes_no_guidance_value(tmp_path, captioned):
         row = run_eval([tmp_path / "s"], prompts=str(tmp_path / "prompts.txt"), grid_size=1, sampler_steps=1,
                        latency_batch_size=1, device="cpu", output=tmp_path / "eval")["models"][0]
     assert "guidance_scale" not in row and row["family"] == "flux"
+
+
+def test_the_memory_tracker_counts_no_view_of_a_weight_as_an_allocation():
+    from difcompress.training.memory import _LiveStorageBytes
+
+    with torch.device("meta"):
+        layer, x = torch.nn.Linear(1000, 1000), torch.randn(1, 10, 1000)
+    tracker = _LiveStorageBytes([layer.weight, layer.bias, x])
+    with torch.no_grad(), tracker:
+        layer(x)
+    assert tracker.peak == 10 * 1000 * 4  # the output alone, not the 4 MB weight its transpose views
