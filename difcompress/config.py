@@ -52,7 +52,7 @@ QuantizeScheme = Literal["int8", "int4"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Optimizer = Literal["adamw", "adam", "adamw-8bit"]
 Tracker = Literal["none", "tensorboard", "wandb"]
-Sampler = Literal["ddim", "ddpm"]
+Sampler = Literal["ddim", "ddpm", "euler"]
 Extractor = Literal["inception", "digits"]
 DType = Literal["fp32", "fp16", "bf16"]
 Family = Literal["unet2d", "dit", "t2i"]
@@ -340,7 +340,8 @@ class EvalConfig(StageConfig):
                               json_schema_extra=_cli(argument=True))
     fid: bool = Field(False, description="Sample and compute FID and KID.")
     num_samples: int = Field(1000, ge=2, description="Samples per model for FID/KID.")
-    sampler: Sampler = Field("ddim", description="Sampler.")
+    sampler: Sampler = Field("ddim", description="Sampler: ddim or ddpm (ancestral) for DDPM-trained models; a "
+                             "flow-matching model (Flux) samples with its Euler ODE sampler, named ddim or euler.")
     sampler_steps: int = Field(100, ge=1, description="Denoising steps per sample.")
     ref: Optional[Ref] = Field(None, description="Reference images folder, stats .npz, or 'digits' (default for "
                                "the embedded teacher).")

@@ -154,8 +154,8 @@ class FluxFamily(BlockListFamily):
                   "timestep": torch.full((batch_size,), 0.5, device=device),
                   "img_ids": image_ids(h, w, device, torch.float32),
                   "txt_ids": torch.zeros(tokens, 3, device=device)}
-        if config.guidance_embeds:
-            inputs["guidance"] = torch.full((batch_size,), 3.5, device=device)
+        if self.takes_guidance(model):
+            inputs["guidance"] = torch.full((batch_size,), self.default_guidance, device=device)
         return inputs
 
     def with_text_tokens(self, inputs, tokens):
@@ -166,16 +166,14 @@ class FluxFamily(BlockListFamily):
         cond, sample = inputs.cond, inputs.sample
         if "pooled_projections" not in cond:
             raise UserError("a Flux transformer needs text conditioning (captions or prompts)", exit_code=2)
-        if model.config.guidance_embeds and "guidance" not in cond:
-            raise UserError("this Flux transformer is guidance-distilled: its conditions need a guidance value",
-                            exit_code=2)
+        self.check_guidance(model, cond.get("guidance"))
         dtype, (_, _, h, w) = sample.dtype, sample.shape
         text = cond["encoder_hidden_states"].to(dtype)
         out = model(hidden_states=pack(sample), encoder_hidden_states=text,
                     pooled_projections=cond["pooled_projections"].to(dtype),
                     timestep=inputs.timestep.to(dtype) / 1000, img_ids=image_ids(h, w, sample.device, dtype),
                     txt_ids=torch.zeros(text.shape[1], 3, device=sample.device, dtype=dtype),
-                    guidance=cond.get("guidance") if model.config.guidance_embeds else None, return_dict=False)[0]
+                    guidance=cond.get("guidance") if self.takes_guidance(model) else None, return_dict=False)[0]
         return unpack(out, h, w), None
 
     # ---- pruning and feature pairs (families/block_transformer.py) ---------------------------
