@@ -242,3 +242,34 @@ def test_the_memory_tracker_counts_no_view_of_a_weight_as_an_allocation():
     with torch.no_grad(), tracker:
         layer(x)
     assert tracker.peak == 10 * 1000 * 4  # the output alone, not the 4 MB weight its transpose views
+
+
+def test_head_pruning_keeps_the_important_heads_and_slices_every_weight_by_them(tiny_flux_dir):
+    """Heads 1 and 3 of every block made the heaviest: --ratio 0.5 keeps exactly them, and the
+    student's q/k/v rows, output columns and single-block proj_out columns are the teacher's
+    slices at those heads and the kept residual channels."""
+    from difcompress.families.flux import LAYOUT
+    from difcompress.loading.models import load_model
+    from difcompress.pruning.blocklists import HEADS, RES, WidthPlan, rebuilt
+    from difcompress.pruning.transformer import element_scorer
+
+    teacher = load_model(str(tiny_flux_dir)).model
+    heads = torch.cat([torch.arange(8, 16), torch.arange(24, 32)])  # heads 1 and 3 of 4 x 8
+    with torch.no_grad():
+        for block in [*teacher.transformer_blocks, *teacher.single_transformer_blocks]:
+            for proj in (block.attn.to_q, block.attn.to_k, block.attn.to_v):
+                proj.weight[heads] *= 10
+    kept = {"transformer_blocks": [0, 1, 2, 3], "single_transformer_blocks": list(range(8))}
+    score = element_scorer("magnitude", 0)
+    plan = WidthPlan(teacher, LAYOUT, 2, score, kept)
+    assert all(torch.equal(plan.chosen[(f"{name}.{i}", HEADS)], heads) for name, ids in kept.items() for i in ids)
+    res = plan.chosen[("", RES)]
+    student = rebuilt(teacher, LAYOUT, kept, 2, score)
+    double, single = teacher.transformer_blocks[2], teacher.single_transformer_blocks[5]
+    assert torch.equal(student.transformer_blocks[2].attn.add_k_proj.weight, double.attn.add_k_proj.weight[heads][:, res])
+    assert torch.equal(student.transformer_blocks[2].attn.to_out[0].weight, double.attn.to_out[0].weight[res][:, heads])
+    mlp = plan.chosen[("single_transformer_blocks.5", "ff:mlp")]
+    assert len(mlp) == 64  # 4 x the new residual width of 16
+    columns = torch.cat([heads, 32 + mlp])  # attention output, then the MLP branch
+    assert torch.equal(student.single_transformer_blocks[5].proj_out.weight, single.proj_out.weight[res][:, columns])
+    assert torch.equal(student.norm_out.linear.weight, teacher.norm_out.linear.weight[torch.cat([res, 32 + res])][:, res])
