@@ -39,7 +39,7 @@ DepthCriterion = Literal["uniform", "output-change", "block-io-mse"]
 Loss = Literal[LOSS_NAMES]  # type: ignore[valid-type]  (the objectives registry is the source)
 CoarseNorm = Literal[COARSE_NORMS]  # type: ignore[valid-type]
 FeatureSchedule = Literal["constant", "linear", "epoch-linear"]
-FeatureHooks = Literal["stages", "blocks", "self-attention"]
+FeatureHooks = Literal["stages", "blocks", "self-attention", "depth"]
 Reduction = Literal[REDUCTIONS]  # type: ignore[valid-type]
 MaskSource = Literal[MASK_SOURCES]  # type: ignore[valid-type]
 VarianceLoss = Literal["mse", "vlb-kl"]
@@ -201,7 +201,8 @@ class DistillConfig(StageConfig):
         "w_feat_schedule", "class_dropout", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
         "optimizer", "weight_decay", "fit_eps", "feature_hooks", "feature_reduction", "feature_adapter_bias",
         "feature_adapter_init", "feature_adapter_always", "feature_mask_by", "loss_reduction", "variance_loss",
-        "caption_dropout", "caption_column", "prompts", "resolution", "center_crop", "random_flip")
+        "caption_dropout", "caption_column", "prompts", "resolution", "center_crop", "random_flip",
+        "guidance_scale")
     # Settings added later, left out of the identity at these values so older checkpoints still resume.
     neutral: ClassVar[dict[str, Any]] = {
         "feature_mask_std": 0.0, "w_feat_schedule": "constant", "class_dropout": 0.0,
@@ -209,7 +210,8 @@ class DistillConfig(StageConfig):
         "weight_decay": 0.0, "fit_eps": FIT_EPS, "feature_hooks": "stages", "feature_reduction": "mean",
         "feature_adapter_bias": True, "feature_adapter_init": None, "feature_adapter_always": False,
         "feature_mask_by": "teacher", "loss_reduction": "mean", "variance_loss": "mse", "caption_dropout": 0.0,
-        "caption_column": None, "prompts": None, "resolution": None, "center_crop": True, "random_flip": False}
+        "caption_column": None, "prompts": None, "resolution": None, "center_crop": True, "random_flip": False,
+        "guidance_scale": None}
 
     student: Ref = Field(description="Pruned student (difcompress folder or any diffusers model).")
     output: Path = OutputField("Run folder (checkpoints, logs, final student).")
@@ -261,7 +263,9 @@ class DistillConfig(StageConfig):
     feature_hooks: FeatureHooks = Field("stages", description="Default feature-KD modules: stages (the output of "
                                         "each down/mid/up block), blocks (every resnet, attention and resampling "
                                         "conv: the LIFT/PLACE authors' DDPM FitNet rule) or self-attention (every "
-                                        "transformer block's self-attention: KOALA's, SDXL only).")
+                                        "transformer block's self-attention: KOALA's, SDXL only); Flux: stages / blocks pair every "
+                                        "student block with the teacher block it was copied from, depth with "
+                                        "teacher block round(i * L / K) (Flux-Mini's x -> 4x).")
     feature_reduction: Reduction = Field("mean", description="Feature KD over the hooked pairs: mean, or sum "
                                          "(BK-SDM and the LIFT/PLACE authors).")
     feature_adapter_bias: bool = Field(True, description="Feature adapters (1x1 conv / linear) with a bias.")
@@ -285,6 +289,9 @@ class DistillConfig(StageConfig):
                                  "classifier-free guidance.")
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="Text-to-image models: captions dropped to the "
                                    "empty prompt, for classifier-free guidance.")
+    guidance_scale: Optional[float] = Field(None, ge=0, description="Guidance-distilled models (FLUX.1-dev): the "
+                                            "guidance value teacher and student both read as an input; required "
+                                            "for them (FluxPipeline's default is 3.5).")
     caption_column: Optional[str] = Field(None, description="Text-to-image data: the caption column (default: "
                                           "text, caption or prompt).")
     resolution: Optional[int] = Field(None, ge=8, description="Short side training images are resized to "

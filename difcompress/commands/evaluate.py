@@ -128,7 +128,9 @@ def eval_conditions(item, count: int, config: EvalConfig) -> EvalConditions:
         prompts = [prompts[i % len(prompts)] for i in range(count)]
         _, height, width = item.image_shape()
         geometry = frame_rows(None, count, height, width)
-        return EvalConditions(Guidance(family.conditions(model, text=item.text.encode(prompts), geometry=geometry),
+        # A guidance-distilled model (FLUX.1-dev) reads the scale as an input; it has no null condition.
+        cond = family.conditions(model, text=item.text.encode(prompts), geometry=geometry, guidance=scale)
+        return EvalConditions(Guidance(cond,
                                        family.null_conditions(model, text=item.text.encode([config.negative_prompt])),
                                        scale), prompts)
     classes = family.num_classes(model)

@@ -51,12 +51,11 @@ def guided_prediction(family, model, inputs: ModelInputs, guidance: Guidance):
 
 @torch.no_grad()
 def sample_images(family, model, scheduler: Any, num_samples: int, *, seed: int, steps: int, sampler: str = "ddim",
-                  batch_size: int = 64, guidance: Guidance = Guidance(), pixels: bool = True, on_batch=None,
-                  shape: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """Samples in the denoiser's space (of `shape`, default the family's sample shape);
-    pixels are clamped to [-1, 1], latents never clipped."""
+                  batch_size: int = 64, guidance: Guidance = Guidance(), pixels: bool = True, on_batch=None
+                  ) -> torch.Tensor:
+    """Samples in the denoiser's space; pixels are clamped to [-1, 1], latents never clipped."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    c, h, w = shape or family.sample_shape(model)
+    c, h, w = family.sample_shape(model)
     formulation = family.formulation(model, scheduler)
     out = []
     for start in range(0, num_samples, batch_size):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difcompress.core.errors import UserError
 from difcompress.data.conditions import Conditions
 from difcompress.diffusion.flow import FlowTraining
 from difcompress.diffusion.formulations import formulation_for
@@ -127,12 +128,24 @@ class ModelFamily(ABC):
         raise NotImplementedError(f"{self.name} takes no text")
 
     def conditions(self, model: nn.Module, *, labels: torch.Tensor | None = None, text: Conditions | None = None,
-                   geometry: torch.Tensor | None = None) -> Conditions | None:
+                   geometry: torch.Tensor | None = None, guidance: float | None = None) -> Conditions | None:
         """The named conditions the denoiser reads, one row per sample, from class labels or
         from encoded captions (the text side's encodings by name), with each image's
-        (original height, width, crop top, left) where the model reads them (None for an
-        unconditional model)."""
+        (original height, width, crop top, left) where the model reads them, and the guidance
+        value a guidance-distilled model reads as an input (FLUX.1-dev; others ignore it).
+        None for an unconditional model."""
         return None
+
+    def takes_guidance(self, model: nn.Module) -> bool:
+        """Whether the denoiser reads a guidance value as an input (guidance distillation)."""
+        return False
+
+    def check_guidance(self, model: nn.Module, guidance: float | None) -> None:
+        """A guidance-distilled model without a guidance value: one line, before any long work."""
+        if guidance is None and self.takes_guidance(model):
+            raise UserError(f"this {type(model).__name__} is guidance-distilled (guidance_embeds): teacher and "
+                            "student read a guidance value; pass --guidance-scale (FluxPipeline's default is 3.5)",
+                            exit_code=2)
 
     def null_conditions(self, model: nn.Module, *, text: Conditions | None = None) -> Conditions | None:
         """What classifier-free guidance drops a condition to (one row of each name that
@@ -158,6 +171,10 @@ class ModelFamily(ABC):
     def card_usage(self, where: str, load_args: str, imports: list[str], info: dict[str, Any]) -> list[str]:
         """Model-card lines showing how stock diffusers loads and samples the exported folder
         (`load_args`: the from_pretrained arguments; `info`: what the export records)."""
+
+    def card_facts(self, model: nn.Module, text) -> dict[str, Any]:
+        """What `card_usage` needs beyond the export's common record (none for most families)."""
+        return {}
 
     # ---- pruning ---------------------------------------------------------------------------
     @abstractmethod

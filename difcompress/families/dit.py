@@ -83,7 +83,7 @@ class DiTFamily(ModelFamily):
         table = model.transformer_blocks[0].norm1.emb.class_embedder
         return table.num_classes if table.embedding_table.num_embeddings > table.num_classes else None
 
-    def conditions(self, model, *, labels=None, text=None, geometry=None):
+    def conditions(self, model, *, labels=None, text=None, geometry=None, guidance=None):
         return None if labels is None else {"class_labels": labels}
 
     def null_conditions(self, model, *, text=None):

@@ -317,8 +317,7 @@ def rebuilt(model: nn.Module, layout: BlockLayout, kept: dict[str, list[int]], k
     config[layout.heads_key] = keep_heads
     config.update(config_updates or {})
     plan = WidthPlan(model, layout, keep_heads, score, kept)
-    first = next(model.parameters())
-    pruned = type(model).from_config(config).to(first.device, first.dtype)
+    pruned = type(model).from_config(config).to(next(model.parameters()).device)
     source = model.state_dict()
     for name, target in pruned.state_dict().items():
         origin = teacher_name(layout, name, kept)

@@ -31,6 +31,7 @@ from difcompress.config import DistillConfig
 from difcompress.core.console import quiet_diffusers
 from difcompress.core.environment import DTYPES
 from difcompress.diffusion.inputs import cast_floating
+from difcompress.training.feature_taps import tap_point, tapped
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adam": 8, "adamw-8bit": 2}
 
@@ -71,8 +72,9 @@ def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: in
     for role, model, names in (("student", student, [s for s, _ in feature_pairs]),
                                ("teacher", teacher, [t for _, t in feature_pairs])):
         for name in names if model is not None else []:
-            hooks.append(model.get_submodule(name).register_forward_hook(
-                lambda _m, _i, out, role=role: kept[role].append(out[0] if isinstance(out, tuple) else out)))
+            module, which = tap_point(name)
+            hooks.append(model.get_submodule(module).register_forward_hook(
+                lambda _m, _i, out, role=role, which=which: kept[role].append(tapped(out, which))))
     tracker = _LiveStorageBytes()
     try:
         with tracker:

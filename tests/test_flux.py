@@ -1,0 +1,236 @@
+"""FLUX.1 family (issue 23): a tiny Flux-layout pipeline built from configs here (CLIP + T5
+encoders over tokenizers written offline, 4 double + 8 single blocks, 16 px images)
+goes prune --depth 2 --single-depth 4 -> prune --ratio 0.5 -> distill --loss place ->
+eval --prompts -> export, and stock FluxPipeline generates from the export without
+difcompress; plus the flow formulation and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    assert_one_line_error,
+    one_thread,
+    run_distill,
+    run_eval,
+    run_export,
+    run_prune,
+    write_captioned_digits,
+)
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def build_tiny_flux(folder: Path, seed: int = 0, guidance_embeds: bool = True, t5_length: int = 16) -> Path:
+    """FLUX.1's layout in miniature: 4 double + 8 single blocks of 4 heads x 8, a 2-block
+    VAE with 16 latent channels and FLUX's shift/scale factors (16 px images, 8x8 latents,
+    16 image tokens), CLIP and T5 encoders of width 32 over character vocabularies."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    from difcompress.data.text import write_character_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8,
+                                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=16,
+                        norm_num_groups=4, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    tokenizer = CLIPTokenizer.from_pretrained(write_character_tokenizer(folder.parent / f"{folder.name}-clip"))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in CHARS] + [("\u2581" + c, -1.5) for c in CHARS]
+    t5_tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=t5_length)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                 tokenizer_2=t5_tokenizer, transformer=transformer).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    with one_thread():
+        return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> Path:
+    return write_captioned_digits(tmp_path_factory.mktemp("data") / "captioned", count=8)
+
+
+STOCK_FLUX = """
+import json, sys, torch
+from diffusers import FluxPipeline
+torch.set_num_threads(1)
+pipe = FluxPipeline.from_pretrained(sys.argv[1])
+out = pipe("a handwritten 7", height=16, width=16, num_inference_steps=2, guidance_scale=3.5,
+           max_sequence_length=16, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+t = pipe.transformer
+print(json.dumps({"finite": bool(torch.isfinite(out).all()), "shape": list(out.shape),
+                  "double": len(t.transformer_blocks), "single": len(t.single_transformer_blocks),
+                  "heads": t.config.num_attention_heads, "imported": "difcompress" in sys.modules}))
+"""
+
+
+def test_done_when_chain_prune_prune_distill_eval_export_stock_flux(tiny_flux_dir, captioned, tmp_path):
+    """The issue's chain: depth, then heads, then PLACE distillation, eval, export; stock
+    FluxPipeline generates from the export in a process that never imports difcompress."""
+    with one_thread():
+        depth = run_prune(tiny_flux_dir, 0.0, tmp_path / "depth", depth=2, single_depth=4, device="cpu")
+        assert depth["kept_blocks"] == {"transformer_blocks": [1, 3], "single_transformer_blocks": [1, 3, 5, 7]}
+        heads = run_prune(tmp_path / "depth", 0.5, tmp_path / "heads", device="cpu")
+        assert heads["kept_blocks"] == depth["kept_blocks"]  # still named by the original teacher's blocks
+        assert heads["heads_kept"] == 2 and heads["widths"]["residual width"] == [32, 16]
+        summary = run_distill(tmp_path / "heads", tmp_path / "student", loss="place+feat", data=str(captioned),
+                              steps=2, batch_size=4, guidance_scale=3.5, checkpoint_every=0, device="cpu",
+                              latent_cache=tmp_path / "cache")
+        assert all(torch.isfinite(torch.tensor(summary["final"][k])) for k in ("task", "kd", "feature"))
+        (tmp_path / "prompts.txt").write_text("a handwritten 3\na handwritten 7\n")
+        report = run_eval([tmp_path / "student", tiny_flux_dir], prompts=str(tmp_path / "prompts.txt"), grid_size=2,
+                          sampler_steps=2, batch_size=2, latency_batch_size=1, device="cpu", output=tmp_path / "eval")
+        student_row, teacher_row = report["models"]
+        assert student_row["guidance_scale"] == 3.5 and student_row["params"] < teacher_row["params"] / 4
+        assert student_row["latency_s_per_image"] > 0 and student_row["pipeline_s_per_image"] > 0
+        run_export(tmp_path / "student", tmp_path / "export")
+    assert "FluxPipeline.from_pretrained" in (tmp_path / "export" / "README.md").read_text()
+    done = subprocess.run([sys.executable, "-c", STOCK_FLUX, str(tmp_path / "export")], capture_output=True,
+                          text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"finite": True, "shape": [1, 3, 16, 16], "double": 2, "single": 4, "heads": 2,
+                      "imported": False}
+
+
+def test_depth_pruning_equals_the_teacher_with_blocks_skipped(tiny_flux_dir, tmp_path):
+    """Blocks kept by index: the student is exactly the teacher with the others skipped."""
+    from difcompress.diffusion.inputs import ModelInputs
+    from difcompress.loading.models import load_model
+
+    with one_thread():
+        run_prune(tiny_flux_dir, 0.0, tmp_path / "p", blocks=[0, 2], single_blocks=[1, 2, 7], device="cpu")
+        teacher, student = load_model(str(tiny_flux_dir)), load_model(str(tmp_path / "p"))
+        text = teacher.text.encode(["a handwritten 1", "a handwritten 2"])
+        cond = teacher.family.conditions(teacher.model, text=text, guidance=3.5)
+        inputs = ModelInputs(torch.randn(2, 16, 8, 8), torch.tensor([300.0, 800.0]), cond)
+        skipped = [(teacher.model.transformer_blocks, (1, 3)), (teacher.model.single_transformer_blocks, (0, 3, 4, 5, 6))]
+        hooks = [blocks[i].register_forward_hook(lambda _m, _a, kw, _o: (kw["encoder_hidden_states"],
+                                                                         kw["hidden_states"]), with_kwargs=True)
+                 for blocks, removed in skipped for i in removed]
+        with torch.no_grad():
+            expected = teacher.family.predict(teacher.model, inputs)
+            for hook in hooks:
+                hook.remove()
+            assert torch.allclose(student.family.predict(student.model, inputs), expected, atol=1e-5)
+
+
+def test_flow_formulation_is_rectified_flow_with_the_pipeline_schedule():
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift as pipeline_shift
+
+    from difcompress.diffusion.flow import FlowTraining
+    from difcompress.diffusion.formulations import formulation_for
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    flow = formulation_for(scheduler, FlowTraining(patch=2, linear_sigmas=True))
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([250.0, 750.0])
+    assert torch.allclose(flow.noisy(x0, noise, t)[0], 0.75 * x0[0] + 0.25 * noise[0])
+    assert torch.allclose(flow.target(x0, noise, t), noise - x0)
+    reference = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=pipeline_shift(4096))
+    assert torch.allclose(flow.sampler("euler", 4, sample_shape=(16, 128, 128)).timesteps, reference.timesteps)
+    drawn = flow.draw_timesteps(4096, torch.Generator().manual_seed(0), sample_shape=(16, 128, 128))
+    assert drawn.dtype == torch.float32 and 0 < drawn.min() and drawn.max() < 1000
+    assert drawn.median() > 700  # mu = 1.15 at 4096 tokens pushes the median u = 0.5 to sigma = 0.76
+    exact = flow.denoise(noise.clone(), lambda x, _t: (noise - x0, None), sampler="ddim", steps=3)
+    assert torch.allclose(exact, x0, atol=1e-5)  # Euler on a straight path is exact
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--ratio", "0", "--depth", "4"], "--depth 4: keep between 1 and 3 of the 4 blocks"),
+    (["--ratio", "0", "--single-depth", "9"], "--single-depth 9"),
+    (["--ratio", "0", "--depth", "0"], "--depth"),
+    (["--ratio", "0.9"], "leaves no head"),
+    (["--ratio", "0", "--single-blocks", "0,8"], "--single-blocks must name blocks between 0 and 7"),
+    (["--ratio", "0", "--depth", "2", "--depth-criterion", "block-io-mse"], "--data"),
+])
+def test_prune_mistakes_are_one_line(tiny_flux_dir, tmp_path, run_cli, args, expected):
+    code, _, err = run_cli("prune", tiny_flux_dir, "-o", tmp_path / "x", "--device", "cpu", *args)
+    assert expected in assert_one_line_error(code, err, 2)
+
+
+def test_dev_teacher_without_guidance_is_one_line(tiny_flux_dir, captioned, tmp_path, run_cli):
+    code, _, err = run_cli("distill", "--student", tiny_flux_dir, "--teacher", tiny_flux_dir, "-o", tmp_path / "s", "--data", captioned, "--steps", "1",
+                           "--batch-size", "2", "--device", "cpu", "--latent-cache", tmp_path / "cache")
+    assert "--guidance-scale" in assert_one_line_error(code, err, 2)
+
+
+def test_long_t5_captions_are_truncated_as_the_pipeline_does(tiny_flux_dir, tmp_path, run_cli):
+    data = write_captioned_digits(tmp_path / "long", count=4)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    rows[0]["text"] = "a handwritten digit drawn slowly with a thick black pen"
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run_cli("distill", "--student", tiny_flux_dir, "--teacher", tiny_flux_dir, "-o", tmp_path / "s", "--data", data, "--steps", "1",
+                             "--batch-size", "2", "--guidance-scale", "3.5", "--device", "cpu", "--checkpoint-every",
+                             "0", "--latent-cache", tmp_path / "cache", "--json")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "longer than 16 tokens" in line]
+    assert len(warning) == 1 and "1 of 4 captions" in warning[0]
+
+
+@pytest.mark.parametrize("pipeline", ["FluxControlPipeline", "FluxFillPipeline", "FluxKontextPipeline",
+                                      "FluxImg2ImgPipeline", "FluxInpaintPipeline"])
+def test_other_flux_pipelines_are_refused_by_name(tiny_flux_dir, tmp_path, run_cli, pipeline):
+    import shutil
+
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_flux_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
+    code, _, err = run_cli("prune", folder, "-o", tmp_path / "x", "--ratio", "0.5", "--device", "cpu")
+    assert pipeline in assert_one_line_error(code, err)
+
+
+def test_feature_pairs_follow_the_record_or_the_depth(tiny_flux_dir):
+    from difcompress.families.flux import LAYOUT, FluxFamily
+    from difcompress.loading.models import load_model
+    from difcompress.pruning.blocklists import DepthRequest, choose_blocks, rebuilt
+    from difcompress.pruning.transformer import element_scorer
+
+    family, teacher = FluxFamily(), load_model(str(tiny_flux_dir)).model
+    kept, _ = choose_blocks(family, teacher, LAYOUT, DepthRequest({"transformer_blocks": 1,
+                                                                    "single_transformer_blocks": 2}), None, 0)
+    student = rebuilt(teacher, LAYOUT, kept, 4, element_scorer("magnitude", 0))
+    by_record = family.feature_layer_pairs(student, teacher, {"kept_blocks": kept})
+    assert by_record == [("transformer_blocks.0[1]", "transformer_blocks.3[1]"),
+                         ("transformer_blocks.0[0]", "transformer_blocks.3[0]"),
+                         ("single_transformer_blocks.0[1]", "single_transformer_blocks.3[1]"),
+                         ("single_transformer_blocks.1[1]", "single_transformer_blocks.7[1]")]
+    by_depth = family.feature_layer_pairs(student, teacher, None, hooks="depth")
+    assert [t for _, t in by_depth] == ["transformer_blocks.0[1]", "transformer_blocks.0[0]",
+                                        "single_transformer_blocks.0[1]", "single_transformer_blocks.4[1]"]
