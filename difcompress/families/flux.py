@@ -27,29 +27,18 @@ from __future__ import annotations
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
 from difcompress.core.errors import UserError
 from difcompress.data.text import ClipT5TextEncoder
 from difcompress.diffusion.flow import FlowTraining
-from difcompress.families.base import ModelFamily, PruneOutcome, PruneRequest
-from difcompress.pruning.blocklists import (
-    HEADS,
-    RES,
-    BlockLayout,
-    BlockList,
-    DepthRequest,
-    choose_blocks,
-    heads_to_keep,
-    rebuilt,
-    uniform_blocks,
-)
-from difcompress.pruning.transformer import element_scorer
+from difcompress.families.block_transformer import BlockListFamily
+from difcompress.pruning.blocklists import HEADS, RES, BlockLayout, BlockList
 
 DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 STREAMS = ("encoder_hidden_states", "hidden_states")  # what both block kinds return, in this order
 NATIVE_LATENT = 128  # FluxPipeline.default_sample_size: 1024 px through the 8x VAE
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 window
-FEATURE_HOOKS = ("stages", "blocks", "depth")
 _B = r"transformer_blocks\.\d+\."
 _S = r"single_transformer_blocks\.\d+\."
 RULES = (
@@ -97,18 +86,11 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device, dtype)
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(BlockListFamily):
     name = "flux"
     model_class = FluxTransformer2DModel
-    component = "transformer"
     pipelines = ("FluxPipeline",)
-    needs_pipeline = True
-    pipeline_tag = "text-to-image"
-    supports_depth = True
-    takes_text = True
     text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    denoiser_kind = "transformer"
-    pruned_unit = "head"
     default_guidance = 3.5  # FluxPipeline's guidance_scale default (dev's embedded guidance; schnell ignores it)
     teacher_data_guidance = 3.5
 
@@ -141,9 +123,6 @@ class FluxFamily(ModelFamily):
 
     def size_multiple(self, model):
         return 2  # latents pack into 2x2 patches
-
-    def learns_variance(self, model):
-        return False
 
     def flow_training(self, model):
         # diffusers' Flux training scripts: weighting_scheme "none" (u uniform); FluxPipeline's linear sigmas.
@@ -199,29 +178,13 @@ class FluxFamily(ModelFamily):
                     guidance=cond.get("guidance") if model.config.guidance_embeds else None, return_dict=False)[0]
         return unpack(out, h, w), None
 
-    # ---- pruning ---------------------------------------------------------------------------
-    def prune(self, model, request: PruneRequest) -> PruneOutcome:
-        if request.global_pruning:
-            raise UserError("Flux pruning is uniform (every block keeps the same heads, so the stock config "
-                            "expresses it); drop --global", exit_code=2)
-        depth = DepthRequest({DOUBLE: request.depth, SINGLE: request.single_depth},
-                             {DOUBLE: request.blocks, SINGLE: request.single_blocks}, request.depth_criterion)
-        kept, scores = choose_blocks(self, model, LAYOUT, depth, request.calibration, request.seed)
-        heads = model.config.num_attention_heads
-        keep_heads = heads_to_keep(heads, request.ratio)
-        warnings = []
-        if request.ratio > 0 and keep_heads == heads:
-            warnings.append(f"--ratio {request.ratio} of {heads} heads rounds to removing none; widths are unchanged")
-        pruned = rebuilt(model, LAYOUT, kept, keep_heads, element_scorer(request.importance, request.seed))
-        if hasattr(model, "native_latent_size"):
-            pruned.native_latent_size = model.native_latent_size
-        given = request.blocks is not None or request.single_blocks is not None
-        details = {"kept_blocks": kept, "blocks": {b.name: len(getattr(model, b.name)) for b in LAYOUT.lists},
-                   "depth_criterion": "indices" if given else request.depth_criterion,
-                   "heads_kept": keep_heads, "heads": heads}
-        if scores is not None:
-            details["block_scores"] = scores
-        return PruneOutcome(model=pruned, details=details, warnings=warnings)
+    # ---- pruning (families/block_transformer.py) --------------------------------------------
+    def layout(self, model):
+        return LAYOUT
+
+    def streams(self, block):
+        """A double block's image stream, then its text stream; a single block's image stream."""
+        return ("[1]", "[0]") if isinstance(block, FluxTransformerBlock) else ("[1]",)
 
     def stage_widths(self, model):
         block = (model.transformer_blocks or model.single_transformer_blocks)[0]
@@ -230,24 +193,3 @@ class FluxFamily(ModelFamily):
                 "residual width": model.inner_dim,
                 "feed-forward width": block.ff.net[0].proj.out_features if hasattr(block, "ff")
                 else block.proj_mlp.out_features}
-
-    # ---- distillation ----------------------------------------------------------------------
-    def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):
-        """Every student block's image stream (and a double block's text stream) with its
-        teacher block's: the block it was copied from (the pruning record; stages, blocks), or
-        by depth (depth: student block i <-> teacher block round(i * L / K), Flux-Mini's
-        x -> 4x when the teacher is four times deeper)."""
-        if hooks not in FEATURE_HOOKS:
-            raise UserError(f"--feature-hooks {hooks}: a Flux transformer takes {', '.join(FEATURE_HOOKS)}", 2)
-        record = (pruning or {}).get("kept_blocks")
-        pairs = []
-        for blocks in LAYOUT.lists:
-            k, layers = len(getattr(student, blocks.name)), len(getattr(teacher, blocks.name))
-            kept = record.get(blocks.name) if isinstance(record, dict) else None
-            if hooks == "depth":
-                kept = [min(layers - 1, round(i * layers / k)) for i in range(k)]
-            elif kept is None or len(kept) != k or kept[-1] >= layers:
-                kept = uniform_blocks(layers, k) if k else []
-            streams = ("[1]", "[0]") if blocks.name == DOUBLE else ("[1]",)  # image stream, then text
-            pairs += [(f"{blocks.name}.{i}{s}", f"{blocks.name}.{t}{s}") for i, t in enumerate(kept) for s in streams]
-        return pairs
