@@ -136,9 +136,11 @@ def test_prune_distill_eval_export_and_stock_generation(tiny_zimage_dir, tmp_pat
     prompts.write_text("a handwritten 3\na handwritten 5\n")
     report = run_prune(tiny_zimage_dir, 0.5, tmp_path / "d2h", depth=2, device="cpu")
     assert report["kept_blocks"]["layers"] == [1, 3]
-    summary = run_distill(tmp_path / "d2h", tmp_path / "run", loss="place", data=str(data), steps=3, batch_size=2,
-                          device="cpu", latent_cache=tmp_path / "cache")
-    assert summary["steps"] == 3 and summary["final"]["loss"] == summary["final"]["loss"]  # finite
+    # PLACE on the velocity, and feature KD pairing student block i with teacher block round(i L / K)
+    summary = run_distill(tmp_path / "d2h", tmp_path / "run", loss="place+feat", feature_hooks="depth",
+                          data=str(data), steps=3, batch_size=2, device="cpu", latent_cache=tmp_path / "cache")
+    assert summary["steps"] == 3
+    assert all(torch.isfinite(torch.tensor(summary["final"][k])) for k in ("task", "kd", "feature"))
     result = run_eval([tiny_zimage_dir, tmp_path / "run"], prompts=str(prompts), num_samples=2, sampler_steps=2,
                       batch_size=2, device="cpu")
     assert result["models"][1]["params"] < result["models"][0]["params"]
