@@ -181,3 +181,17 @@ def test_other_zimage_pipelines_are_refused_by_name(tiny_zimage_dir, tmp_path, r
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "ZImageInpaintPipeline"}))
     code, _, err = run_cli("prune", folder, "--ratio", "0", "--depth", "2", "-o", tmp_path / "out")
     assert "ZImageInpaintPipeline" in assert_one_line_error(code, err)
+
+
+def test_dry_run_estimates_memory_with_feature_taps(tiny_zimage_dir, tmp_path, run_cli):
+    """The estimate runs teacher and student on the meta device, per-sample lists and all."""
+    import json
+
+    from conftest import write_captioned_digits
+
+    data = write_captioned_digits(tmp_path / "data", 4)
+    code, out, err = run_cli("distill", "--student", tiny_zimage_dir, "--data", data, "--loss", "place+feat",
+                             "--dry-run", "--json", "-o", tmp_path / "run", "--device", "cpu")
+    assert code == 0, err
+    memory = json.loads(out)["memory"]
+    assert memory["total_bytes"] == sum(memory["parts"].values()) > 0 and not (tmp_path / "run").exists()
