@@ -191,8 +191,7 @@ def test_dry_run_estimates_memory_with_feature_taps(tiny_zimage_dir, tmp_path, r
 
     data = write_captioned_digits(tmp_path / "data", 4)
     code, out, err = run_cli("distill", "--student", tiny_zimage_dir, "--teacher", tiny_zimage_dir, "--data", data,
-                             "--loss", "place+feat",
-                             "--dry-run", "--json", "-o", tmp_path / "run", "--device", "cpu")
+                             "--loss", "place+feat", "--dry-run", "--json", "-o", tmp_path / "run", "--device", "cpu")
     assert code == 0, err
     memory = json.loads(out)["memory"]
     assert memory["total_bytes"] == sum(memory["parts"].values()) > 0 and not (tmp_path / "run").exists()
