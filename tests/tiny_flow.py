@@ -1,4 +1,4 @@
-"""Tiny flow-matching pipelines built from configs (nothing downloaded): SD3 and Z-Image.
+"""Tiny flow-matching pipelines built from configs (nothing downloaded): Flux, SD3 and Z-Image.
 
 Each keeps the quirks its family handles (SD3: a dual-attention block, the context_pre_only
 last block, two CLIP encoders with projections and T5; Z-Image: refiners beside the main
@@ -29,6 +29,45 @@ def tiny_flow_vae(seed: int = 0):
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=16,
                          norm_num_groups=4, sample_size=16, scaling_factor=1.5, shift_factor=0.1).eval()
+
+
+def build_tiny_flux(folder: Path, seed: int = 0, guidance_embeds: bool = True, t5_length: int = 24) -> Path:
+    """FLUX.1's layout in miniature: 4 double + 8 single blocks of 4 heads x 8 (rotary axes
+    2 + 2 + 4), patch-packed 16-channel latents (16 image tokens), CLIP-L (pooled) and T5
+    encoders of width 32, FLUX.1-dev's dynamically shifted scheduler; with a guidance
+    embedder (dev) unless `guidance_embeds=False` (schnell)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    vae = tiny_flow_vae(seed)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8,
+                                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(2, 2, 4))
+    tokenizer = CLIPTokenizer.from_pretrained(write_character_tokenizer(folder.parent / f"{folder.name}-clip"))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5_tokenizer = T5TokenizerFast.from_pretrained(write_t5_tokenizer(folder.parent / f"{folder.name}-t5", t5_length))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                 tokenizer_2=t5_tokenizer, transformer=transformer).save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
 def build_tiny_sd3(folder: Path, seed: int = 0, **transformer_overrides) -> Path:

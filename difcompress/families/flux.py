@@ -13,8 +13,8 @@ Quirks handled here:
   classifier-free guidance; it is a condition (`guidance`), the same for teacher and
   student. No caption is ever dropped (Flux trained without caption dropout, and samples
   without classifier-free guidance), so `null_conditions` is None.
-- Two text encoders (data/text.py's ClipT5TextEncoder, without a CLIP sequence): CLIP's
-  pooled output and T5's sequence at its max length.
+- Two text encoders (data/text.py's ClipT5TextEncoder without the CLIP sequence): CLIP's
+  pooled output and T5's sequence at min(its max length, 512), FluxPipeline's bound.
 - The transformer's config fixes no image size: the pipeline's native size is its VAE's
   `sample_size` (1024 for FLUX.1), which `attach` records on the loaded transformer.
 - Pruning (pruning/blocklists.py): `--depth` keeps double-stream blocks, `--single-depth`
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
-from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
 from difcompress.core.errors import UserError
 from difcompress.data.text import ClipT5TextEncoder
@@ -38,7 +37,6 @@ from difcompress.pruning.blocklists import HEADS, RES, BlockLayout, BlockList
 DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 STREAMS = ("encoder_hidden_states", "hidden_states")  # what both block kinds return, in this order
 NATIVE_LATENT = 128  # FluxPipeline.default_sample_size: 1024 px through the 8x VAE
-MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 window
 _B = r"transformer_blocks\.\d+\."
 _S = r"single_transformer_blocks\.\d+\."
 RULES = (
@@ -129,9 +127,10 @@ class FluxFamily(BlockListFamily):
         return FlowTraining(density="none", patch=2, linear_sigmas=True)
 
     def text_side(self, parts):
-        t5 = parts["tokenizer_2"]  # FluxPipeline's default window, within the tokenizer's
+        t5 = parts["tokenizer_2"]
+        # FluxPipeline's default max_sequence_length and its upper bound is 512.
         return ClipT5TextEncoder(((parts["tokenizer"], parts["text_encoder"]),), t5, parts["text_encoder_2"],
-                                 min(MAX_SEQUENCE_LENGTH, int(t5.model_max_length)), clip_sequence=False)
+                                 min(512, int(t5.model_max_length)), clip_sequence=False)
 
     def conditions(self, model, *, labels=None, text=None, geometry=None, guidance=None):
         """T5's sequence and CLIP's pooled vector, and for a guidance-distilled model (dev) the
@@ -178,13 +177,13 @@ class FluxFamily(BlockListFamily):
                     guidance=cond.get("guidance") if model.config.guidance_embeds else None, return_dict=False)[0]
         return unpack(out, h, w), None
 
-    # ---- pruning (families/block_transformer.py) --------------------------------------------
+    # ---- pruning and feature pairs (families/block_transformer.py) ---------------------------
     def layout(self, model):
         return LAYOUT
 
     def streams(self, block):
-        """A double block's image stream, then its text stream; a single block's image stream."""
-        return ("[1]", "[0]") if isinstance(block, FluxTransformerBlock) else ("[1]",)
+        """Image stream (output 1) of every block, and the text stream (output 0) of double ones."""
+        return ("[1]", "[0]") if hasattr(block, "ff_context") else ("[1]",)
 
     def stage_widths(self, model):
         block = (model.transformer_blocks or model.single_transformer_blocks)[0]

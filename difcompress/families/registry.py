@@ -16,7 +16,8 @@ from difcompress.families.unet2d import PixelUNetFamily
 from difcompress.families.zimage import ZImageFamily
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PixelUNetFamily(), DiTFamily(), TextToImageFamily(),
-                                                         SDXLFamily(), FluxFamily(), SD3Family(), ZImageFamily())}
+                                                         SDXLFamily(), FluxFamily(), SD3Family(),
+                                                         ZImageFamily())}
 SUPPORTED_CLASSES = sorted({f.model_class.__name__ for f in FAMILIES.values()})
 
 

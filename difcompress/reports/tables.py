@@ -47,6 +47,8 @@ def print_distill_plan(plan: dict[str, Any]) -> None:
     table.add_row("[bold]total[/]", f"[bold]{human(memory['total_bytes'], 'B')}[/]")
     console.print(table)
     console.print("An estimate: allocator fragmentation and kernel workspaces come on top (README: Will it fit?).")
+    if memory.get("fit"):
+        console.print(f"[yellow]{memory['fit']}[/]")
 
 
 def print_eval_report(result: dict[str, Any]) -> None:

@@ -34,6 +34,16 @@ from difcompress.diffusion.inputs import cast_floating
 from difcompress.training.feature_taps import tap_point, tapped
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adam": 8, "adamw-8bit": 2}
+LARGEST_GPU_BYTES = 80 * 10**9  # an 80 GB card (A100 / H100), the largest one process commonly has
+
+
+def fit_note(total_bytes: int) -> str | None:
+    """One line when the estimate cannot fit one 80 GB GPU unsharded: where to go instead."""
+    if total_bytes <= LARGEST_GPU_BYTES:
+        return None
+    return (f"about {total_bytes / 10**9:.0f} GB per process does not fit one 80 GB GPU unsharded: shard the "
+            "student, its optimizer state and the teacher over several GPUs with --shard fsdp (FSDP2 through "
+            "accelerate)")
 
 
 class _LiveStorageBytes(TorchDispatchMode):
@@ -126,5 +136,6 @@ def estimate_distill_memory(config: DistillConfig, family, student: nn.Module, t
         f"one step at micro-batch {micro_batch} (activations, gradients, teacher forward)":
             int(one - (two - one) + per_sample * micro_batch),
     }
-    return {"parts": parts, "total_bytes": sum(parts.values()), "micro_batch": micro_batch,
+    total = sum(parts.values())
+    return {"parts": parts, "total_bytes": total, "micro_batch": micro_batch, "fit": fit_note(total),
             "gradient_checkpointing": gradient_checkpointing, "mixed_precision": mixed_precision or "no"}
