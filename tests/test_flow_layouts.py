@@ -81,3 +81,24 @@ def test_z_image_stacks():
     model = build(layouts.Z_IMAGE_TURBO_TRANSFORMER, ZImageTransformer2DModel)
     assert (len(model.layers), len(model.noise_refiner), len(model.context_refiner)) == (30, 2, 2)
     assert model.siglip_refiner is None
+
+
+@pytest.mark.parametrize("name, request_, params, kept_dual", [
+    ("SD3.5-large", dict(depth=19, ratio=0.5), 1_006_726_464, ()),
+    ("SD3.5-medium", dict(depth=12, ratio=0.0), 1_107_717_952, tuple(range(6))),  # teacher blocks 1, 3, ..., 11 had it
+    ("Z-Image-Turbo", dict(depth=15, ratio=0.5), 880_394_176, None),
+])
+def test_full_size_students_on_the_meta_device(name, request_, params, kept_dual):
+    """Depth halved uniformly (blocks 1, 3, ...) and / or half the heads with the residual width,
+    rebuilt from the stock config without allocating a weight."""
+    from difcompress.families.base import PruneRequest
+    from difcompress.families.registry import family_for_model
+
+    layout, model_class = {**CASES, "SD3.5-medium": (layouts.SD35_MEDIUM_TRANSFORMER, SD3Transformer2DModel)}[name][:2]
+    with torch.device("meta"):
+        teacher = model_class(**layout)
+        student = family_for_model(teacher).prune(teacher, PruneRequest(importance="random", **request_)).model
+    assert parameter_count(student) == params
+    if kept_dual is not None:
+        assert tuple(student.config.dual_attention_layers) == kept_dual
+        assert student.transformer_blocks[-1].context_pre_only

@@ -136,9 +136,11 @@ def test_prune_distill_eval_export_and_stock_generation(tiny_zimage_dir, tmp_pat
     prompts.write_text("a handwritten 3\na handwritten 5\n")
     report = run_prune(tiny_zimage_dir, 0.5, tmp_path / "d2h", depth=2, device="cpu")
     assert report["kept_blocks"]["layers"] == [1, 3]
-    summary = run_distill(tmp_path / "d2h", tmp_path / "run", loss="place", data=str(data), steps=3, batch_size=2,
-                          device="cpu", latent_cache=tmp_path / "cache")
-    assert summary["steps"] == 3 and summary["final"]["loss"] == summary["final"]["loss"]  # finite
+    # PLACE on the velocity, and feature KD pairing student block i with teacher block round(i L / K)
+    summary = run_distill(tmp_path / "d2h", tmp_path / "run", loss="place+feat", feature_hooks="depth",
+                          data=str(data), steps=3, batch_size=2, device="cpu", latent_cache=tmp_path / "cache")
+    assert summary["steps"] == 3
+    assert all(torch.isfinite(torch.tensor(summary["final"][k])) for k in ("task", "kd", "feature"))
     result = run_eval([tiny_zimage_dir, tmp_path / "run"], prompts=str(prompts), num_samples=2, sampler_steps=2,
                       batch_size=2, device="cpu")
     assert result["models"][1]["params"] < result["models"][0]["params"]
@@ -179,3 +181,17 @@ def test_other_zimage_pipelines_are_refused_by_name(tiny_zimage_dir, tmp_path, r
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "ZImageInpaintPipeline"}))
     code, _, err = run_cli("prune", folder, "--ratio", "0", "--depth", "2", "-o", tmp_path / "out")
     assert "ZImageInpaintPipeline" in assert_one_line_error(code, err)
+
+
+def test_dry_run_estimates_memory_with_feature_taps(tiny_zimage_dir, tmp_path, run_cli):
+    """The estimate runs teacher and student on the meta device, per-sample lists and all."""
+    import json
+
+    from conftest import write_captioned_digits
+
+    data = write_captioned_digits(tmp_path / "data", 4)
+    code, out, err = run_cli("distill", "--student", tiny_zimage_dir, "--teacher", tiny_zimage_dir, "--data", data,
+                             "--loss", "place+feat", "--dry-run", "--json", "-o", tmp_path / "run", "--device", "cpu")
+    assert code == 0, err
+    memory = json.loads(out)["memory"]
+    assert memory["total_bytes"] == sum(memory["parts"].values()) > 0 and not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""What the text-to-image transformer families made of block lists share (SD3, Z-Image):
+"""What the text-to-image transformer families made of block lists share (Flux, SD3, Z-Image):
 pruning through the block-list engine (pruning/blocklists.py) and block-to-block feature
 pairs. A family says which lists its model has and how each weight's dims follow the
 heads and the residual width (`layout`), what else the smaller stock config must change
@@ -65,7 +65,7 @@ class BlockListFamily(ModelFamily):
 
     def prune(self, model, request: PruneRequest) -> PruneOutcome:
         if request.global_pruning:
-            raise UserError(f"{self.name} pruning is uniform (every block keeps the same heads, so the stock config "
+            raise UserError(f"{self.model_class.__name__} pruning is uniform (every block keeps the same heads, so the stock config "
                             "expresses it); drop --global", exit_code=2)
         layout = self.layout(model)
         kept, scores = choose_blocks(self, model, layout, self.depth_request(layout, request), request.calibration,

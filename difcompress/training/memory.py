@@ -99,8 +99,8 @@ def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: in
             if teacher is not None:
                 dtype = next(teacher.parameters()).dtype
                 with torch.no_grad():
-                    target = teacher(**cast_floating(inputs, dtype)).sample.float()
-            loss = (student(**inputs).sample - target).pow(2).mean()
+                    target = _prediction(teacher(**cast_floating(inputs, dtype))).float()
+            loss = (_prediction(student(**inputs)) - target).pow(2).mean()
             for s, t in zip(kept["student"], kept["teacher"]):
                 loss = loss + s.float().pow(2).mean() + t.float().mean()  # the taps stay alive until backward
             loss.backward()
@@ -109,6 +109,12 @@ def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: in
             hook.remove()
     student.zero_grad(set_to_none=True)
     return tracker.peak
+
+
+def _prediction(output) -> torch.Tensor:
+    """A denoiser's output sample; Z-Image's is a list of per-sample tensors."""
+    sample = output.sample
+    return torch.stack(sample) if isinstance(sample, list) else sample
 
 
 def estimate_distill_memory(config: DistillConfig, family, student: nn.Module, teacher: nn.Module | None, *,
