@@ -45,7 +45,13 @@ from difcompress.config import (
     StageConfig,
     StatsConfig,
 )
-from difcompress.core.console import console, err_console, human, print_json
+from difcompress.core.console import (
+    console,
+    err_console,
+    human,
+    print_json,
+    stdout_for_results_only,
+)
 from difcompress.core.errors import UserError
 from difcompress.reports.tables import (
     print_distill_plan,
@@ -133,7 +139,8 @@ def config_command(name: str, config_cls: type[StageConfig], run: Callable[[Stag
 
     def command(**values):
         flags = {p.name: values.pop(p.name, p.default) for p in extra}  # command-line only, not settings
-        run(config_cls.build({k: v for k, v in values.items() if v is not None}), **flags)
+        with stdout_for_results_only() if flags.get("json_output") else contextlib.nullcontext():
+            run(config_cls.build({k: v for k, v in values.items() if v is not None}), **flags)
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}

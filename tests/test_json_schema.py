@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import run_python
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -83,3 +84,21 @@ def test_eval_rows_share_one_protocol_and_widths_have_one_shape(outputs):
     for widths in (outputs["prune"]["widths"], outputs["export"]["pruning"]["widths"]):
         assert all(isinstance(v, list) and len(v) == 2 for v in widths.values())
     assert outputs["distill"]["data"]["resolved"] == "digits"
+
+
+def test_json_stdout_holds_only_the_result_when_a_library_prints_there(tmp_path):
+    """deepspeed's logger prints to stdout when accelerate imports it; under --json anything a
+    library writes to stdout goes to stderr, so a script can parse stdout whole."""
+    code = ("import sys; from difcompress.cli import main\n"
+            "import difcompress.commands.stats as stats\n"
+            "real = stats.stats\n"
+            "def noisy(*args, **kwargs):\n"
+            "    print('a library talking on stdout')\n"
+            "    return real(*args, **kwargs)\n"
+            "stats.stats = noisy\n"
+            "sys.exit(main(['stats', 'digits', '--json', '--feature-extractor', 'digits',\n"
+            f"                '-o', {str(tmp_path / 'stats.npz')!r}]))\n")
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["schema_version"] == 1
+    assert "a library talking on stdout" in proc.stderr

@@ -53,6 +53,8 @@ def evaluate(config: EvalConfig, *, show_progress: bool = False) -> dict[str, An
     dev = resolve_device(config.device)
     with folder_lock(output):
         loaded = [load_model(m, dev) for m in config.models]
+        for item in loaded:
+            item.family.formulation(item.model, item.scheduler).check_sampler(config.sampler)
         extractor, reference, protocol = (_fid_setup(config, loaded, dev, show_progress) if config.fid
                                           else (None, None, None))
         with progress_bar(show_progress and config.fid) as progress:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any, Callable, Iterator
 
 from diffusers.utils import logging as diffusers_logging
@@ -36,9 +36,26 @@ def human(n: float, unit: str = "") -> str:
 SCHEMA_VERSION = 1  # of every --json output (docs/output-format.md); raise it when a field changes meaning
 
 
+_RESULT_STREAMS: list[Any] = []  # the real stdout while a --json command runs (innermost last)
+
+
+@contextmanager
+def stdout_for_results_only() -> Iterator[None]:
+    """While a --json command runs, anything else written to stdout (a library logger that
+    prints there, as deepspeed's does when accelerate imports it) goes to stderr, so stdout
+    holds only the JSON `print_json` writes."""
+    _RESULT_STREAMS.append(sys.stdout)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _RESULT_STREAMS.pop()
+
+
 def print_json(data: dict[str, Any]) -> None:
     """A command's result on stdout, stamped with the schema version."""
-    sys.stdout.write(json.dumps({"schema_version": SCHEMA_VERSION, **data}, indent=2, default=str) + "\n")
+    stream = _RESULT_STREAMS[-1] if _RESULT_STREAMS else sys.stdout
+    stream.write(json.dumps({"schema_version": SCHEMA_VERSION, **data}, indent=2, default=str) + "\n")
 
 
 def warn(message: str) -> None:

@@ -62,13 +62,17 @@ class DDPMFormulation:
             return self.training.get_velocity(x0, noise, t)
         return x0
 
+    def check_sampler(self, name: str) -> None:
+        """Refuse a sampler this formulation lacks (before any work: eval checks every model first)."""
+        if name not in SAMPLERS:
+            raise UserError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}", exit_code=2)
+
     def sampler(self, name: str, steps: int, learned_variance: bool = False, pixels: bool = True,
                 sample_shape=None):
         """A DDIM or ancestral sampler built from the training config (betas, prediction type),
         set to `steps`; ancestral sampling uses a learned variance where the model predicts
         one (DiT); latents (pixels=False) are never clipped to [-1, 1]."""
-        if name not in SAMPLERS:
-            raise UserError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}", exit_code=2)
+        self.check_sampler(name)
         extra = {"variance_type": "learned_range"} if learned_variance and name == "ddpm" else {}
         if not pixels:
             extra.update(clip_sample=False, thresholding=False)

@@ -120,12 +120,16 @@ class FlowFormulation:
         """The velocity the denoiser predicts: eps - x0."""
         return noise.float() - x0.float()
 
-    def sampler(self, name: str, steps: int, learned_variance: bool = False, pixels: bool = True,
-                sample_shape=None):
-        """The pipeline's FlowMatchEulerDiscreteScheduler, set to `steps` for samples of `sample_shape`."""
+    def check_sampler(self, name: str) -> None:
+        """Refuse a sampler a flow-matching model has no use for (before any work)."""
         if name not in FLOW_SAMPLERS:
             raise UserError(f"--sampler {name}: a flow-matching model samples with its Euler ODE sampler "
                             f"({' or '.join(FLOW_SAMPLERS)})", exit_code=2)
+
+    def sampler(self, name: str, steps: int, learned_variance: bool = False, pixels: bool = True,
+                sample_shape=None):
+        """The pipeline's FlowMatchEulerDiscreteScheduler, set to `steps` for samples of `sample_shape`."""
+        self.check_sampler(name)
         out = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
         sigmas = np.linspace(1.0, 1 / steps, steps) if self.training.linear_sigmas else None
         out.set_timesteps(steps, sigmas=sigmas, mu=self.mu(sample_shape))
