@@ -136,3 +136,33 @@ def test_an_already_quantized_folder_is_refused(quantized_exports, tmp_path, run
     code, _, err = run_cli("export", source, "-o", tmp_path / "again", "--dtype", "fp16", "--quantize", "int4")
     line = assert_one_line_error(code, err, 2)
     assert "already quantized" in line and "unet (quanto int8)" in line, line
+
+
+def test_a_scheme_the_installed_backend_lacks_is_one_line(tiny_model_dir, tmp_path, run_cli, monkeypatch):
+    import difcompress.artifacts.quantize as quantize
+
+    monkeypatch.setattr(quantize, "installed_qtypes", lambda: {"qint8", "qfloat8"})  # an optimum-quanto without int4
+    code, _, err = run_cli("export", tiny_model_dir, "-o", tmp_path / "q", "--dtype", "fp16", "--quantize", "int4")
+    line = assert_one_line_error(code, err, 2)
+    assert "has no qint4" in line and "pip install -U optimum-quanto" in line and not (tmp_path / "q").exists()
+
+
+def test_a_backend_older_than_diffusers_accepts_is_one_line(tiny_model_dir, tmp_path, run_cli, monkeypatch):
+    import difcompress.artifacts.quantize as quantize
+
+    monkeypatch.setattr(quantize, "is_optimum_quanto_version", lambda op, v: False)
+    code, _, err = run_cli("export", tiny_model_dir, "-o", tmp_path / "q", "--dtype", "fp16", "--quantize", "int8")
+    line = assert_one_line_error(code, err, 2)
+    assert ">= 0.2.6" in line and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_distilling_from_a_quantized_export_is_refused(role, quantized_exports, tiny_model_dir, tmp_path, run_cli):
+    quantized, _ = quantized_exports[0]["pixel", "int8"]
+    student, teacher = (quantized, tiny_model_dir) if role == "student" else (tiny_model_dir, quantized)
+    code, _, err = run_cli("distill", "--student", student, "--teacher", teacher, "-o", tmp_path / "run",
+                           "--data", tmp_path, "--steps", "1")
+    line = assert_one_line_error(code, err, 2)
+    assert "already quantized" in line and f"a quantized {role} cannot be distilled" in line, line
+    assert str(tiny_model_dir.resolve()) in line or str(tiny_model_dir) in line, line  # the export's source
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ denoiser's config.json (`quantization_config`).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 import warnings
@@ -20,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 from diffusers import QuantoConfig
+from diffusers.utils import is_optimum_quanto_version
 
 from difcompress.artifacts.folders import add_variant_names
 from difcompress.core.console import quiet_diffusers
@@ -28,6 +30,10 @@ from difcompress.core.files import folder_size_bytes, read_json
 
 BACKEND = "optimum-quanto"  # the distribution; diffusers' quant_method is "quanto"
 INSTALL_HINT = "pip install 'difcompress[quantize]'"
+# The oldest optimum-quanto diffusers 0.42.1's quanto quantizer accepts (validate_environment).
+MIN_BACKEND = "0.2.6"
+# Each scheme (QuantoConfig's weights_dtype) -> the quanto qtype it becomes (optimum.quanto.qtypes).
+QTYPES = {"int8": "qint8", "int4": "qint4"}
 
 
 def backend_version() -> str:
@@ -37,6 +43,25 @@ def backend_version() -> str:
     except PackageNotFoundError:
         raise UserError(f"--quantize needs the optimum-quanto backend, which is not installed: {INSTALL_HINT}",
                         exit_code=2) from None
+
+
+def installed_qtypes() -> set[str]:
+    """The qtype names the installed optimum-quanto defines."""
+    return set(importlib.import_module("optimum.quanto").qtypes)
+
+
+def check_backend(scheme: str) -> str:
+    """The installed backend's version, after checking that diffusers accepts it and that it
+    has `scheme`: one line naming the upgrade otherwise, before anything is written."""
+    installed = backend_version()
+    if not is_optimum_quanto_version(">=", MIN_BACKEND):
+        raise UserError(f"--quantize {scheme}: optimum-quanto {installed} is installed and diffusers needs "
+                        f">= {MIN_BACKEND}: pip install -U {BACKEND}", exit_code=2)
+    if QTYPES[scheme] not in installed_qtypes():
+        raise UserError(f"--quantize {scheme}: the installed optimum-quanto {installed} has no {QTYPES[scheme]} "
+                        f"weights (it has {', '.join(sorted(installed_qtypes()))}): pip install -U {BACKEND}",
+                        exit_code=2)
+    return installed
 
 
 def quantized_components(folder: Path) -> dict[str, dict[str, Any]]:
@@ -50,14 +75,19 @@ def quantized_components(folder: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def refuse_quantized(folder: Path, source: str) -> None:
-    """One line when `folder` already holds quantized weights: quantizing twice loses more."""
+def refuse_quantized(folder: Path, source: str,
+                     why: str = "export --quantize from the unquantized folder it came from") -> None:
+    """One line when `folder` already holds quantized weights (quantizing twice loses more;
+    quantized weights do not train), naming the folder it was exported from when known."""
     found = quantized_components(folder)
-    if found:
-        parts = ", ".join(f"{name} ({q.get('quant_method', '?')} {q.get('weights_dtype', q.get('quant_type', ''))})"
-                          .replace(" )", ")") for name, q in found.items())
-        raise UserError(f"{source} is already quantized ({parts}); export --quantize from the unquantized "
-                        "folder it came from", exit_code=2)
+    if not found:
+        return
+    parts = ", ".join(f"{name} ({q.get('quant_method', '?')} {q.get('weights_dtype', q.get('quant_type', ''))})"
+                      .replace(" )", ")") for name, q in found.items())
+    manifest = read_json(folder / "difcompress.json") if (folder / "difcompress.json").is_file() else {}
+    origin = ((manifest or {}).get("export") or {}).get("source") if isinstance(manifest, dict) else None
+    raise UserError(f"{source} is already quantized ({parts}); {why}" + (f" ({origin})" if origin else ""),
+                    exit_code=2)
 
 
 @contextmanager

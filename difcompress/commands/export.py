@@ -20,6 +20,7 @@ from difcompress.artifacts.folders import (
 from difcompress.artifacts.quantize import (
     BACKEND,
     backend_version,
+    check_backend,
     quantize_denoiser,
     refuse_quantized,
 )
@@ -52,7 +53,7 @@ def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, An
         raise UserError(f"--quantize {config.quantize} needs --dtype fp16 or bf16 (the weights it leaves "
                         "unquantized are stored in that dtype)", exit_code=2)
     if config.quantize:
-        backend_version()
+        check_backend(config.quantize)
         refuse_quantized(load_model_folder(config.model), config.model)
     output = check_output_folder(config.output, inputs=[config.model])
     with folder_lock(output):
