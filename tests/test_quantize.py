@@ -71,6 +71,13 @@ def quantized_exports(request, tmp_path_factory):
     return exports, said
 
 
+def _tensor_bytes(path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_quantized_export_is_safetensors_smaller_and_reloads_in_stock_diffusers(case, scheme, quantized_exports):
@@ -94,7 +101,14 @@ def test_a_quantized_export_is_safetensors_smaller_and_reloads_in_stock_diffuser
     recorded = json.loads((out / "difcompress.json").read_text())["export"]["quantize"]
     version = recorded["backend_version"]
     assert recorded["scheme"] == scheme and recorded["backend"] == "optimum-quanto" and version[0].isdigit()
+    # The memory estimate's weight bytes are the tensor bytes stock diffusers wrote (headers aside).
+    memory = info["inference_memory"]
+    assert memory["exported"] == scheme and [r["scheme"] for r in memory["rows"]] == [None, "int8", "int4"]
+    estimated = next(r for r in memory["rows"] if r["scheme"] == scheme)
+    assert estimated["weights"]["unet"] == _tensor_bytes(weights)
+    assert estimated["peak_bytes"] > estimated["weight_bytes"] and estimated["fits_gb"] == [8, 12, 16, 24]
     card = ModelCard.load(out / "README.md")
+    assert "## Memory" in card.content and "(this folder)" in card.content
     assert f"{scheme} weights of the unet" in card.content and f"optimum-quanto {version}" in card.content
     assert "quantized" in card.data.tags
 

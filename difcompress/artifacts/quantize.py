@@ -45,6 +45,27 @@ def backend_version() -> str:
                         exit_code=2) from None
 
 
+def int4_group_size(in_features: int) -> int:
+    """Input features per int4 scale: quanto's QLinear takes 128, else the largest of 96, 64,
+    32 dividing the row, else the whole row (optimum/quanto/nn/qmodule.py)."""
+    if in_features > 128:
+        for size in (128, 96, 64, 32):
+            if in_features % size == 0:
+                return size
+    return in_features
+
+
+def stored_linear_bytes(out_features: int, in_features: int, scheme: str, element_bytes: int) -> int:
+    """Bytes of one nn.Linear weight as `scheme` stores it: int8 values and a scale per output
+    row; int4 two values a byte, a scale and a zero point per group (scales in the export dtype);
+    both with the QLinear's input and output scale scalars."""
+    values, scalars = out_features * in_features, 2 * element_bytes
+    if scheme == "int8":
+        return values + out_features * element_bytes + scalars
+    groups = values // int4_group_size(in_features)
+    return values // 2 + 2 * groups * element_bytes + scalars
+
+
 def installed_qtypes() -> set[str]:
     """The qtype names the installed optimum-quanto defines."""
     return set(importlib.import_module("optimum.quanto").qtypes)

@@ -19,6 +19,7 @@ from difcompress.artifacts.folders import (
 )
 from difcompress.artifacts.quantize import (
     BACKEND,
+    QTYPES,
     backend_version,
     check_backend,
     quantize_denoiser,
@@ -39,8 +40,14 @@ from difcompress.core.files import (
     write_json,
 )
 from difcompress.data.latents import Autoencoder
+from difcompress.diffusion.inputs import cast_floating
 from difcompress.loading.models import LoadedModel, load_model, load_model_folder
-from difcompress.metrics.cost import model_size, peak_activation_bytes_estimate
+from difcompress.metrics.cost import (
+    InferencePart,
+    denoiser_inputs,
+    inference_memory,
+    model_size,
+)
 
 
 def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, Any]:
@@ -146,7 +153,6 @@ def export_info(config: ExportConfig, loaded) -> dict[str, Any]:
     """What the export writes and its card says: provenance, size, memory, evaluation."""
     family, net, manifest = loaded.family, loaded.model, loaded.manifest or {}
     size = model_size(net, family)
-    element = torch.finfo(DTYPES[config.dtype]).bits // 8
     distill = manifest.get("distill") or {}
     settings = distill.get("settings") or {}
     evaluation = _evaluation(loaded.path)
@@ -161,14 +167,50 @@ def export_info(config: ExportConfig, loaded) -> dict[str, Any]:
         "dtype": config.dtype,
         "quantize": {"scheme": config.quantize, "backend": BACKEND, "backend_version": backend_version(),
                      "quantized": f"{family.component} (its nn.Linear weights)"} if config.quantize else None,
-        # Activations scale with the dtype the same way the weights do.
-        "sampling_memory_bytes": {b: peak_activation_bytes_estimate(net, family, b) * element // 4 for b in (1, 16)},
+        "inference_memory": pipeline_memory(loaded, DTYPES[config.dtype], config.quantize),
         "eval": evaluation[0], "eval_protocol": evaluation[1], "stock_diffusers_loadable": loaded.structure is None,
         "autoencoder": type(loaded.autoencoder.model).__name__ if loaded.autoencoder else None,
         "num_classes": family.num_classes(net), "license": teacher_license(_local_folder(manifest.get("teacher"))),
         "datasets": [data.removeprefix("hf:").split("@")[0]] if isinstance(data, str) and data.startswith("hf:")
         else None,
     }
+
+
+def inference_parts(family, denoiser: nn.Module, autoencoder: nn.Module | None, encoders: dict[str, nn.Module],
+                    text_tokens: int | None, quantize_text_encoders: bool = False) -> list[InferencePart]:
+    """A pipeline's components for the inference estimate: the denoiser's step (a doubled
+    batch under classifier-free guidance), each text encoder on one prompt of its window, the
+    autoencoder decoding one sample at the model's resolution."""
+    batch = 2 if family.default_guidance > 1 else 1
+    channels, height, width = family.sample_shape(denoiser)
+
+    def step(meta):
+        return meta(**cast_floating(denoiser_inputs(family, meta, batch, text_tokens), next(meta.parameters()).dtype))
+
+    def encode(meta):
+        return meta(input_ids=torch.zeros(1, text_tokens, dtype=torch.long, device="meta"))
+
+    def decode(meta):
+        return meta.decode(torch.empty(1, channels, height, width, device="meta", dtype=next(meta.parameters()).dtype))
+
+    parts = [InferencePart(family.component, denoiser, step, quantized=True)]
+    parts += [InferencePart(name, encoder, encode, quantize_text_encoders) for name, encoder in encoders.items()]
+    if autoencoder is not None:
+        parts.append(InferencePart("vae", autoencoder, decode))
+    return parts
+
+
+def pipeline_memory(loaded: LoadedModel, dtype: torch.dtype, exported: str | None,
+                    quantize_text_encoders: bool = False) -> dict[str, Any]:
+    """The estimated peak inference memory of the exported pipeline in its dtype and with each
+    --quantize scheme (metrics/cost.py), and which of them this export is."""
+    text = loaded.text
+    encoders = {n: m for n, m in (text.components() if text else {}).items() if n.startswith("text_encoder")}
+    parts = inference_parts(loaded.family, loaded.model, loaded.autoencoder.model if loaded.autoencoder else None,
+                            encoders, text.max_length if text else None, quantize_text_encoders)
+    _, height, width = loaded.image_shape()
+    return {"exported": exported, "resolution": [height, width], "images": 1,
+            "rows": [inference_memory(parts, dtype, scheme) for scheme in (None, *QTYPES)]}
 
 
 def _local_folder(reference: str | None) -> Path | None:

@@ -49,6 +49,20 @@ def print_distill_plan(plan: dict[str, Any]) -> None:
     console.print("An estimate: allocator fragmentation and kernel workspaces come on top (README: Will it fit?).")
 
 
+def print_inference_memory(memory: dict[str, Any], dtype: str) -> None:
+    """`export`: weight bytes and estimated peak inference memory per weight scheme."""
+    height, width = memory["resolution"]
+    table = Table(title=f"estimated peak inference memory, one {height}x{width} image, every component on the GPU")
+    for column in ("weights", "weight bytes", "peak", "fits (GB)"):
+        table.add_column(column, justify="left" if column == "weights" else "right")
+    for row in memory["rows"]:
+        name = f"{row['scheme']} denoiser" if row["scheme"] else dtype
+        mark = " (exported)" if row["scheme"] == memory["exported"] else ""
+        table.add_row(name + mark, human(row["weight_bytes"], "B"), human(row["peak_bytes"], "B"),
+                      ", ".join(str(g) for g in row["fits_gb"]) or "none of 8-24")
+    console.print(table)
+
+
 def print_eval_report(result: dict[str, Any]) -> None:
     rows = result["models"]
     table = Table(title=f"difcompress eval ({result['sampler']}, {result['sampler_steps']} steps, {result['device']})")

@@ -18,54 +18,24 @@ published, 27.9 GiB estimated; micro-batch 64, 53 GB published, 65.3 GiB estimat
 from __future__ import annotations
 
 import copy
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
 
 from difcompress.config import DistillConfig
 from difcompress.core.console import quiet_diffusers
 from difcompress.core.environment import DTYPES
 from difcompress.diffusion.inputs import cast_floating
+from difcompress.metrics.cost import LiveStorageBytes, denoiser_inputs
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adam": 8, "adamw-8bit": 2}
-
-
-class _LiveStorageBytes(TorchDispatchMode):
-    """Bytes of the storages ops create that are still alive, and their peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen = WeakIdKeyDictionary()
-
-    def _freed(self, size: int) -> None:
-        self.live -= size
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                if storage not in self._seen:  # views and in-place results share a storage
-                    self._seen[storage] = size = storage.nbytes()
-                    self.live += size
-                    weakref.finalize(storage, self._freed, size)
-        self.peak = max(self.peak, self.live)
-        return out
 
 
 def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: int, text_tokens: int | None,
                 feature_pairs: list[tuple[str, str]]) -> int:
     """Peak bytes one training step allocates at `batch` (student and teacher on meta)."""
-    inputs = family.example_inputs(student, batch)
-    if "encoder_hidden_states" in inputs and text_tokens:
-        states = inputs["encoder_hidden_states"]
-        inputs["encoder_hidden_states"] = torch.randn(batch, text_tokens, states.shape[-1], device="meta")
+    inputs = denoiser_inputs(family, student, batch, text_tokens)
     kept: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
     hooks = []
     for role, model, names in (("student", student, [s for s, _ in feature_pairs]),
@@ -73,7 +43,7 @@ def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: in
         for name in names if model is not None else []:
             hooks.append(model.get_submodule(name).register_forward_hook(
                 lambda _m, _i, out, role=role: kept[role].append(out[0] if isinstance(out, tuple) else out)))
-    tracker = _LiveStorageBytes()
+    tracker = LiveStorageBytes()
     try:
         with tracker:
             target = 0.0
