@@ -370,6 +370,9 @@ class ExportConfig(StageConfig):
                                                "int8 or packed int4 (optimum-quanto through diffusers; needs "
                                                "--dtype fp16 or bf16 and the quantize extra). Stock "
                                                "from_pretrained(folder) reloads it; see docs/quantization.md.")
+    quantize_text_encoders: bool = Field(False, description="With --quantize: the text encoders in the same "
+                                         "scheme too, applied when the pipeline loads (transformers cannot save "
+                                         "quanto weights; the card shows the PipelineQuantizationConfig call).")
     push_to_hub: Optional[str] = Field(None, description="Also upload the folder to this Hugging Face repo id "
                                        "(needs the network and a login).", json_schema_extra=_cli(metavar="REPO_ID"))
     private: bool = Field(False, description="With --push-to-hub: create the repo private.")

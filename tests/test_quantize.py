@@ -31,7 +31,19 @@ def sample(pipe, case):
     assert images.shape[0] == 1 and np.isfinite(images).all(), images
     return "finite"
 
+def card_pipeline(out):
+    # the card's own quantized-encoders snippet: the last python block of its README
+    block = open(out + "/README.md").read().split("```python")[-1].split("```")[0]
+    scope = {}
+    exec(block, scope)
+    return scope["pipe"]
+
 def check(case, out):
+    if case == "sd-te":
+        pipe = card_pipeline(out)
+        encoded = [m for m in pipe.text_encoder.modules() if isinstance(m, QLinear)]
+        assert encoded and all(m.weight.qtype.bits == 8 for m in encoded), "text encoder not quantized"
+        return f"{len(encoded)} encoder qlinear " + sample(pipe, "sd")
     plain = diffusers.DiffusionPipeline.from_pretrained(out)                 # the stock call
     linears = [m for m in plain.unet.modules() if isinstance(m, QLinear)]
     assert linears and all(m.weight.qtype.bits in (4, 8) for m in linears)
@@ -65,6 +77,10 @@ def quantized_exports(request, tmp_path_factory):
             out = root / scheme
             exports[case, scheme] = (out, run_export(source, out, dtype="fp16", quantize=scheme))
             argv += [case, str(out)]
+    source, root = request.getfixturevalue("tiny_sd_dir"), tmp_path_factory.mktemp("quantize-sd-te")
+    exports["sd", "int8-te"] = (root / "q", run_export(source, root / "q", dtype="fp16", quantize="int8",
+                                                       quantize_text_encoders=True))
+    argv += ["sd-te", str(root / "q")]
     proc = run_python(f"import sys; sys.argv = ['-', *{argv!r}]\n" + _LOADS + NO_DIFCOMPRESS_CHECK)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = {line.split(" ", 2)[1]: line.split(" ", 2)[2] for line in proc.stdout.splitlines() if " " in line}
@@ -180,3 +196,29 @@ def test_distilling_from_a_quantized_export_is_refused(role, quantized_exports, 
     assert "already quantized" in line and f"a quantized {role} cannot be distilled" in line, line
     assert str(tiny_model_dir.resolve()) in line or str(tiny_model_dir) in line, line  # the export's source
     assert not (tmp_path / "run").exists()
+
+
+def test_text_encoders_quantize_as_the_card_loads_them(quantized_exports):
+    """transformers cannot save quanto weights: the encoders stay fp16 in the folder and the
+    card's PipelineQuantizationConfig call quantizes them as the pipeline loads (run above)."""
+    exports, said = quantized_exports
+    out, info = exports["sd", "int8-te"]
+    assert said.get(str(out), "").startswith("ok ") and said[str(out)].endswith("finite"), said.get(str(out))
+    assert "encoder qlinear" in said[str(out)]
+    recorded = info["quantize"]["text_encoders"]
+    assert recorded["components"] == ["text_encoder"] and recorded["transformers_version"][0].isdigit()
+    memory = info["inference_memory"]
+    assert memory["quantized"] == "denoiser and text encoders"
+    int8 = next(r for r in memory["rows"] if r["scheme"] == "int8")
+    plain = exports["sd", "int8"][1]["inference_memory"]["rows"][1]
+    assert int8["weights"]["text_encoder"] < plain["weights"]["text_encoder"]
+    assert "PipelineQuantizationConfig" in (out / "README.md").read_text()
+
+
+def test_quantize_text_encoders_needs_a_scheme_and_text_encoders(tiny_model_dir, tiny_sd_dir, tmp_path, run_cli):
+    code, _, err = run_cli("export", tiny_sd_dir, "-o", tmp_path / "a", "--dtype", "fp16", "--quantize-text-encoders")
+    assert "needs --quantize" in assert_one_line_error(code, err, 2)
+    code, _, err = run_cli("export", tiny_model_dir, "-o", tmp_path / "b", "--dtype", "fp16", "--quantize", "int8",
+                           "--quantize-text-encoders")
+    assert "has no text encoders" in assert_one_line_error(code, err, 2)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

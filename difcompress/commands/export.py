@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import transformers
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
@@ -59,6 +60,8 @@ def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, An
     if config.quantize and config.dtype == "fp32":
         raise UserError(f"--quantize {config.quantize} needs --dtype fp16 or bf16 (the weights it leaves "
                         "unquantized are stored in that dtype)", exit_code=2)
+    if config.quantize_text_encoders and not config.quantize:
+        raise UserError("--quantize-text-encoders needs --quantize SCHEME (the scheme the encoders take)", exit_code=2)
     if config.quantize:
         check_backend(config.quantize)
         refuse_quantized(load_model_folder(config.model), config.model)
@@ -137,6 +140,8 @@ def _export(config: ExportConfig, output: Path) -> dict[str, Any]:
     if config.quantize and loaded.structure is not None:
         raise UserError(f"--quantize: {config.model} is globally pruned, and stock diffusers (which quantizes it) "
                         "cannot build its widths; quantize a uniformly pruned student", exit_code=2)
+    if config.quantize_text_encoders and loaded.text is None:
+        raise UserError(f"--quantize-text-encoders: {config.model} has no text encoders", exit_code=2)
     info = export_info(config, loaded)
     dtype = DTYPES[config.dtype]
     with quiet_diffusers():  # the cast to fp16 is the export's point; diffusers warns about any .to(dtype)
@@ -166,8 +171,11 @@ def export_info(config: ExportConfig, loaded) -> dict[str, Any]:
         "objective": settings.get("objective") or settings.get("loss"), "params": size["params"], "macs": size["macs"],
         "dtype": config.dtype,
         "quantize": {"scheme": config.quantize, "backend": BACKEND, "backend_version": backend_version(),
-                     "quantized": f"{family.component} (its nn.Linear weights)"} if config.quantize else None,
-        "inference_memory": pipeline_memory(loaded, DTYPES[config.dtype], config.quantize),
+                     "quantized": f"{family.component} (its nn.Linear weights)",
+                     "text_encoders": _text_encoders_at_load(loaded) if config.quantize_text_encoders else None}
+        if config.quantize else None,
+        "inference_memory": pipeline_memory(loaded, DTYPES[config.dtype], config.quantize,
+                                            config.quantize_text_encoders),
         "eval": evaluation[0], "eval_protocol": evaluation[1], "stock_diffusers_loadable": loaded.structure is None,
         "autoencoder": type(loaded.autoencoder.model).__name__ if loaded.autoencoder else None,
         "num_classes": family.num_classes(net), "license": teacher_license(_local_folder(manifest.get("teacher"))),
@@ -210,7 +218,16 @@ def pipeline_memory(loaded: LoadedModel, dtype: torch.dtype, exported: str | Non
                             encoders, text.max_length if text else None, quantize_text_encoders)
     _, height, width = loaded.image_shape()
     return {"exported": exported, "resolution": [height, width], "images": 1,
+            "quantized": "denoiser and text encoders" if quantize_text_encoders else "denoiser",
             "rows": [inference_memory(parts, dtype, scheme) for scheme in (None, *QTYPES)]}
+
+
+def _text_encoders_at_load(loaded: LoadedModel) -> dict[str, Any]:
+    """How --quantize-text-encoders reaches the encoders: transformers' quanto integration at
+    load time (its QuantoHfQuantizer is not serializable, so no folder holds them quantized)."""
+    names = [n for n in loaded.text.components() if n.startswith("text_encoder")]
+    return {"components": names, "when": "at load (diffusers PipelineQuantizationConfig, transformers QuantoConfig)",
+            "transformers_version": transformers.__version__}
 
 
 def _local_folder(reference: str | None) -> Path | None:

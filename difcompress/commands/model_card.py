@@ -69,6 +69,16 @@ def usage(info: dict[str, Any], where: str) -> list[str]:
                   f"{quantize['backend']} {quantize['backend_version']} (diffusers' quanto backend): install it "
                   f"(`pip install {quantize['backend']}`) before loading; diffusers reads the scheme from the "
                   "denoiser's config.json."]
+    encoders = (quantize or {}).get("text_encoders")
+    if encoders:
+        lines += ["", f"The text encoders are stored in {info['dtype']} and meant to load quantized to "
+                  f"{quantize['scheme']} (transformers' quanto integration, which cannot save quantized "
+                  "weights, so the quantizing happens as the pipeline loads):", "", "```python",
+                  "import torch, transformers", "from diffusers import DiffusionPipeline, PipelineQuantizationConfig",
+                  f"weights = transformers.QuantoConfig(weights='{quantize['scheme']}')",
+                  "encoders = PipelineQuantizationConfig(quant_mapping={name: weights for name in "
+                  f"{tuple(encoders['components'])!r}}})",
+                  f"pipe = DiffusionPipeline.from_pretrained({load_args}, quantization_config=encoders)", "```"]
     return lines
 
 
@@ -115,7 +125,7 @@ def memory_lines(info: dict[str, Any]) -> list[str]:
              "with fused attention; 0.5 GiB is kept back for the CUDA context.", "",
              "| weights | weight bytes | peak inference memory | fits (GB) |", "|---|---|---|---|"]
     for row in memory["rows"]:
-        name = f"{row['scheme']} (denoiser linears)" if row["scheme"] else info["dtype"]
+        name = f"{row['scheme']} ({memory['quantized']} linears)" if row["scheme"] else info["dtype"]
         this = " (this folder)" if row["scheme"] == memory["exported"] else ""
         lines.append(f"| {name}{this} | {human(row['weight_bytes'], 'B')} | {human(row['peak_bytes'], 'B')} | "
                      f"{', '.join(str(g) for g in row['fits_gb']) or 'none of 8-24'} |")
@@ -128,7 +138,9 @@ def _quantize_facts(info: dict[str, Any]) -> list[str]:
         return []
     return [f"| quantization | {quantize['scheme']} weights of the {quantize['quantized']}, "
             f"{quantize['backend']} {quantize['backend_version']} |",
-            f"| denoiser weight files | {human(quantize['denoiser_weight_bytes'], 'B')} |"]
+            f"| denoiser weight files | {human(quantize['denoiser_weight_bytes'], 'B')} |",
+            *([f"| text encoders | {quantize['scheme']} when loaded as *Use* shows (transformers "
+               f"{quantize['text_encoders']['transformers_version']}) |"] if quantize.get("text_encoders") else [])]
 
 
 def model_card(info: dict[str, Any], where: str, name: str) -> ModelCard:

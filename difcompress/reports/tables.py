@@ -56,7 +56,7 @@ def print_inference_memory(memory: dict[str, Any], dtype: str) -> None:
     for column in ("weights", "weight bytes", "peak", "fits (GB)"):
         table.add_column(column, justify="left" if column == "weights" else "right")
     for row in memory["rows"]:
-        name = f"{row['scheme']} denoiser" if row["scheme"] else dtype
+        name = f"{row['scheme']} {memory['quantized']}" if row["scheme"] else dtype
         mark = " (exported)" if row["scheme"] == memory["exported"] else ""
         table.add_row(name + mark, human(row["weight_bytes"], "B"), human(row["peak_bytes"], "B"),
                       ", ".join(str(g) for g in row["fits_gb"]) or "none of 8-24")
