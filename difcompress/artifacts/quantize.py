@@ -112,7 +112,7 @@ def refuse_quantized(folder: Path, source: str,
 
 
 @contextmanager
-def _quiet_backend() -> Iterator[None]:
+def quiet_backend() -> Iterator[None]:
     """diffusers' deprecation notice for its quanto quantizer and torch's "no CUDA runtime"
     note when quanto imports its extension builder: neither is about this export."""
     cpp = logging.getLogger("torch.utils.cpp_extension")
@@ -132,7 +132,7 @@ def quantize_denoiser(component: Path, model_class: type, scheme: str, dtype: to
     `scheme` quantization, saved by diffusers as safetensors; returns its weight bytes. With
     `variant`, the variant's names link to the new files, as the fp16 export's do."""
     staged = component.with_name(f".{component.name}.quantized")
-    with _quiet_backend():
+    with quiet_backend():
         model = model_class.from_pretrained(component, quantization_config=QuantoConfig(weights_dtype=scheme),
                                             torch_dtype=dtype, use_safetensors=True)
         model.save_pretrained(staged, safe_serialization=True)

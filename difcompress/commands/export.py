@@ -14,6 +14,7 @@ from torch import nn
 
 from difcompress.artifacts.folders import (
     EVAL_FILE,
+    MANIFEST,
     check_output_folder,
     pruning_report,
     save_model_folder,
@@ -26,6 +27,7 @@ from difcompress.artifacts.quantize import (
     quantize_denoiser,
     refuse_quantized,
 )
+from difcompress.artifacts.single_file import FP8, write_fp8_single_file
 from difcompress.commands.model_card import model_card, teacher_license
 from difcompress.config import ExportConfig
 from difcompress.core.console import quiet_diffusers
@@ -39,6 +41,7 @@ from difcompress.core.files import (
     remove_temporaries,
     resolved_source,
     write_json,
+    write_text,
 )
 from difcompress.data.latents import Autoencoder
 from difcompress.diffusion.inputs import cast_floating
@@ -60,6 +63,9 @@ def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, An
     if config.quantize and config.dtype == "fp32":
         raise UserError(f"--quantize {config.quantize} needs --dtype fp16 or bf16 (the weights it leaves "
                         "unquantized are stored in that dtype)", exit_code=2)
+    if config.quantize and FORMATS[config.format].single_file:
+        raise UserError(f"--format {config.format} stores its own fp8 weights; --quantize is for diffusers "
+                        "folders: drop one of them", exit_code=2)
     if config.quantize_text_encoders and not config.quantize:
         raise UserError("--quantize-text-encoders needs --quantize SCHEME (the scheme the encoders take)", exit_code=2)
     if config.quantize:
@@ -93,6 +99,7 @@ class ExportFormat:
 
     write: Callable[[Path, ExportJob], None]
     summary: str
+    single_file: bool = False  # one denoiser file under a UI's key names (the family's single_file_layout)
 
 
 def _write_diffusers(folder: Path, job: ExportJob) -> None:
@@ -129,9 +136,36 @@ def _encoders_load_like_the_rest(folder: Path, text) -> None:
             write_json(config_path, config)
 
 
+def _write_fp8_single_file(folder: Path, job: ExportJob) -> None:
+    """ComfyUI / Forge: the denoiser alone in one float8_e4m3fn file under the LDM names those
+    UIs read, its config.json beside it (diffusers' from_single_file(file, config=folder)
+    needs it: a pruned layout is no model it knows), a README and the manifest."""
+    config, family, info = job.config, job.loaded.family, job.info
+    name = f"{Path(config.output).name}.fp8_e4m3fn.safetensors"
+    clamped = write_fp8_single_file(folder / name, job.net, family.single_file_layout, DTYPES[config.dtype],
+                                    {"difcompress_source": str(info["source"]), "difcompress_family": family.name})
+    job.net.save_config(folder)
+    info["single_file"] = {"file": name, "layout": family.single_file_layout, "weights": str(FP8).split(".")[-1],
+                           "vectors": config.dtype, "clamped_values": clamped}
+    info["weight_bytes"] = folder_size_bytes(folder, "*.safetensors")
+    write_json(folder / MANIFEST, {"stage": "export", "family": family.name, "teacher": info["teacher"],
+                                   "versions": versions(), "export": info})
+    write_text(folder / "README.md", "\n".join([
+        f"# {Path(config.output).name}", "",
+        f"The {family.denoiser_kind} of a difcompress student of {info.get('teacher') or info['source']}, alone, "
+        f"in one file: matrices and kernels in float8_e4m3fn, biases and norms in {config.dtype}, under the "
+        "original LDM key names (`model.diffusion_model.*`).", "",
+        f"- ComfyUI: put `{name}` in `models/diffusion_models/` and load it with *Load Diffusion Model* beside the "
+        "teacher's VAE and text encoders.",
+        f"- diffusers: `UNet2DConditionModel.from_single_file('{name}', config='.', torch_dtype=torch.float16)` "
+        "in this folder (the config.json here describes the pruned layout).", ""]))
+
+
 # Every format `export --format` writes (config.ExportFormatName lists the same names).
 FORMATS: dict[str, ExportFormat] = {
     "diffusers": ExportFormat(_write_diffusers, "a diffusers pipeline folder with a model card"),
+    "comfyui-fp8": ExportFormat(_write_fp8_single_file, "one fp8 denoiser file under the LDM names ComfyUI and "
+                                "Forge read", single_file=True),
 }
 
 
@@ -140,6 +174,10 @@ def _export(config: ExportConfig, output: Path) -> dict[str, Any]:
     if config.quantize and loaded.structure is not None:
         raise UserError(f"--quantize: {config.model} is globally pruned, and stock diffusers (which quantizes it) "
                         "cannot build its widths; quantize a uniformly pruned student", exit_code=2)
+    if FORMATS[config.format].single_file and loaded.family.single_file_layout is None:
+        raise UserError(f"--format {config.format}: {config.model} is a {loaded.family.model_class.__name__}, and "
+                        "the single-file checkpoint is written for SD / SDXL U-Nets (UNet2DConditionModel); export "
+                        "it as a diffusers folder", exit_code=2)
     if config.quantize_text_encoders and loaded.text is None:
         raise UserError(f"--quantize-text-encoders: {config.model} has no text encoders", exit_code=2)
     info = export_info(config, loaded)

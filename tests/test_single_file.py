@@ -1,0 +1,68 @@
+"""`export --format comfyui-fp8`: one float8_e4m3fn U-Net file under the LDM key names ComfyUI
+and Forge read, which diffusers' own single-file loader reads back (docs/quantization.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_export
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_the_fp8_file_loads_back_through_diffusers_single_file_loader(fixture, request, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    source = request.getfixturevalue(fixture)
+    info = run_export(source, tmp_path / "ui", format="comfyui-fp8", dtype="fp16")
+    path = tmp_path / "ui" / info["single_file"]["file"]
+    assert sorted(p.name for p in (tmp_path / "ui").iterdir()) == sorted(
+        ["README.md", "config.json", "difcompress.json", path.name])
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+        assert all(k.startswith("model.diffusion_model.") for k in keys)
+        assert "model.diffusion_model.input_blocks.1.0.in_layers.0.weight" in keys
+        assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float8_e4m3fn
+        assert f.get_tensor("model.diffusion_model.out.2.bias").dtype == torch.float16
+    loaded = UNet2DConditionModel.from_single_file(str(path), config=str(tmp_path / "ui"), torch_dtype=torch.float16)
+    original = UNet2DConditionModel.from_pretrained(source / "unet")
+    ours, theirs = loaded.state_dict(), original.state_dict()
+    assert set(ours) == set(theirs)
+    for key, weight in theirs.items():  # e4m3 keeps 3 mantissa bits: within 1/16 relative, plus subnormals
+        assert torch.allclose(ours[key].float(), weight, rtol=1 / 16, atol=2e-3), key
+    assert info["single_file"]["clamped_values"] == 0 and info["weight_bytes"] == path.stat().st_size
+
+
+def test_the_single_file_is_refused_for_other_denoisers_and_with_quantize(tiny_model_dir, tiny_sd_dir, tmp_path,
+                                                                           run_cli):
+    code, _, err = run_cli("export", tiny_model_dir, "-o", tmp_path / "a", "--format", "comfyui-fp8")
+    assert "written for SD / SDXL U-Nets" in assert_one_line_error(code, err, 2)
+    code, _, err = run_cli("export", tiny_sd_dir, "-o", tmp_path / "b", "--format", "comfyui-fp8", "--dtype", "fp16",
+                           "--quantize", "int8")
+    assert "drop one of them" in assert_one_line_error(code, err, 2)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_every_block_removal_layout_converts_back_by_diffusers_own_conversion():
+    """The LDM names inverted by diffusers' convert_ldm_unet_checkpoint give back every
+    diffusers key, for SD-2.1 and SDXL and the BK-SDM / KOALA / SSD-1B / Vega students."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from difcompress.artifacts.single_file import ldm_unet_state_dict
+    from difcompress.layouts import SD21_BASE_UNET, SDXL_BASE_UNET
+    from difcompress.pruning.blocks import student_config
+    from difcompress.pruning.sdxl_layouts import sdxl_student_config
+
+    with torch.device("meta"):
+        sd, sdxl = UNet2DConditionModel(**SD21_BASE_UNET), UNet2DConditionModel(**SDXL_BASE_UNET)
+        models = [sd, sdxl, *[UNet2DConditionModel.from_config(student_config(dict(sd.config), p))
+                              for p in ("bk-base", "bk-small", "bk-tiny")],
+                  *[UNet2DConditionModel.from_config(sdxl_student_config(dict(sdxl.config), p))
+                    for p in ("koala-1b", "koala-700m", "ssd-1b", "vega")]]
+    for model in models:
+        state = model.state_dict()
+        back = convert_ldm_unet_checkpoint(ldm_unet_state_dict(model), dict(model.config))
+        assert set(back) == set(state) and all(back[k].shape == state[k].shape for k in state)
