@@ -204,7 +204,7 @@ def _export(config: ExportConfig, json_output: bool) -> None:
                   f"{human(info['weight_bytes'], 'B')} of weights{denoiser}, "
                   f"{human(info['size_on_disk_bytes'], 'B')} on disk")
     if "single_file" in info:  # the memory table's rows are diffusers folders' weights choices
-        console.print(f"single file for ComfyUI / Forge: {info['single_file']['file']}")
+        console.print(f"single file for ComfyUI / Forge: {info['single_file']['file']}")  # its README says how
     else:
         print_inference_memory(info["inference_memory"], info["dtype"])
     if not info["stock_diffusers_loadable"]:

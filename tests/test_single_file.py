@@ -1,4 +1,4 @@
-"""`export --format comfyui-fp8`: one float8_e4m3fn U-Net file under the LDM key names ComfyUI
+"""`export --format comfyui-fp8 | gguf-*`: one float8_e4m3fn U-Net file under the LDM key names ComfyUI
 and Forge read, which diffusers' own single-file loader reads back (docs/quantization.md)."""
 
 from __future__ import annotations
@@ -66,3 +66,66 @@ def test_every_block_removal_layout_converts_back_by_diffusers_own_conversion():
         state = model.state_dict()
         back = convert_ldm_unet_checkpoint(ldm_unet_state_dict(model), dict(model.config))
         assert set(back) == set(state) and all(back[k].shape == state[k].shape for k in state)
+
+
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+@pytest.mark.parametrize("scheme, tolerance", [("gguf-q8_0", 2e-3), ("gguf-q4_0", 3e-2)])
+def test_a_flux_gguf_file_is_read_by_diffusers_gguf_loader(scheme, tolerance, tmp_path):
+    """The GGUF file holds BFL's names (what ComfyUI-GGUF reads), architecture flux, vectors in
+    F32, the matrices in the scheme; diffusers' GGUF reader gives back the weights."""
+    pytest.importorskip("gguf", reason="the quantize extra: pip install 'difcompress[quantize]'")
+    import gguf
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    from difcompress.artifacts.gguf_file import write_gguf
+    from difcompress.artifacts.single_file import bfl_flux_state_dict
+
+    state = bfl_flux_state_dict(_tiny_flux())
+    path = tmp_path / "t.gguf"
+    counts = write_gguf(path, state, "bfl-flux", scheme)
+    assert set(counts) == {"F32", scheme.removeprefix("gguf-").upper()}
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "flux"
+    read = load_gguf_checkpoint(str(path))
+    assert set(read) == set(state) and "double_blocks.0.img_attn.qkv.weight" in read
+    for key, value in read.items():
+        value = dequantize_gguf_tensor(value) if hasattr(value, "quant_type") else value
+        assert torch.allclose(value.float(), state[key], atol=tolerance), key
+
+
+def test_flux_names_convert_back_by_diffusers_own_conversion():
+    """BFL names from FLUX.1-dev's layout and the 8-double (Flux.1-lite, Flex.1) and Flux-Mini
+    students, converted back by diffusers' convert_flux_transformer_checkpoint_to_diffusers
+    (meta tensors: its single-block split assumes FLUX's 3072 width, so only full-width layouts)."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+    )
+
+    from difcompress.artifacts.single_file import bfl_flux_state_dict
+
+    dev = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+               axes_dims_rope=(16, 56, 56))  # docs/published-layouts.md
+    for layout in (dev, {**dev, "num_layers": 8}, {**dev, "num_layers": 5, "num_single_layers": 10}):
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(**layout)
+        state = model.state_dict()
+        back = convert_flux_transformer_checkpoint_to_diffusers(bfl_flux_state_dict(model))
+        assert set(back) == set(state) and all(back[k].shape == state[k].shape for k in state)
+
+
+def test_gguf_is_refused_for_u_nets(tiny_sd_dir, tmp_path, run_cli):
+    code, _, err = run_cli("export", tiny_sd_dir, "-o", tmp_path / "g", "--format", "gguf-q8_0")
+    assert "written for Flux transformers" in assert_one_line_error(code, err, 2)
+    assert not (tmp_path / "g").exists()

@@ -1,12 +1,15 @@
 """Single-file denoiser checkpoints for the consumer UIs (ComfyUI, Forge): `export --format
-comfyui-fp8`, the weights in float8_e4m3fn under the key names those UIs read.
+comfyui-fp8` (the weights in float8_e4m3fn) and the GGUF formats (artifacts/gguf_file.py),
+under the key names those UIs read.
 
 Stable Diffusion and SDXL U-Nets are read there under the original LDM / SGM names
 (`model.diffusion_model.input_blocks.1.0.in_layers.0.weight`, ...): the inverse of the
 conversion diffusers ships for reading such files (`loaders/single_file_utils.py`,
 `convert_ldm_unet_checkpoint`, whose fixed names `DIFFUSERS_TO_LDM_MAPPING` we reuse), so
 `UNet2DConditionModel.from_single_file(file, config=folder)` reads the file back
-(docs/quantization.md). The block indices follow the config's `layers_per_block`, as that
+(docs/quantization.md). Flux transformers take Black Forest Labs' names (`double_blocks.*`,
+fused qkv), the inverse of diffusers' `convert_flux_transformer_checkpoint_to_diffusers`.
+The U-Net block indices follow the config's `layers_per_block`, as that
 conversion does, so block-removed students (BK-SDM, KOALA) keep their own layout.
 """
 
@@ -81,8 +84,6 @@ def ldm_unet_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {LDM_UNET_KEY + ldm_unet_name(k, config, up_attentions): v for k, v in state.items()}
 
 
-# Each layout the families name (ModelFamily.single_file_layout) -> its key conversion.
-SINGLE_FILE_LAYOUTS = {"ldm-unet": ldm_unet_state_dict}
 
 
 def fp8_weights(state: dict[str, torch.Tensor], keep: torch.dtype) -> tuple[dict[str, torch.Tensor], int]:
@@ -107,3 +108,62 @@ def write_fp8_single_file(path: Path, model: torch.nn.Module, layout: str, keep:
     tensors, clamped = fp8_weights(SINGLE_FILE_LAYOUTS[layout](model), keep)
     save_file(tensors, str(path), metadata={"format": "pt", **metadata})
     return clamped
+
+
+# ---- Flux transformers under Black Forest Labs' names (ComfyUI, Forge, ComfyUI-GGUF) ----------
+# diffusers name -> BFL name, for the weights that only change name (with .weight / .bias);
+# diffusers' convert_flux_transformer_checkpoint_to_diffusers is the inverse we check against.
+FLUX_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+            "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+            "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+            "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+            "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+            "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+            "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+               "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+               "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+               "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+               "ff_context.net.2": "txt_mlp.2", "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}
+FLUX_SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+               "proj_out": "linear2"}
+# Fused in BFL's layout: (BFL name, the diffusers parts concatenated along the output rows).
+FLUX_DOUBLE_FUSED = (("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+                     ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")))
+FLUX_SINGLE_FUSED = (("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),)
+
+
+def _renamed(state: dict[str, torch.Tensor], prefix: str, names: dict[str, str], bfl_prefix: str) -> dict:
+    out = {}
+    for old, new in names.items():
+        for suffix in ("weight", "bias"):
+            key = f"{prefix}{old}.{suffix}"
+            if key in state:  # RMSNorm scales have no bias; BFL calls them "scale"
+                out[f"{bfl_prefix}{new}.{'scale' if new.endswith('_norm') else suffix}"] = state[key]
+    return out
+
+
+def _fused(state, prefix: str, fused, bfl_prefix: str) -> dict:
+    return {f"{bfl_prefix}{new}.{suffix}": torch.cat([state[f"{prefix}{part}.{suffix}"] for part in parts])
+            for new, parts in fused for suffix in ("weight", "bias")}
+
+
+def bfl_flux_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A FluxTransformer2DModel's weights under BFL's names: double_blocks / single_blocks, the
+    fused qkv (and qkv + mlp) projections, and the final modulation's (shift, scale) order."""
+    state = model.state_dict()
+    out = _renamed(state, "", FLUX_TOP, "")
+    for i in range(len(model.transformer_blocks)):
+        out |= _renamed(state, f"transformer_blocks.{i}.", FLUX_DOUBLE, f"double_blocks.{i}.")
+        out |= _fused(state, f"transformer_blocks.{i}.", FLUX_DOUBLE_FUSED, f"double_blocks.{i}.")
+    for i in range(len(model.single_transformer_blocks)):
+        out |= _renamed(state, f"single_transformer_blocks.{i}.", FLUX_SINGLE, f"single_blocks.{i}.")
+        out |= _fused(state, f"single_transformer_blocks.{i}.", FLUX_SINGLE_FUSED, f"single_blocks.{i}.")
+    for suffix in ("weight", "bias"):  # diffusers keeps (scale, shift), BFL (shift, scale)
+        scale, shift = state[f"norm_out.linear.{suffix}"].chunk(2, dim=0)
+        out[f"final_layer.adaLN_modulation.1.{suffix}"] = torch.cat([shift, scale])
+    return out
+
+
+# Each layout the families name (ModelFamily.single_file_layout) -> its key conversion.
+SINGLE_FILE_LAYOUTS = {"ldm-unet": ldm_unet_state_dict, "bfl-flux": bfl_flux_state_dict}

@@ -19,6 +19,7 @@ from difcompress.artifacts.folders import (
     pruning_report,
     save_model_folder,
 )
+from difcompress.artifacts.gguf_file import ARCHITECTURES, gguf_package, write_gguf
 from difcompress.artifacts.quantize import (
     BACKEND,
     QTYPES,
@@ -27,7 +28,11 @@ from difcompress.artifacts.quantize import (
     quantize_denoiser,
     refuse_quantized,
 )
-from difcompress.artifacts.single_file import FP8, write_fp8_single_file
+from difcompress.artifacts.single_file import (
+    FP8,
+    SINGLE_FILE_LAYOUTS,
+    write_fp8_single_file,
+)
 from difcompress.commands.model_card import model_card, teacher_license
 from difcompress.config import ExportConfig
 from difcompress.core.console import quiet_diffusers
@@ -63,9 +68,11 @@ def export(config: ExportConfig, *, show_progress: bool = False) -> dict[str, An
     if config.quantize and config.dtype == "fp32":
         raise UserError(f"--quantize {config.quantize} needs --dtype fp16 or bf16 (the weights it leaves "
                         "unquantized are stored in that dtype)", exit_code=2)
-    if config.quantize and FORMATS[config.format].single_file:
-        raise UserError(f"--format {config.format} stores its own fp8 weights; --quantize is for diffusers "
+    if config.quantize and FORMATS[config.format].layouts:
+        raise UserError(f"--format {config.format} stores its own low-bit weights; --quantize is for diffusers "
                         "folders: drop one of them", exit_code=2)
+    if FORMATS[config.format].needs:
+        FORMATS[config.format].needs()
     if config.quantize_text_encoders and not config.quantize:
         raise UserError("--quantize-text-encoders needs --quantize SCHEME (the scheme the encoders take)", exit_code=2)
     if config.quantize:
@@ -99,7 +106,8 @@ class ExportFormat:
 
     write: Callable[[Path, ExportJob], None]
     summary: str
-    single_file: bool = False  # one denoiser file under a UI's key names (the family's single_file_layout)
+    layouts: tuple[str, ...] = ()  # a single-file format: the family single_file_layouts it writes
+    needs: Callable[[], Any] | None = None  # checks its optional package, before anything is written
 
 
 def _write_diffusers(folder: Path, job: ExportJob) -> None:
@@ -144,12 +152,9 @@ def _write_fp8_single_file(folder: Path, job: ExportJob) -> None:
     name = f"{Path(config.output).name}.fp8_e4m3fn.safetensors"
     clamped = write_fp8_single_file(folder / name, job.net, family.single_file_layout, DTYPES[config.dtype],
                                     {"difcompress_source": str(info["source"]), "difcompress_family": family.name})
-    job.net.save_config(folder)
-    info["single_file"] = {"file": name, "layout": family.single_file_layout, "weights": str(FP8).split(".")[-1],
-                           "vectors": config.dtype, "clamped_values": clamped}
-    info["weight_bytes"] = folder_size_bytes(folder, "*.safetensors")
-    write_json(folder / MANIFEST, {"stage": "export", "family": family.name, "teacher": info["teacher"],
-                                   "versions": versions(), "export": info})
+    _finish_single_file(folder, job, {"file": name, "layout": family.single_file_layout,
+                                      "weights": str(FP8).split(".")[-1], "vectors": config.dtype,
+                                      "clamped_values": clamped})
     write_text(folder / "README.md", "\n".join([
         f"# {Path(config.output).name}", "",
         f"The {family.denoiser_kind} of a difcompress student of {info.get('teacher') or info['source']}, alone, "
@@ -161,11 +166,41 @@ def _write_fp8_single_file(folder: Path, job: ExportJob) -> None:
         "in this folder (the config.json here describes the pruned layout).", ""]))
 
 
+def _finish_single_file(folder: Path, job: ExportJob, written: dict[str, Any]) -> None:
+    """The config.json from_single_file(file, config=folder) reads (a pruned layout is no model
+    diffusers knows) and the manifest, beside a single-file checkpoint."""
+    job.net.save_config(folder)
+    job.info["single_file"] = written
+    job.info["weight_bytes"] = (folder / written["file"]).stat().st_size
+    write_json(folder / MANIFEST, {"stage": "export", "family": job.loaded.family.name, "teacher": job.info["teacher"],
+                                   "versions": versions(), "export": job.info})
+
+
+def _write_gguf(folder: Path, job: ExportJob) -> None:
+    """ComfyUI-GGUF / diffusers' GGUF loader: the transformer alone under its original names."""
+    config, family = job.config, job.loaded.family
+    name = f"{Path(config.output).name}.{config.format.removeprefix('gguf-').upper()}.gguf"
+    layout = family.single_file_layout
+    types = write_gguf(folder / name, SINGLE_FILE_LAYOUTS[layout](job.net), layout, config.format)
+    _finish_single_file(folder, job, {"file": name, "layout": layout, "architecture": ARCHITECTURES[layout],
+                                      "tensor_types": types})
+    write_text(folder / "README.md", "\n".join([
+        f"# {Path(config.output).name}", "",
+        f"The {family.denoiser_kind} of a difcompress student, alone, in GGUF ({types}), under its original "
+        f"tensor names (architecture {ARCHITECTURES[layout]}).", "",
+        f"- ComfyUI: put `{name}` in `models/unet/` and load it with ComfyUI-GGUF's *Unet Loader (GGUF)*.",
+        f"- diffusers: `{family.model_class.__name__}.from_single_file('{name}', config='.', quantization_config="
+        "GGUFQuantizationConfig(compute_dtype=torch.bfloat16))` in this folder.", ""]))
+
+
 # Every format `export --format` writes (config.ExportFormatName lists the same names).
 FORMATS: dict[str, ExportFormat] = {
     "diffusers": ExportFormat(_write_diffusers, "a diffusers pipeline folder with a model card"),
     "comfyui-fp8": ExportFormat(_write_fp8_single_file, "one fp8 denoiser file under the LDM names ComfyUI and "
-                                "Forge read", single_file=True),
+                                "Forge read", layouts=("ldm-unet",)),
+    **{name: ExportFormat(_write_gguf, f"one {name.removeprefix('gguf-').upper()} GGUF transformer file "
+                          "(ComfyUI-GGUF)", layouts=tuple(ARCHITECTURES), needs=gguf_package)
+       for name in ("gguf-q8_0", "gguf-q4_0")},
 }
 
 
@@ -174,10 +209,11 @@ def _export(config: ExportConfig, output: Path) -> dict[str, Any]:
     if config.quantize and loaded.structure is not None:
         raise UserError(f"--quantize: {config.model} is globally pruned, and stock diffusers (which quantizes it) "
                         "cannot build its widths; quantize a uniformly pruned student", exit_code=2)
-    if FORMATS[config.format].single_file and loaded.family.single_file_layout is None:
+    written = FORMATS[config.format]
+    if written.layouts and loaded.family.single_file_layout not in written.layouts:
         raise UserError(f"--format {config.format}: {config.model} is a {loaded.family.model_class.__name__}, and "
-                        "the single-file checkpoint is written for SD / SDXL U-Nets (UNet2DConditionModel); export "
-                        "it as a diffusers folder", exit_code=2)
+                        f"this single file is written for {_layout_names(written.layouts)}; export it as a "
+                        "diffusers folder", exit_code=2)
     if config.quantize_text_encoders and loaded.text is None:
         raise UserError(f"--quantize-text-encoders: {config.model} has no text encoders", exit_code=2)
     info = export_info(config, loaded)
@@ -266,6 +302,14 @@ def _text_encoders_at_load(loaded: LoadedModel) -> dict[str, Any]:
     names = [n for n in loaded.text.components() if n.startswith("text_encoder")]
     return {"components": names, "when": "at load (diffusers PipelineQuantizationConfig, transformers QuantoConfig)",
             "transformers_version": transformers.__version__}
+
+
+LAYOUT_NAMES = {"ldm-unet": "SD / SDXL U-Nets (UNet2DConditionModel)",
+                "bfl-flux": "Flux transformers (FluxTransformer2DModel)"}
+
+
+def _layout_names(layouts: tuple[str, ...]) -> str:
+    return " and ".join(LAYOUT_NAMES[layout] for layout in layouts)
 
 
 def _local_folder(reference: str | None) -> Path | None:
