@@ -14,7 +14,9 @@ pytest.importorskip("optimum.quanto", reason="the quantize extra: pip install 'd
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SCHEMES = ("int8", "int4")
-CASES = {"pixel": "tiny_model_dir", "sd": "tiny_sd_dir"}  # id: fixture
+# id: fixture; "t2i" is the embedded digits-t2i teacher (docs/embedded.md), a real SD-layout pipeline
+CASES = {"pixel": "tiny_model_dir", "sd": "tiny_sd_dir", "t2i": "digits_t2i_dir"}
+PROMPTED = ("sd", "t2i")
 
 # One interpreter, without difcompress, loads and samples every quantized folder: the stock
 # call, and the one the card shows (the fp16 variant in fp16).
@@ -25,7 +27,7 @@ from optimum.quanto import QLinear
 def sample(pipe, case):
     pipe.set_progress_bar_config(disable=True)
     args = dict(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
-    if case == "sd":
+    if case in ("sd", "t2i"):
         args.update(prompt="a 3", height=16, width=16, guidance_scale=1.0)
     images = pipe(**args).images
     assert images.shape[0] == 1 and np.isfinite(images).all(), images
@@ -50,7 +52,7 @@ def check(case, out):
     said = [f"{len(linears)} qlinear"]
     # transformers keeps an fp16 text encoder in fp16 while diffusers loads the U-Net in fp32,
     # so a plain-loaded fp16 SD folder (quantized or not) samples only in one dtype: the card's call.
-    if case != "sd":
+    if case not in ("sd", "t2i"):
         said.append(sample(plain, case))
     card = diffusers.DiffusionPipeline.from_pretrained(out, variant="fp16", torch_dtype=torch.float16)
     said.append(sample(card, case))
@@ -62,6 +64,13 @@ for case, out in zip(*[iter(sys.argv[1:])] * 2):
     except Exception as err:
         print(case, out, "failed:", repr(err)[-2000:].replace(chr(10), " "))
 """
+
+
+@pytest.fixture(scope="module")
+def digits_t2i_dir():
+    from difcompress.builtin import builtin_model_path
+
+    return builtin_model_path("digits-t2i")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +112,7 @@ def test_a_quantized_export_is_safetensors_smaller_and_reloads_in_stock_diffuser
     out, info = exports[case, scheme]
     fp16_out, _ = exports[case, "fp16"]
     assert said.get(str(out), "").startswith("ok "), said.get(str(out))
-    assert said[str(out)].endswith("finite" if case == "sd" else "finite finite"), said[str(out)]
+    assert said[str(out)].endswith("finite" if case in PROMPTED else "finite finite"), said[str(out)]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     weights = out / "unet" / "diffusion_pytorch_model.safetensors"
@@ -111,7 +120,7 @@ def test_a_quantized_export_is_safetensors_smaller_and_reloads_in_stock_diffuser
     assert (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").samefile(weights)
     assert info["quantize"]["denoiser_weight_bytes"] == weights.stat().st_size
     assert json.loads((out / "unet" / "config.json").read_text())["quantization_config"]["weights_dtype"] == scheme
-    for part in ("vae", "text_encoder") if case == "sd" else ():  # the other components as fp16 writes them
+    for part in ("vae", "text_encoder") if case in PROMPTED else ():  # the other components as fp16 writes them
         [plain] = [p for p in (out / part).glob("*.safetensors") if ".fp16." not in p.name]
         assert plain.stat().st_size == next((fp16_out / part).glob(plain.name)).stat().st_size
     recorded = json.loads((out / "difcompress.json").read_text())["export"]["quantize"]
