@@ -35,7 +35,7 @@ from difcompress.artifacts.single_file import (
 )
 from difcompress.commands.model_card import model_card, teacher_license
 from difcompress.config import ExportConfig
-from difcompress.core.console import quiet_diffusers
+from difcompress.core.console import human, quiet_diffusers, warn
 from difcompress.core.environment import DTYPES, hub_offline, versions
 from difcompress.core.errors import UserError
 from difcompress.core.files import (
@@ -122,8 +122,12 @@ def _write_diffusers(folder: Path, job: ExportJob) -> None:
     if job.text is not None and config.dtype != "fp32":
         _encoders_load_like_the_rest(folder, job.text)
     if config.quantize:
-        info["quantize"]["denoiser_weight_bytes"] = quantize_denoiser(
+        before = folder_size_bytes(folder / family.component, "*.safetensors")
+        after = info["quantize"]["denoiser_weight_bytes"] = quantize_denoiser(
             folder / family.component, family.model_class, config.quantize, DTYPES[config.dtype], config.dtype)
+        if after >= before:  # quanto's scales and the extra tensor names outweigh tiny linear layers
+            warn(f"--quantize {config.quantize} made the {family.component} larger ({human(before, 'B')} in "
+                 f"{config.dtype}, {human(after, 'B')} quantized): its linear layers are too small to gain")
     info["weight_bytes"] = folder_size_bytes(folder, "*.safetensors")
     where = config.push_to_hub or str(Path(config.output).resolve())
     model_card(info, where, config.push_to_hub or Path(config.output).name).save(folder / "README.md")
