@@ -179,7 +179,9 @@ def register_digits_extractor() -> None:
 
 
 def is_digits_model(loaded) -> bool:
-    """True for the embedded teacher and anything pruned or distilled from it."""
-    refs = [loaded.source, str(loaded.path), (loaded.manifest or {}).get("teacher") or ""]
+    """True for the embedded teacher, anything pruned or distilled from it, and their exports."""
+    manifest = loaded.manifest or {}
+    exported = (manifest.get("export") or {}).get("source") or ""  # e.g. the teacher itself, exported
+    refs = [loaded.source, str(loaded.path), manifest.get("teacher") or "", exported]
     folders = {(ASSETS / folder).resolve() for folder, _ in TEACHERS.values()}
     return any(r in TEACHERS or Path(r).resolve() in folders for r in refs if r)

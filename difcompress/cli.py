@@ -56,6 +56,7 @@ from difcompress.core.errors import UserError
 from difcompress.reports.tables import (
     print_distill_plan,
     print_eval_report,
+    print_inference_memory,
     print_prune_report,
 )
 
@@ -209,6 +210,10 @@ def _export(config: ExportConfig, json_output: bool) -> None:
     console.print(f"exported {human(info['params'])} params ({info['dtype']}{scheme}) to {info['output']}: "
                   f"{human(info['weight_bytes'], 'B')} of weights{denoiser}, "
                   f"{human(info['size_on_disk_bytes'], 'B')} on disk")
+    if "single_file" in info:  # the memory table's rows are diffusers folders' weights choices
+        console.print(f"single file for ComfyUI / Forge: {info['single_file']['file']}")  # its README says how
+    else:
+        print_inference_memory(info["inference_memory"], info["dtype"])
     if not info["stock_diffusers_loadable"]:
         err_console.print("[yellow]warning:[/] globally pruned widths: stock diffusers cannot load this folder; "
                           "difcompress can (see its README.md)")

@@ -46,7 +46,7 @@ VarianceLoss = Literal["mse", "vlb-kl"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 # The block-removal presets every family offers (each family's `presets` lists its own).
 Preset = Literal["bk-base", "bk-small", "bk-tiny", "koala-1b", "koala-700m", "ssd-1b", "vega"]
-ExportFormatName = Literal["diffusers"]  # commands/export.py's FORMATS writes each
+ExportFormatName = Literal["diffusers", "comfyui-fp8", "gguf-q8_0", "gguf-q4_0"]  # commands/export.py's FORMATS writes each
 # diffusers' QuantoConfig(weights_dtype=...) names (artifacts/quantize.py; docs/quantization.md)
 QuantizeScheme = Literal["int8", "int4"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -379,11 +379,17 @@ class ExportConfig(StageConfig):
                          "files in that dtype, plus the diffusers variant's names linked to them, so "
                          "from_pretrained loads it with or without variant='fp16').")
     format: ExportFormatName = Field("diffusers", description="What to write: diffusers (a pipeline folder stock "
-                                     "diffusers loads, with a model card).")
+                                     "diffusers loads, with a model card) or comfyui-fp8 (SD / SDXL U-Nets: one "
+                                     "float8_e4m3fn safetensors file under the LDM key names ComfyUI and Forge "
+                                     "read, with its config.json), gguf-q8_0 / gguf-q4_0 (Flux transformers: "
+                                     "one GGUF file for ComfyUI-GGUF; the gguf package of the quantize extra).")
     quantize: Optional[QuantizeScheme] = Field(None, description="Store the denoiser's linear-layer weights in "
                                                "int8 or packed int4 (optimum-quanto through diffusers; needs "
                                                "--dtype fp16 or bf16 and the quantize extra). Stock "
                                                "from_pretrained(folder) reloads it; see docs/quantization.md.")
+    quantize_text_encoders: bool = Field(False, description="With --quantize: the text encoders in the same "
+                                         "scheme too, applied when the pipeline loads (transformers cannot save "
+                                         "quanto weights; the card shows the PipelineQuantizationConfig call).")
     push_to_hub: Optional[str] = Field(None, description="Also upload the folder to this Hugging Face repo id "
                                        "(needs the network and a login).", json_schema_extra=_cli(metavar="REPO_ID"))
     private: bool = Field(False, description="With --push-to-hub: create the repo private.")

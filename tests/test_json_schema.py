@@ -23,7 +23,7 @@ KEYS = {
     "distill": {"steps", "resumed_from_step", "final", "settings", "data", "latent_cache", "output"},
     "eval": {"models", "protocol", "grid", "device", "sampler", "sampler_steps", "output"},
     "export": {"source", "teacher", "family", "model_class", "pipeline_tag", "pruning", "distill", "distill_steps",
-               "objective", "params", "macs", "dtype", "sampling_memory_bytes", "eval", "eval_protocol",
+               "objective", "params", "macs", "dtype", "inference_memory", "eval", "eval_protocol",
                "stock_diffusers_loadable", "autoencoder", "num_classes", "license", "datasets", "output",
                "size_on_disk_bytes", "quantize", "weight_bytes"},
     "stats": {"output", "feature_dim", "extractor", "mode", "source", "kind", "count", "size", "split"},

@@ -10,6 +10,7 @@ denoiser's config.json (`quantization_config`).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 import warnings
@@ -20,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 from diffusers import QuantoConfig
+from diffusers.utils import is_optimum_quanto_version
 
 from difcompress.artifacts.folders import add_variant_names
 from difcompress.core.console import quiet_diffusers
@@ -28,6 +30,10 @@ from difcompress.core.files import folder_size_bytes, read_json
 
 BACKEND = "optimum-quanto"  # the distribution; diffusers' quant_method is "quanto"
 INSTALL_HINT = "pip install 'difcompress[quantize]'"
+# The oldest optimum-quanto diffusers 0.42.1's quanto quantizer accepts (validate_environment).
+MIN_BACKEND = "0.2.6"
+# Each scheme (QuantoConfig's weights_dtype) -> the quanto qtype it becomes (optimum.quanto.qtypes).
+QTYPES = {"int8": "qint8", "int4": "qint4"}
 
 
 def backend_version() -> str:
@@ -37,6 +43,46 @@ def backend_version() -> str:
     except PackageNotFoundError:
         raise UserError(f"--quantize needs the optimum-quanto backend, which is not installed: {INSTALL_HINT}",
                         exit_code=2) from None
+
+
+def int4_group_size(in_features: int) -> int:
+    """Input features per int4 scale: quanto's QLinear takes 128, else the largest of 96, 64,
+    32 dividing the row, else the whole row (optimum/quanto/nn/qmodule.py)."""
+    if in_features > 128:
+        for size in (128, 96, 64, 32):
+            if in_features % size == 0:
+                return size
+    return in_features
+
+
+def stored_linear_bytes(out_features: int, in_features: int, scheme: str, element_bytes: int) -> int:
+    """Bytes of one nn.Linear weight as `scheme` stores it: int8 values and a scale per output
+    row; int4 two values a byte, a scale and a zero point per group (scales in the export dtype);
+    both with the QLinear's input and output scale scalars."""
+    values, scalars = out_features * in_features, 2 * element_bytes
+    if scheme == "int8":
+        return values + out_features * element_bytes + scalars
+    groups = values // int4_group_size(in_features)
+    return values // 2 + 2 * groups * element_bytes + scalars
+
+
+def installed_qtypes() -> set[str]:
+    """The qtype names the installed optimum-quanto defines."""
+    return set(importlib.import_module("optimum.quanto").qtypes)
+
+
+def check_backend(scheme: str) -> str:
+    """The installed backend's version, after checking that diffusers accepts it and that it
+    has `scheme`: one line naming the upgrade otherwise, before anything is written."""
+    installed = backend_version()
+    if not is_optimum_quanto_version(">=", MIN_BACKEND):
+        raise UserError(f"--quantize {scheme}: optimum-quanto {installed} is installed and diffusers needs "
+                        f">= {MIN_BACKEND}: pip install -U {BACKEND}", exit_code=2)
+    if QTYPES[scheme] not in installed_qtypes():
+        raise UserError(f"--quantize {scheme}: the installed optimum-quanto {installed} has no {QTYPES[scheme]} "
+                        f"weights (it has {', '.join(sorted(installed_qtypes()))}): pip install -U {BACKEND}",
+                        exit_code=2)
+    return installed
 
 
 def quantized_components(folder: Path) -> dict[str, dict[str, Any]]:
@@ -50,18 +96,23 @@ def quantized_components(folder: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def refuse_quantized(folder: Path, source: str) -> None:
-    """One line when `folder` already holds quantized weights: quantizing twice loses more."""
+def refuse_quantized(folder: Path, source: str,
+                     why: str = "export --quantize from the unquantized folder it came from") -> None:
+    """One line when `folder` already holds quantized weights (quantizing twice loses more;
+    quantized weights do not train), naming the folder it was exported from when known."""
     found = quantized_components(folder)
-    if found:
-        parts = ", ".join(f"{name} ({q.get('quant_method', '?')} {q.get('weights_dtype', q.get('quant_type', ''))})"
-                          .replace(" )", ")") for name, q in found.items())
-        raise UserError(f"{source} is already quantized ({parts}); export --quantize from the unquantized "
-                        "folder it came from", exit_code=2)
+    if not found:
+        return
+    parts = ", ".join(f"{name} ({q.get('quant_method', '?')} {q.get('weights_dtype', q.get('quant_type', ''))})"
+                      .replace(" )", ")") for name, q in found.items())
+    manifest = read_json(folder / "difcompress.json") if (folder / "difcompress.json").is_file() else {}
+    origin = ((manifest or {}).get("export") or {}).get("source") if isinstance(manifest, dict) else None
+    raise UserError(f"{source} is already quantized ({parts}); {why}" + (f" ({origin})" if origin else ""),
+                    exit_code=2)
 
 
 @contextmanager
-def _quiet_backend() -> Iterator[None]:
+def quiet_backend() -> Iterator[None]:
     """diffusers' deprecation notice for its quanto quantizer and torch's "no CUDA runtime"
     note when quanto imports its extension builder: neither is about this export."""
     cpp = logging.getLogger("torch.utils.cpp_extension")
@@ -81,7 +132,7 @@ def quantize_denoiser(component: Path, model_class: type, scheme: str, dtype: to
     `scheme` quantization, saved by diffusers as safetensors; returns its weight bytes. With
     `variant`, the variant's names link to the new files, as the fp16 export's do."""
     staged = component.with_name(f".{component.name}.quantized")
-    with _quiet_backend():
+    with quiet_backend():
         model = model_class.from_pretrained(component, quantization_config=QuantoConfig(weights_dtype=scheme),
                                             torch_dtype=dtype, use_safetensors=True)
         model.save_pretrained(staged, safe_serialization=True)

@@ -25,6 +25,7 @@ from difcompress.artifacts.checkpoint import (
     read_checkpoint_info,
 )
 from difcompress.artifacts.folders import check_output_folder, pruning_report
+from difcompress.artifacts.quantize import refuse_quantized
 from difcompress.config import DistillConfig
 from difcompress.core.console import distill_progress, warn
 from difcompress.core.environment import (
@@ -37,7 +38,7 @@ from difcompress.core.environment import (
 from difcompress.core.errors import Interrupted, UserError
 from difcompress.core.files import folder_lock
 from difcompress.loading.data import Processes, training_data
-from difcompress.loading.models import LoadedModel, load_model
+from difcompress.loading.models import LoadedModel, load_model, load_model_folder
 from difcompress.objectives import get_objective
 from difcompress.objectives.registry import objective_name
 from difcompress.reports.plots import plot_metrics
@@ -74,6 +75,7 @@ def distill(config: DistillConfig, *, show_progress: bool = False) -> dict[str, 
     """
     check_trainable(config)
     check_resume_from(config)
+    check_unquantized(config.student, "student")
     output = check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
     accelerator = make_accelerator(config)
     micro_batch_size(config.batch_size, accelerator.num_processes, config.gradient_accumulation_steps)
@@ -100,6 +102,7 @@ def plan_distill(config: DistillConfig) -> dict[str, Any]:
     process (training/memory.py); loads student and teacher on the CPU, writes nothing."""
     check_trainable(config)
     check_resume_from(config)
+    check_unquantized(config.student, "student")
     check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     micro_batch = micro_batch_size(config.batch_size, processes, config.gradient_accumulation_steps)
@@ -124,6 +127,14 @@ def check_trainable(config: DistillConfig) -> None:
     if not any(terms.values()):
         raise UserError(f"nothing to train: --loss {config.loss} with --w-task {config.w_task:g}, --w-kd "
                         f"{config.w_kd:g} and --w-feat {config.resolved_w_feat():g} leaves no loss term", exit_code=2)
+
+
+def check_unquantized(reference: str, role: str) -> None:
+    """Distillation is refused from a quantized export: its low-bit weights do not train, and
+    a quantized teacher teaches its rounding errors. One line naming the unquantized folder."""
+    refuse_quantized(load_model_folder(reference), reference,
+                     f"a quantized {role} cannot be distilled: distill from the unquantized folder it was exported "
+                     "from")
 
 
 def check_resume_from(config: DistillConfig) -> None:
@@ -223,6 +234,7 @@ def _load_teacher(config: DistillConfig, student: LoadedModel, device: torch.dev
     if not (needs or wants):
         return None, config.teacher
     try:
+        check_unquantized(teacher_ref, "teacher")
         teacher = load_model(teacher_ref, device)
     except UserError as err:
         if needs:

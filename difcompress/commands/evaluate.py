@@ -37,6 +37,16 @@ from difcompress.metrics.extractors import features_of_images, get_feature_extra
 from difcompress.metrics.fid import Reference, fid_kid, load_reference
 from difcompress.reports.plots import save_sample_grid
 
+# What `difference_vs_first` subtracts (this row minus the first): quality and latency.
+COMPARED = ("fid", "kid", "clip_score", "prompt_accuracy", "latency_s_per_image", "pipeline_s_per_image")
+
+
+def weights_of(manifest: dict[str, Any] | None) -> str | None:
+    """How an exported folder stores its weights: its dtype, or its --quantize scheme."""
+    export = (manifest or {}).get("export") or {}
+    quantize = export.get("quantize") or {}
+    return quantize.get("scheme") or export.get("dtype")
+
 
 def default_output(models: list[str]) -> Path:
     """Next to the first model when it is a difcompress folder (export reads it there)."""
@@ -59,9 +69,11 @@ def evaluate(config: EvalConfig, *, show_progress: bool = False) -> dict[str, An
                                           else (None, None, None))
         with progress_bar(show_progress and config.fid) as progress:
             rows, grid = _measure_all(config, loaded, progress, extractor, reference)
-        for row in rows[1:]:  # against the first model (the teacher, in the usual order)
+        for row in rows[1:]:  # against the first model (the teacher, or the unquantized export)
             row["speedup_vs_first"] = rows[0]["latency_s_per_image"] / row["latency_s_per_image"]
             row["macs_reduction_vs_first"] = rows[0]["macs"] / row["macs"]
+            row["difference_vs_first"] = {m: row[m] - rows[0][m] for m in COMPARED
+                                          if row.get(m) is not None and rows[0].get(m) is not None}
         with disk_errors(output):
             output.mkdir(parents=True, exist_ok=True)
         grid_path = save_sample_grid(output / "samples.png", grid, caption=_grid_caption(config, rows, protocol))
@@ -178,6 +190,8 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
         guidance = cond.guidance
         row: dict[str, Any] = {"model": spec, "path": str(item.path.resolve()), "family": item.family.name,
                                "denoiser_kind": item.family.denoiser_kind, "latent": item.autoencoder is not None}
+        if weights_of(item.manifest):
+            row["weights"] = weights_of(item.manifest)
         if (item.manifest or {}).get("checkpoint"):
             row["checkpoint_step"] = item.manifest["checkpoint"]["step"]  # a running run looked at mid-way
         if guidance.conditions is not None and (guidance.null or item.family.takes_guidance(item.model)):

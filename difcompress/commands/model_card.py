@@ -69,6 +69,16 @@ def usage(info: dict[str, Any], where: str) -> list[str]:
                   f"{quantize['backend']} {quantize['backend_version']} (diffusers' quanto backend): install it "
                   f"(`pip install {quantize['backend']}`) before loading; diffusers reads the scheme from the "
                   "denoiser's config.json."]
+    encoders = (quantize or {}).get("text_encoders")
+    if encoders:
+        lines += ["", f"The text encoders are stored in {info['dtype']} and meant to load quantized to "
+                  f"{quantize['scheme']} (transformers' quanto integration, which cannot save quantized "
+                  "weights, so the quantizing happens as the pipeline loads):", "", "```python",
+                  "import torch, transformers", "from diffusers import DiffusionPipeline, PipelineQuantizationConfig",
+                  f"weights = transformers.QuantoConfig(weights='{quantize['scheme']}')",
+                  "encoders = PipelineQuantizationConfig(quant_mapping={name: weights for name in "
+                  f"{tuple(encoders['components'])!r}}})",
+                  f"pipe = DiffusionPipeline.from_pretrained({load_args}, quantization_config=encoders)", "```"]
     return lines
 
 
@@ -85,9 +95,8 @@ def _facts(info: dict[str, Any]) -> list[str]:
         f"| MACs per denoiser call | {human(info['macs'])} |",
         f"| weights dtype | {info['dtype']} |",
         *_quantize_facts(info),
-        f"| memory to sample, batch 1 | {human(info['sampling_memory_bytes'][1], 'B')} (weights + activations, "
-        "upper bound) |",
-        f"| memory to sample, batch 16 | {human(info['sampling_memory_bytes'][16], 'B')} |",
+        f"| peak inference memory, one image | {_memory_cell(_exported_row(info['inference_memory']))} "
+        "(estimate; see Memory) |",
     ]
     row = info.get("eval") or {}
     if "fid" in row:
@@ -97,13 +106,41 @@ def _facts(info: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _exported_row(memory: dict[str, Any]) -> dict[str, Any]:
+    return next(r for r in memory["rows"] if r["scheme"] == memory["exported"])
+
+
+def _memory_cell(row: dict[str, Any]) -> str:
+    fits = f"fits {', '.join(str(g) for g in row['fits_gb'])} GB cards" if row["fits_gb"] else "over 24 GB"
+    return f"{human(row['peak_bytes'], 'B')}, {fits}"
+
+
+def memory_lines(info: dict[str, Any]) -> list[str]:
+    """The card's Memory section: weight bytes and estimated peak inference memory per scheme."""
+    memory = info["inference_memory"]
+    height, width = memory["resolution"]
+    lines = [f"Estimated for one {height}x{width} image with every component on the GPU (diffusers' default): "
+             "all weights, plus the largest peak of one stage (text encoding, one denoiser step with "
+             "classifier-free guidance where the model uses it, VAE decoding), measured on PyTorch's meta device "
+             "with fused attention; 0.5 GiB is kept back for the CUDA context.", "",
+             "| weights | weight bytes | peak inference memory | fits (GB) |", "|---|---|---|---|"]
+    for row in memory["rows"]:
+        name = f"{row['scheme']} ({memory['quantized']} linears)" if row["scheme"] else info["dtype"]
+        this = " (this folder)" if row["scheme"] == memory["exported"] else ""
+        lines.append(f"| {name}{this} | {human(row['weight_bytes'], 'B')} | {human(row['peak_bytes'], 'B')} | "
+                     f"{', '.join(str(g) for g in row['fits_gb']) or 'none of 8-24'} |")
+    return lines
+
+
 def _quantize_facts(info: dict[str, Any]) -> list[str]:
     quantize = info.get("quantize")
     if not quantize:
         return []
     return [f"| quantization | {quantize['scheme']} weights of the {quantize['quantized']}, "
             f"{quantize['backend']} {quantize['backend_version']} |",
-            f"| denoiser weight files | {human(quantize['denoiser_weight_bytes'], 'B')} |"]
+            f"| denoiser weight files | {human(quantize['denoiser_weight_bytes'], 'B')} |",
+            *([f"| text encoders | {quantize['scheme']} when loaded as *Use* shows (transformers "
+               f"{quantize['text_encoders']['transformers_version']}) |"] if quantize.get("text_encoders") else [])]
 
 
 def model_card(info: dict[str, Any], where: str, name: str) -> ModelCard:
@@ -116,7 +153,7 @@ def model_card(info: dict[str, Any], where: str, name: str) -> ModelCard:
                      "before sharing this model.")
     body = [f"# {name}", "", f"A compressed `{info['model_class']}` made with difcompress from "
             f"**{info.get('teacher') or info['source']}**: pruned, then distilled from the teacher.", "",
-            *_facts(info), "", "## Use", ""]
+            *_facts(info), "", "## Memory", "", *memory_lines(info), "", "## Use", ""]
     if info["stock_diffusers_loadable"]:
         body += usage(info, where)
     else:

@@ -60,6 +60,7 @@ class ModelFamily(ABC):
     text_parts: tuple[str, ...] = ()  # the pipeline components of its text side (tokenizers, encoders)
     reads_geometry: bool = False  # told each training image's original size and crop (SDXL)
     presets: tuple[str, ...] = ()  # block-removal presets `prune --preset` offers
+    single_file_layout: str | None = None  # key names of the UIs' single-file checkpoint (artifacts/single_file.py)
     denoiser_kind: str = "U-Net"  # what reports call the denoiser
     pruned_unit: str = "channel"  # what --ratio removes a fraction of
     default_guidance: float = 1.0  # classifier-free guidance scale eval samples with

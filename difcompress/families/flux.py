@@ -92,6 +92,7 @@ class FluxFamily(BlockListFamily):
     text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     default_guidance = 3.5  # FluxPipeline's guidance_scale default (dev's embedded guidance; schnell ignores it)
     teacher_data_guidance = 3.5
+    single_file_layout = "bfl-flux"  # Black Forest Labs' names: what ComfyUI-GGUF and Forge read
 
     def pipeline(self, model, scheduler, autoencoder=None, text=None):
         if autoencoder is None or text is None:

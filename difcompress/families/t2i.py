@@ -42,6 +42,7 @@ class TextToImageFamily(PixelUNetFamily):
     default_guidance = 7.5  # Stable Diffusion's default guidance scale (StableDiffusionPipeline)
     teacher_data_guidance = 7.5
     presets = tuple(PRESETS)
+    single_file_layout = "ldm-unet"  # SDXL's SGM names are the same scheme
     keeps_head_count = True
 
     def pipeline(self, model, scheduler, autoencoder=None, text=None):

@@ -19,6 +19,7 @@ from torch import nn
 
 from difcompress.artifacts.checkpoint import latest_checkpoint, read_checkpoint_info
 from difcompress.artifacts.folders import STRUCTURE, read_manifest
+from difcompress.artifacts.quantize import quiet_backend
 from difcompress.builtin import builtin_model_path
 from difcompress.core.environment import hub_offline
 from difcompress.core.errors import UserError
@@ -256,7 +257,8 @@ def _load_weights(family: ModelFamily, model_dir: Path) -> nn.Module:
     try:
         if (model_dir / STRUCTURE).is_file():
             return _rebuild_from_record(family, model_dir, weights)
-        return family.model_class.from_pretrained(model_dir, use_safetensors=True, variant=variant)
+        with quiet_backend():  # a quantized export: diffusers' deprecation notice for its quanto backend
+            return family.model_class.from_pretrained(model_dir, use_safetensors=True, variant=variant)
     except UserError:
         raise
     except Exception as err:  # diffusers raises many types for damaged files

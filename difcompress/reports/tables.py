@@ -57,6 +57,44 @@ def print_distill_plan(plan: dict[str, Any]) -> None:
         console.print(f"[yellow]{memory['fit']}[/]")
 
 
+def print_inference_memory(memory: dict[str, Any], dtype: str) -> None:
+    """`export`: weight bytes and estimated peak inference memory per weight scheme."""
+    height, width = memory["resolution"]
+    table = Table(title=f"estimated peak inference memory, one {height}x{width} image, every component on the GPU")
+    for column in ("weights", "weight bytes", "peak", "fits (GB)"):
+        table.add_column(column, justify="left" if column == "weights" else "right")
+    for row in memory["rows"]:
+        name = f"{row['scheme']} {memory['quantized']}" if row["scheme"] else dtype
+        mark = " (exported)" if row["scheme"] == memory["exported"] else ""
+        table.add_row(name + mark, human(row["weight_bytes"], "B"), human(row["peak_bytes"], "B"),
+                      ", ".join(str(g) for g in row["fits_gb"]) or "none of 8-24")
+    console.print(table)
+
+
+DIFFERENCE_LABELS = {"fid": ("FID vs 1st", "{:+.2f}"), "clip_score": ("CLIP score vs 1st", "{:+.4f}"),
+                     "prompt_accuracy": ("prompt accuracy vs 1st", "{:+.1%}"),
+                     "pipeline_s_per_image": ("whole pipeline / image vs 1st", "{:+.1%}")}
+
+
+def _differences(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """Rows of each model's difference from the first (quality in its units, latency relative)."""
+    if len(rows) < 2:
+        return []
+    lines = []
+    for metric, (label, fmt) in DIFFERENCE_LABELS.items():
+        if not any(metric in r.get("difference_vs_first", {}) for r in rows):
+            continue
+        relative = metric.endswith("_per_image")
+
+        def cell(r, metric=metric, fmt=fmt, relative=relative):
+            change = r.get("difference_vs_first", {}).get(metric)
+            if change is None:
+                return "-"
+            return fmt.format(change / rows[0][metric] if relative else change)
+        lines.append((label, cell))
+    return lines
+
+
 def print_eval_report(result: dict[str, Any]) -> None:
     rows = result["models"]
     table = Table(title=f"difcompress eval ({result['sampler']}, {result['sampler_steps']} steps, {result['device']})")
@@ -90,6 +128,9 @@ def print_eval_report(result: dict[str, Any]) -> None:
         lines += [("FID", lambda r: f"{r['fid']:.2f}"),
                   ("KID", lambda r: "n/a (no reference features)" if r["kid"] is None else f"{r['kid']:.4f}"),
                   ("FID/KID samples", lambda r: str(r["num_samples"]))]
+    lines += _differences(rows)
+    if any("weights" in r for r in rows):
+        lines.insert(0, ("weights (export)", lambda r: r.get("weights", "-")))
     for label, fmt in lines:
         table.add_row(label, *[fmt(r) for r in rows])
     console.print(table)

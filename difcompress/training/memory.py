@@ -20,19 +20,17 @@ weight, counted as a new allocation of the whole weight: 27.9 and 65.3 GiB then.
 from __future__ import annotations
 
 import copy
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
 
 from difcompress.config import DistillConfig
 from difcompress.core.console import quiet_diffusers
 from difcompress.core.environment import DTYPES
 from difcompress.diffusion.inputs import cast_floating
+from difcompress.metrics.cost import LiveStorageBytes, denoiser_inputs
 from difcompress.training.feature_taps import tap_point, tapped
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adam": 8, "adamw-8bit": 2}
@@ -48,40 +46,10 @@ def fit_note(total_bytes: int) -> str | None:
             "accelerate)")
 
 
-class _LiveStorageBytes(TorchDispatchMode):
-    """Bytes of the storages ops create that are still alive, and their peak. The storages
-    of `existing` tensors (weights, inputs) are not new: an op returning a view of one (a
-    linear layer's transposed weight) allocates nothing."""
-
-    def __init__(self, existing=()):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen = WeakIdKeyDictionary()
-        for tensor in existing:
-            self._seen[tensor.untyped_storage()] = 0
-
-    def _freed(self, size: int) -> None:
-        self.live -= size
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                if storage not in self._seen:  # views and in-place results share a storage
-                    self._seen[storage] = size = storage.nbytes()
-                    self.live += size
-                    weakref.finalize(storage, self._freed, size)
-        self.peak = max(self.peak, self.live)
-        return out
-
-
 def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: int, text_tokens: int | None,
                 feature_pairs: list[tuple[str, str]]) -> int:
     """Peak bytes one training step allocates at `batch` (student and teacher on meta)."""
-    inputs = family.example_inputs(student, batch)
-    if text_tokens:
-        inputs = family.with_text_tokens(inputs, text_tokens)
+    inputs = denoiser_inputs(family, student, batch, text_tokens)
     kept: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
     hooks = []
     for role, model, names in (("student", student, [s for s, _ in feature_pairs]),
@@ -92,7 +60,7 @@ def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: in
                 lambda _m, _i, out, role=role, which=which: kept[role].append(tapped(out, which))))
     existing = [t for model in (student, teacher) if model is not None
                 for t in (*model.parameters(), *model.buffers())] + tree_leaves(inputs)
-    tracker = _LiveStorageBytes(t for t in existing if isinstance(t, torch.Tensor))
+    tracker = LiveStorageBytes(t for t in existing if isinstance(t, torch.Tensor))
     try:
         with tracker:
             target = 0.0
