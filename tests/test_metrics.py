@@ -14,7 +14,7 @@ from PIL import Image
 
 from difcompress.core.errors import UserError
 from difcompress.metrics import extractors as metrics
-from difcompress.metrics.cost import count_macs
+from difcompress.metrics.cost import LiveStorageBytes, count_macs
 from difcompress.metrics.extractors import (
     INCEPTION_URL,
     features_of_folder,
@@ -418,3 +418,12 @@ def test_attention_matmuls_are_counted_on_cpu():
     # FLOP formula, so before the count ran on the math kernel a CPU count was 0 here and a
     # CUDA count was not: every CPU-measured MACs figure left out attention.
     assert count_macs(_Attention(), _AttentionInputs()) == 2 * 2 * 16 * 16 * 8
+
+
+def test_the_memory_tracker_counts_no_view_of_a_weight_as_an_allocation():
+    with torch.device("meta"):
+        layer, x = torch.nn.Linear(1000, 1000), torch.randn(1, 10, 1000)
+    tracker = LiveStorageBytes([layer.weight, layer.bias, x])
+    with torch.no_grad(), tracker:
+        layer(x)
+    assert tracker.peak == 10 * 1000 * 4  # the output alone, not the 4 MB weight its transpose views
