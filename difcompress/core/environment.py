@@ -44,6 +44,21 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started: its WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_shard_request() -> str | None:
+    """The sharding accelerate launch asks for (--use_fsdp / --use_deepspeed, or the same keys
+    of an `accelerate config` file, which the launcher turns into these variables)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return f"zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
+    return None
+
+
 def is_main_process() -> bool:
     """Whether this process writes shared outputs (rank 0, or no launcher)."""
     return not launched() or int(os.environ.get("RANK", "0")) == 0

@@ -164,6 +164,9 @@ class DiTFamily(ModelFamily):
         }
 
     # ---- distillation ----------------------------------------------------------------------
+    def shard_blocks(self, model):
+        return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+
     def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):
         """Student block i <-> the teacher block it was copied from (recorded at pruning);
         without a record, the last teacher block of the i-th of K equal segments, which for

@@ -277,6 +277,13 @@ class PixelUNetFamily(GraphPrunedFamily):
             names = _blocks(student)
         return [(n, n) for n in names]
 
+    def shard_blocks(self, model):
+        """Every resnet and attention of the down, mid and up blocks: units of one to a few
+        million weights in SD's U-Net (a whole up block is up to ~350M), so a rank's peak
+        holds one of them gathered, not a whole stage."""
+        return [n for block in _blocks(model) for n in _block_modules(model, block)
+                if ".resnets." in n or ".attentions." in n]
+
 
 def _blocks(model) -> list[str]:
     names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
