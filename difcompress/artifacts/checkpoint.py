@@ -171,7 +171,7 @@ def _load_sharded(path: Path, info: dict[str, Any], like: Checkpoint | None) -> 
     opt_tensors, _ = _flatten_optimizer(like.optimizer, move=False)
     tensors = {**{name: dict(module) for name, module in like.modules.items()}, "optimizer": opt_tensors}
     try:
-        dcp.load(tensors, checkpoint_id=str(path))
+        dcp.load(tensors, checkpoint_id=str(path), no_dist=not dist.is_initialized())  # one process: plain reads
         rng = load_file(path / "rng.safetensors")
         optimizer = _unflatten_optimizer(tensors.pop("optimizer"), info["optimizer"])
     except (OSError, KeyError, RuntimeError, ValueError) as err:

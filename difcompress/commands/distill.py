@@ -29,6 +29,7 @@ from difcompress.config import DistillConfig
 from difcompress.core.console import distill_progress, warn
 from difcompress.core.environment import (
     DTYPES,
+    deepspeed_on_the_cpu_quietly,
     launched,
     launched_processes,
     resolve_device,
@@ -86,13 +87,13 @@ def distill(config: DistillConfig, *, show_progress: bool = False) -> dict[str, 
     check_trainable(config)
     check_resume_from(config)
     output = check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
+    resume = bool(config.resume or config.resume_from)
+    if resume:  # on every process, before any (it only reads): all stop on the same line
+        check_resume_identity(config, output)
     accelerator = make_accelerator(config)
     micro_batch_size(config.batch_size, accelerator.num_processes, config.gradient_accumulation_steps)
-    resume = bool(config.resume or config.resume_from)
     new_folder = not output.exists() or not any(output.iterdir())
     with folder_lock(output) if accelerator.is_main_process else contextlib.nullcontext():
-        if resume:  # on every process (it only reads), so that all stop on the same line
-            check_resume_identity(config, output)
         if accelerator.is_main_process:
             resume, notes = prepare_run_folder(output, resume)
             for note in notes:
@@ -199,6 +200,7 @@ def make_accelerator(config: DistillConfig) -> Accelerator:
     sharding engine asked for (training/sharding.py)."""
     shard = resolve_shard(config)
     check_shard_options(config, shard)
+    deepspeed_on_the_cpu_quietly()
     device = resolve_device(config.device)
     if launched() and config.device not in ("auto", "cuda"):
         raise UserError(f"--device {config.device}: under accelerate launch each process uses its own GPU; "

@@ -59,6 +59,14 @@ def launch_shard_request() -> str | None:
     return None
 
 
+def deepspeed_on_the_cpu_quietly() -> None:
+    """Where DeepSpeed is installed, accelerate imports it on every run; on a machine without
+    a GPU its device detection then prints a warning on stdout (breaking --json). Naming the
+    CPU, as DeepSpeed's CPU mode needs anyway, skips the detection."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def is_main_process() -> bool:
     """Whether this process writes shared outputs (rank 0, or no launcher)."""
     return not launched() or int(os.environ.get("RANK", "0")) == 0

@@ -198,3 +198,8 @@ def unit_count(model: nn.Module) -> int:
     """FSDP units in a sharded model (the blocks plus the root)."""
     return sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
 
+
+
+def checkpointed(model: nn.Module) -> int:
+    """Blocks under FSDP's activation checkpointing (wrapped by accelerate)."""
+    return sum(1 for m in model.modules() if hasattr(m, "_checkpoint_wrapped_module"))

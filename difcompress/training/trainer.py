@@ -244,7 +244,7 @@ class Trainer:
                   "parameter_bytes_per_process": self.accelerator.gather(mine).tolist(),
                   "parameter_bytes_unsharded": sharding.full_bytes(params)}
         if self.engine == "fsdp":
-            report.update(units=sharding.unit_count(self.model),
+            report.update(units=sharding.unit_count(self.model), checkpointed_blocks=sharding.checkpointed(self.model),
                           teacher="sharded" if self.config.shard_teacher else "replicated")
         return report
 
