@@ -182,6 +182,8 @@ def test_sharding_that_cannot_run_is_one_line(student, unsharded, tmp_path, run_
     assert "--compile" in assert_one_line_error(code, err, 2)
     code, _, err = run_cli(*base, "-o", tmp_path / "c", "--shard", "fsdp", "--ema-offload")
     assert "--ema-offload" in assert_one_line_error(code, err, 2)
+    code, _, err = run_cli(*base, "-o", tmp_path / "d", "--shard", "zero2", "--loss", "place+feat")
+    assert "feature KD" in assert_one_line_error(code, err, 2)
     before = sorted((p.relative_to(unsharded), p.stat().st_mtime_ns) for p in unsharded.rglob("*"))
     code, _, err = run_cli("distill", "--student", student, "-o", unsharded, "--shard", "fsdp", "--resume",
                            *[str(a) for a in CLI])

@@ -59,6 +59,7 @@ from difcompress.training.sharding import (
     accelerator_plugins,
     check_shard_options,
     engage_fsdp_on_cpu,
+    engage_zero2_on_cpu,
     engine_of,
     resolve_shard,
 )
@@ -216,13 +217,15 @@ def make_accelerator(config: DistillConfig) -> Accelerator:
         AcceleratorState._reset_state(reset_partial_state=True)
     plugins = accelerator_plugins(config, shard)
     try:
-        accelerator = Accelerator(cpu=device.type == "cpu" and shard != "zero2", mixed_precision=config.mixed_precision,
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision,
                                   log_with=trackers, project_dir=str(config.output), **plugins)
     except ValueError as err:  # e.g. fp16 on a CPU, bf16 on an old GPU
         raise UserError(f"--mixed-precision: {str(err).splitlines()[0]}", exit_code=2) from None
     check_process_count(accelerator)
     if shard == "fsdp":
         engage_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    if shard == "zero2":
+        engage_zero2_on_cpu(accelerator, plugins["deepspeed_plugin"])
     if engine_of(accelerator) != shard:
         raise UserError(f"--shard {shard}: accelerate did not start {shard} here ({accelerator.distributed_type}); "
                         "docs/many-gpus.md says how to launch it", exit_code=2)

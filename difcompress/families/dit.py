@@ -103,7 +103,7 @@ class DiTFamily(ModelFamily):
         if "class_labels" not in inputs.cond:
             raise UserError("this DiT is class-conditional: its data needs class labels", exit_code=2)
         out = model(inputs.sample, inputs.timestep, class_labels=inputs.cond["class_labels"]).sample
-        c = model.config.in_channels
+        c = inputs.sample.shape[1]  # not model.config: DDP and DeepSpeed wrappers have none
         return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
 
     # ---- pruning ---------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class PixelUNetFamily(GraphPrunedFamily):
     def forward(self, model, inputs):
         out = model(inputs.sample, inputs.timestep).sample
         # Learned-variance U-Nets predict (eps, var): KD compares the epsilon channels.
-        c = model.config.in_channels
+        c = inputs.sample.shape[1]  # not model.config: DDP and DeepSpeed wrappers have none
         return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
 
     def never_prune(self, model):

@@ -61,10 +61,24 @@ def check_shard_options(config: DistillConfig, shard: str) -> None:
                         exit_code=2)
     if shard == "zero2" and config.shard_teacher:
         raise UserError("--shard-teacher needs --shard fsdp (ZeRO-2 keeps weights whole)", exit_code=2)
+    if shard == "zero2":
+        _check_zero2(config)
     refused = [why for name, why in FSDP_REFUSES.items()
                if (getattr(config, name) == "adamw-8bit" if name == "optimizer" else getattr(config, name))]
     if refused:
         raise UserError(f"--shard {shard} cannot run with {refused[0]}", exit_code=2)
+
+
+def _check_zero2(config: DistillConfig) -> None:
+    """What the ZeRO-2 path does not run yet: DeepSpeed steps inside its backward, before
+    the feature adapters (outside its engine) have their gradients averaged; it accumulates
+    on its own schedule; its partitioned optimizer state is not in difcompress's checkpoints."""
+    if config.resolved_w_feat() > 0:
+        raise UserError("--shard zero2 cannot run feature KD (--w-feat) yet; use --shard fsdp", exit_code=2)
+    if config.gradient_accumulation_steps > 1:
+        raise UserError("--shard zero2 cannot run --gradient-accumulation-steps > 1 yet; use --shard fsdp", 2)
+    if config.checkpoint_every:
+        raise UserError("--shard zero2 writes no checkpoints yet: add --checkpoint-every 0, or use --shard fsdp", 2)
 
 
 def accelerator_plugins(config: DistillConfig, shard: str) -> dict[str, Any]:
@@ -87,7 +101,7 @@ def _deepspeed_plugin(config: DistillConfig):
         raise UserError("--shard zero2 needs DeepSpeed: pip install 'difcompress[deepspeed]'", 2) from None
     from accelerate.utils import DeepSpeedPlugin  # noqa: PLC0415 - needs deepspeed importable
 
-    return DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1, gradient_clipping=None,
+    return DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1, gradient_clipping=config.grad_clip or None,
                            offload_optimizer_device="none", offload_param_device="none")
 
 
@@ -101,6 +115,19 @@ def engage_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParalle
     state.fsdp_plugin = plugin
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
+
+
+def engage_zero2_on_cpu(accelerator: Accelerator, plugin) -> None:
+    """The same for DeepSpeed: accelerate starts it only on accelerator devices; on a CPU
+    process group (gloo; DeepSpeed's CPU mode, DS_ACCELERATOR=cpu) switch the state to it."""
+    state = accelerator.state
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        return
+    plugin.set_mixed_precision(accelerator.mixed_precision)  # DeepSpeed casts itself, as accelerate has it
+    state._mixed_precision = "no"
+    plugin.select(_from_accelerator_state=True)
+    state.deepspeed_plugins = plugin
+    state.distributed_type = DistributedType.DEEPSPEED
 
 
 def engine_of(accelerator: Accelerator) -> str:
@@ -117,6 +144,12 @@ def set_fsdp_blocks(accelerator: Accelerator, family: ModelFamily, model: nn.Mod
     accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(
         {type(model.get_submodule(name)).__name__ for name in blocks})
     return blocks
+
+
+def set_zero2_batch(accelerator: Accelerator, per_process: int) -> None:
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = per_process
+    config["train_batch_size"] = per_process * accelerator.num_processes
 
 
 def shard_frozen(model: nn.Module, family: ModelFamily) -> None:

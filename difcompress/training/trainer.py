@@ -261,6 +261,8 @@ class Trainer:
         if self.engine == "fsdp":
             self._prepare_fsdp()
         else:
+            if self.engine == "zero2":  # DeepSpeed's config names the per-process batch (no dataloader here)
+                sharding.set_zero2_batch(self.accelerator, self.rows.stop - self.rows.start)
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         self.teacher_forward = self.teacher
