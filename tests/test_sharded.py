@@ -202,3 +202,15 @@ def test_a_launcher_whose_processes_accelerate_does_not_see_is_refused(monkeypat
     with pytest.raises(UserError, match="started 2 processes but accelerate sees 1"):
         check_process_count(SimpleNamespace(num_processes=1))
     check_process_count(SimpleNamespace(num_processes=2))
+
+
+def test_the_dry_run_divides_the_state_by_the_processes(student, run_cli, tmp_path):
+    code, out, err = run_cli("distill", "--student", student, "--data", "digits", "-o", tmp_path / "plan", "--dry-run",
+                             "--json")
+    assert code == 0, err
+    memory = json.loads(out)["memory"]
+    sharded, parts = memory["per_process_sharded"], list(memory["parts"].values())
+    state = parts[0] + parts[1] + parts[2] + memory["student_params"] * 4  # weights, optimizer, EMA, gradients
+    assert sharded["none"]["8"] == sharded["none"]["1"] == memory["total_bytes"]
+    assert sharded["fsdp"]["1"] - sharded["fsdp"]["8"] == pytest.approx(state * 7 / 8, abs=8)
+    assert sharded["fsdp"]["16"] < sharded["fsdp"]["8"] < sharded["zero2"]["8"] < sharded["none"]["8"]

@@ -165,7 +165,10 @@ class DiTFamily(ModelFamily):
 
     # ---- distillation ----------------------------------------------------------------------
     def shard_blocks(self, model):
-        return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+        """Every transformer block but the first: DiT's output layer reads the first block's
+        adaLN embedding (`transformer_blocks[0].norm1.emb`) outside that block's forward, so
+        it stays in the root unit, gathered for the whole forward."""
+        return [f"transformer_blocks.{i}" for i in range(1, len(model.transformer_blocks))]
 
     def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):
         """Student block i <-> the teacher block it was copied from (recorded at pruning);

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from difcompress.config import DistillConfig
 from difcompress.core.environment import launch_shard_request, launched_processes
@@ -137,13 +137,24 @@ def engine_of(accelerator: Accelerator) -> str:
     return "zero2" if accelerator.distributed_type == DistributedType.DEEPSPEED else "none"
 
 
-def set_fsdp_blocks(accelerator: Accelerator, family: ModelFamily, model: nn.Module) -> list[str]:
-    """Tell the plugin which module classes are the family's blocks (FSDP2's auto-wrap
-    matches classes); returns the block names."""
-    blocks = family.shard_blocks(model)
-    accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(
-        {type(model.get_submodule(name)).__name__ for name in blocks})
-    return blocks
+def set_fsdp_blocks(accelerator: Accelerator, family: ModelFamily, model: nn.Module) -> bool:
+    """Make the family's blocks FSDP units. accelerate's auto-wrap matches classes: where the
+    blocks are exactly the modules of their classes it is told those classes (and its
+    activation checkpointing follows them). Else (DiT: the first block is read outside its
+    forward, so it stays in the root) the named blocks are sharded here, with the plugin's
+    settings, and accelerate wraps only the root. Returns whether accelerate's class rule
+    (and so its activation checkpointing) applies."""
+    plugin = accelerator.state.fsdp_plugin
+    blocks = set(family.shard_blocks(model))
+    classes = {type(model.get_submodule(name)) for name in blocks}
+    if {name for name, m in model.named_modules() if type(m) in classes} == blocks:
+        plugin.transformer_cls_names_to_wrap = sorted(c.__name__ for c in classes)
+        return True
+    plugin.transformer_cls_names_to_wrap = []
+    for name in sorted(blocks):
+        fully_shard(model.get_submodule(name), reshard_after_forward=plugin.reshard_after_forward,
+                    mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
+    return False
 
 
 def set_zero2_batch(accelerator: Accelerator, per_process: int) -> None:

@@ -276,7 +276,8 @@ class Trainer:
         beside the student) and its schedule are built on the shards; the EMA is a shard."""
         config = self.config
         self.optimizer = self.lr_scheduler = self.params = None  # they hold the whole weights: let them go
-        sharding.set_fsdp_blocks(self.accelerator, self.family, self.model)
+        if not sharding.set_fsdp_blocks(self.accelerator, self.family, self.model) and config.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()  # accelerate's follows its class rule, unused here
         self.model, _ = self.accelerator.prepare(self.model, torch.optim.SGD(self.model.parameters(), lr=0.0))
         self.params = list(self.model.parameters()) + (list(self.adapters.parameters()) if self.adapters else [])
         optimizer = make_optimizer(config.optimizer, self.params, config.lr, config.weight_decay)
