@@ -25,13 +25,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from difcompress.config import DistillConfig
 from difcompress.core.environment import launch_shard_request, launched_processes
 from difcompress.core.errors import UserError
 from difcompress.families.base import ModelFamily
 
-# Options the sharded engines cannot run with, and why (one line each).
+# Options FSDP cannot run with, and why (one line each).
 FSDP_REFUSES = {
     "compile": "--compile (torch.compile around FSDP2's per-block hooks is not supported here)",
     "ema_offload": "--ema-offload (the EMA is already a 1/N shard on each process)",
@@ -63,8 +64,8 @@ def check_shard_options(config: DistillConfig, shard: str) -> None:
         raise UserError("--shard-teacher needs --shard fsdp (ZeRO-2 keeps weights whole)", exit_code=2)
     if shard == "zero2":
         _check_zero2(config)
-    refused = [why for name, why in FSDP_REFUSES.items()
-               if (getattr(config, name) == "adamw-8bit" if name == "optimizer" else getattr(config, name))]
+    refused = [why for name, why in FSDP_REFUSES.items() if shard == "fsdp"
+               and (getattr(config, name) == "adamw-8bit" if name == "optimizer" else getattr(config, name))]
     if refused:
         raise UserError(f"--shard {shard} cannot run with {refused[0]}", exit_code=2)
 
@@ -172,7 +173,7 @@ def shard_frozen(model: nn.Module, family: ModelFamily) -> None:
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
+    return isinstance(tensor, DTensor)
 
 
 def local_bytes(tensors) -> int:
