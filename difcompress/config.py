@@ -35,11 +35,11 @@ from difcompress.objectives.registry import LOSS_NAMES, OBJECTIVES
 
 # ---- choices ---------------------------------------------------------------------------------
 Importance = Literal["random", "magnitude", "taylor", "diff-pruning"]
-DepthCriterion = Literal["uniform", "output-change"]
+DepthCriterion = Literal["uniform", "output-change", "block-io-mse"]
 Loss = Literal[LOSS_NAMES]  # type: ignore[valid-type]  (the objectives registry is the source)
 CoarseNorm = Literal[COARSE_NORMS]  # type: ignore[valid-type]
 FeatureSchedule = Literal["constant", "linear", "epoch-linear"]
-FeatureHooks = Literal["stages", "blocks", "self-attention"]
+FeatureHooks = Literal["stages", "blocks", "self-attention", "depth"]
 Reduction = Literal[REDUCTIONS]  # type: ignore[valid-type]
 MaskSource = Literal[MASK_SOURCES]  # type: ignore[valid-type]
 VarianceLoss = Literal["mse", "vlb-kl"]
@@ -52,7 +52,7 @@ QuantizeScheme = Literal["int8", "int4"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Optimizer = Literal["adamw", "adam", "adamw-8bit"]
 Tracker = Literal["none", "tensorboard", "wandb"]
-Sampler = Literal["ddim", "ddpm"]
+Sampler = Literal["ddim", "ddpm", "euler"]
 Extractor = Literal["inception", "digits"]
 DType = Literal["fp32", "fp16", "bf16"]
 Shard = Literal["fsdp", "zero2", "none"]  # training/sharding.py sets each engine up
@@ -165,12 +165,18 @@ class PruneConfig(StageConfig):
         "published koala-1b, koala-700m, ssd-1b and vega layouts.")
     global_pruning: bool = Field(False, description="Rank channels across layers (widths recorded in JSON, "
                                  "not in the stock config).", json_schema_extra=_cli(flags=("--global",)))
-    depth: Optional[int] = Field(None, ge=1, description="DiT: transformer blocks to keep.")
-    blocks: Optional[IntList] = Field(None, description="DiT: blocks to keep, as indices (e.g. 1,3,5).",
-                                      json_schema_extra=_cli(metavar="I,J,..."))
-    depth_criterion: DepthCriterion = Field("uniform", description="DiT --depth: uniform (TinyFusion's i -> 2i+1 "
-                                            "when halving) or output-change (keep the blocks whose removal changes "
-                                            "the output most, on a --data batch).")
+    depth: Optional[int] = Field(None, ge=1, description="Transformers: blocks to keep of the first (or only) "
+                                 "block list (DiT's blocks, Flux's double-stream blocks).")
+    blocks: Optional[IntList] = Field(None, description="Transformers: blocks of the first list to keep, as "
+                                      "indices (e.g. 1,3,5).", json_schema_extra=_cli(metavar="I,J,..."))
+    single_depth: Optional[int] = Field(None, ge=1, description="Flux: single-stream blocks to keep.")
+    single_blocks: Optional[IntList] = Field(None, description="Flux: single-stream blocks to keep, as indices.",
+                                             json_schema_extra=_cli(metavar="I,J,..."))
+    depth_criterion: DepthCriterion = Field("uniform", description="How --depth / --single-depth choose: uniform "
+                                            "(TinyFusion's i -> 2i+1 when halving), output-change (keep the blocks "
+                                            "whose removal changes the output most, on a --data batch) or "
+                                            "block-io-mse (keep the blocks that change their input most: the MSE "
+                                            "between a block's input and output, Freepik's Flux.1-lite rule).")
     seed: int = Field(0, ge=0, description="Seeds random importance, data order and noise.")
     batch_size: int = Field(16, ge=1, description="Images for gradient criteria and output-change scoring.")
     diff_threshold: float = Field(0.05, ge=0, le=1, description="diff-pruning: stop once the loss falls below this "
@@ -196,7 +202,8 @@ class DistillConfig(StageConfig):
         "w_feat_schedule", "class_dropout", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps",
         "optimizer", "weight_decay", "fit_eps", "feature_hooks", "feature_reduction", "feature_adapter_bias",
         "feature_adapter_init", "feature_adapter_always", "feature_mask_by", "loss_reduction", "variance_loss",
-        "caption_dropout", "caption_column", "prompts", "resolution", "center_crop", "random_flip")
+        "caption_dropout", "caption_column", "prompts", "resolution", "center_crop", "random_flip",
+        "guidance_scale")
     # Settings added later, left out of the identity at these values so older checkpoints still resume.
     neutral: ClassVar[dict[str, Any]] = {
         "feature_mask_std": 0.0, "w_feat_schedule": "constant", "class_dropout": 0.0,
@@ -204,7 +211,8 @@ class DistillConfig(StageConfig):
         "weight_decay": 0.0, "fit_eps": FIT_EPS, "feature_hooks": "stages", "feature_reduction": "mean",
         "feature_adapter_bias": True, "feature_adapter_init": None, "feature_adapter_always": False,
         "feature_mask_by": "teacher", "loss_reduction": "mean", "variance_loss": "mse", "caption_dropout": 0.0,
-        "caption_column": None, "prompts": None, "resolution": None, "center_crop": True, "random_flip": False}
+        "caption_column": None, "prompts": None, "resolution": None, "center_crop": True, "random_flip": False,
+        "guidance_scale": None}
 
     student: Ref = Field(description="Pruned student (difcompress folder or any diffusers model).")
     output: Path = OutputField("Run folder (checkpoints, logs, final student).")
@@ -256,7 +264,9 @@ class DistillConfig(StageConfig):
     feature_hooks: FeatureHooks = Field("stages", description="Default feature-KD modules: stages (the output of "
                                         "each down/mid/up block), blocks (every resnet, attention and resampling "
                                         "conv: the LIFT/PLACE authors' DDPM FitNet rule) or self-attention (every "
-                                        "transformer block's self-attention: KOALA's, SDXL only).")
+                                        "transformer block's self-attention: KOALA's, SDXL only); Flux: stages / blocks pair every "
+                                        "student block with the teacher block it was copied from, depth with "
+                                        "teacher block round(i * L / K) (Flux-Mini's x -> 4x).")
     feature_reduction: Reduction = Field("mean", description="Feature KD over the hooked pairs: mean, or sum "
                                          "(BK-SDM and the LIFT/PLACE authors).")
     feature_adapter_bias: bool = Field(True, description="Feature adapters (1x1 conv / linear) with a bias.")
@@ -280,6 +290,9 @@ class DistillConfig(StageConfig):
                                  "classifier-free guidance.")
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="Text-to-image models: captions dropped to the "
                                    "empty prompt, for classifier-free guidance.")
+    guidance_scale: Optional[float] = Field(None, ge=0, description="Guidance-distilled models (FLUX.1-dev): the "
+                                            "guidance value teacher and student both read as an input; required "
+                                            "for them (FluxPipeline's default is 3.5).")
     caption_column: Optional[str] = Field(None, description="Text-to-image data: the caption column (default: "
                                           "text, caption or prompt).")
     resolution: Optional[int] = Field(None, ge=8, description="Short side training images are resized to "
@@ -336,7 +349,8 @@ class EvalConfig(StageConfig):
                               json_schema_extra=_cli(argument=True))
     fid: bool = Field(False, description="Sample and compute FID and KID.")
     num_samples: int = Field(1000, ge=2, description="Samples per model for FID/KID.")
-    sampler: Sampler = Field("ddim", description="Sampler.")
+    sampler: Sampler = Field("ddim", description="Sampler: ddim or ddpm (ancestral) for DDPM-trained models; a "
+                             "flow-matching model (Flux) samples with its Euler ODE sampler, named ddim or euler.")
     sampler_steps: int = Field(100, ge=1, description="Denoising steps per sample.")
     ref: Optional[Ref] = Field(None, description="Reference images folder, stats .npz, or 'digits' (default for "
                                "the embedded teacher).")

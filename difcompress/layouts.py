@@ -159,3 +159,81 @@ DIGITS_T2I_VAE = dict(
 # difcompress writes (data/text.py), prompts of up to 22 characters.
 DIGITS_T2I_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        max_position_embeddings=24, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+# ---- flow-matching transformers (counts on the meta device: docs/published-layouts.md) ----
+# black-forest-labs/FLUX.1-dev transformer/config.json (HF copies markury/flux-fused-v19 and
+# reshamgaire/flux-dev-orignal, _name_or_path the official snapshot 0ef5fff789c8): 19 double-
+# and 38 single-stream blocks, 24 heads x 128, a guidance embedder. "12 billion parameter"
+# (black-forest-labs/flux model_cards/FLUX.1-dev.md); 11,901,408,320 counted here.
+FLUX1_DEV_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+# FLUX.1-schnell: the same layout without the guidance embedder (HF copies db900/PRO_FLUX_0load,
+# art42me/flux-schnell-fp8-quantized); 11,891,178,560 counted here.
+FLUX1_SCHNELL_TRANSFORMER = {**FLUX1_DEV_TRANSFORMER, "guidance_embeds": False}
+# ostris/Flex.1-alpha: 8 double + 38 single blocks (Runware/Flex.1-alpha transformer/config.json),
+# a guidance embedder; "8 billion parameter" (its card); 8,163,264,064 counted here.
+FLEX1_ALPHA_TRANSFORMER = {**FLUX1_DEV_TRANSFORMER, "num_layers": 8, "num_single_layers": 38}
+# TencentARC Flux-Mini: 5 double + 10 single blocks, otherwise FLUX.1-dev's fields
+# (huggingface.co/spaces/TencentARC/Flux-Mini config.json, commit 97ee1ad); "3.2B" (its README);
+# 3,179,199,552 counted here. Freepik's Flux.1-lite-8B has 8 double blocks (stable-diffusion.cpp
+# PR #474) but its single-block count was not found, so it has no layout here.
+FLUX_MINI_TRANSFORMER = {**FLUX1_DEV_TRANSFORMER, "num_layers": 5, "num_single_layers": 10}
+
+# stabilityai/stable-diffusion-3.5-large transformer/config.json (mirror
+# frankjoshua/stable-diffusion-3.5-large, "SD3.5 Large Public Release" 4c4df3f): 38 joint blocks,
+# 38 heads x 64, no dual-attention layers. "8B" (huggingface.co/blog/sd3-5); 8,056,627,520
+# parameters here, 8,146,280,768 with the position table (the "8.1B" third-party pages quote).
+SD35_LARGE_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=38,
+    attention_head_dim=64,
+    num_attention_heads=38,
+    joint_attention_dim=4096,
+    caption_projection_dim=2432,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+    dual_attention_layers=(),
+    qk_norm="rms_norm",
+)
+# stabilityai/stable-diffusion-3.5-medium (MMDiT-X; mirror frankjoshua/stable-diffusion-3.5-medium
+# b8c39704, Prgckwb/trpfrog-sd3.5-medium): 24 blocks, dual attention in blocks 0-12.
+# 2,243,171,520 parameters counted here; with the persistent position table (384^2 x 1536, a
+# buffer) 2,469,663,936 tensors, the "2.47B" a GGUF card and "2.5B" third-party pages quote.
+SD35_MEDIUM_TRANSFORMER = {**SD35_LARGE_TRANSFORMER, "num_layers": 24, "num_attention_heads": 24,
+                           "caption_projection_dim": 1536, "pos_embed_max_size": 384,
+                           "dual_attention_layers": tuple(range(13))}
+
+# Tongyi-MAI/Z-Image-Turbo transformer/config.json (HF copies TheCodingBug/Z-Image-Turbo-int8,
+# epispasm/zit_foretea at the official snapshot 0e36c2b3): one single-stream stack of 30 blocks
+# (`layers`) after 2 noise and 2 caption refiner blocks, 30 heads x 128. "6B" (HF listing,
+# diffusers PR #12775); 6,154,908,736 counted here.
+Z_IMAGE_TURBO_TRANSFORMER = dict(
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=2560,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=(32, 48, 48),
+    axes_lens=(1536, 512, 512),
+)

@@ -22,7 +22,8 @@ from difcompress.core.errors import UserError
 from difcompress.diffusion.inputs import ModelInputs
 from difcompress.diffusion.sampling import Guidance, guided_prediction
 from difcompress.loading.models import load_model
-from difcompress.pruning.transformer import residual_channels, uniform_blocks
+from difcompress.pruning.blocklists import uniform_blocks
+from difcompress.pruning.transformer import residual_channels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -325,7 +326,7 @@ def test_variance_channels_learn_from_the_teacher_under_every_objective(dit_stud
 
 
 def test_latent_sampling_never_clips(tiny_dit_dir):
-    from difcompress.diffusion.ddpm import formulation_for
+    from difcompress.diffusion.formulations import formulation_for
 
     formulation = formulation_for(load_model(str(tiny_dit_dir)).scheduler)
     assert formulation.scheduler.config.clip_sample  # the fixture's DDIM default clips x0 to [-1, 1]
@@ -346,6 +347,7 @@ def test_class_folders_must_match_the_model_classes(dit_student, tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["--ratio", "0", "--depth", "2", "--blocks", "0,1"], "not both"),
+    (["--ratio", "0", "--single-depth", "2"], "one block list"),
     (["--ratio", "0.5", "--depth-criterion", "output-change"], "give --depth"),
     (["--ratio", "0", "--depth", "2", "--depth-criterion", "best"], "--depth-criterion"),
 ])

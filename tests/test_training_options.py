@@ -226,6 +226,14 @@ def test_accelerates_mixed_precision_setting_is_honoured(pruned_dir, tmp_path, m
     assert summary["settings"]["mixed_precision"] == "no"  # an explicit option still wins
 
 
+def test_bf16_mixed_precision_trains_feature_kd_through_width_adapters(pruned_dir, tmp_path):
+    """Features leave autocast in bf16 while the 1x1 adapters stay fp32: the adapters read
+    them in their own dtype (this was a dtype-mismatch error before)."""
+    summary = run_distill(pruned_dir, tmp_path / "bf16", loss="place+feat", mixed_precision="bf16", **BASE)
+    assert summary["settings"]["mixed_precision"] == "bf16"
+    assert torch.isfinite(torch.tensor(summary["final"]["loss"]))
+
+
 def test_distill_dry_run_estimates_memory_and_writes_nothing(tmp_path, run_cli):
     """The estimate's parts follow the options: checkpointing shrinks the step, a bf16 teacher
     halves the teacher's weights, an offloaded EMA leaves the GPU, 8-bit AdamW keeps 2 bytes."""

@@ -128,7 +128,9 @@ def eval_conditions(item, count: int, config: EvalConfig) -> EvalConditions:
         prompts = [prompts[i % len(prompts)] for i in range(count)]
         _, height, width = item.image_shape()
         geometry = frame_rows(None, count, height, width)
-        return EvalConditions(Guidance(family.conditions(model, text=item.text.encode(prompts), geometry=geometry),
+        # A guidance-distilled model (FLUX.1-dev) reads the scale as an input; it has no null condition.
+        cond = family.conditions(model, text=item.text.encode(prompts), geometry=geometry, guidance=scale)
+        return EvalConditions(Guidance(cond,
                                        family.null_conditions(model, text=item.text.encode([config.negative_prompt])),
                                        scale), prompts)
     classes = family.num_classes(model)
@@ -176,8 +178,8 @@ def _measure_all(config: EvalConfig, loaded: list, progress, extractor, referenc
                                "denoiser_kind": item.family.denoiser_kind, "latent": item.autoencoder is not None}
         if (item.manifest or {}).get("checkpoint"):
             row["checkpoint_step"] = item.manifest["checkpoint"]["step"]  # a running run looked at mid-way
-        if guidance.conditions is not None:
-            row["guidance_scale"] = guidance.scale
+        if guidance.conditions is not None and (guidance.null or item.family.takes_guidance(item.model)):
+            row["guidance_scale"] = guidance.scale  # classifier-free, or the input of a guidance-distilled model
         if cond.prompts:
             row["prompts"] = cond.prompts[: config.grid_size]
         row.update(model_size(item.model, item.family))

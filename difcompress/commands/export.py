@@ -167,6 +167,7 @@ def export_info(config: ExportConfig, loaded) -> dict[str, Any]:
         "num_classes": family.num_classes(net), "license": teacher_license(_local_folder(manifest.get("teacher"))),
         "datasets": [data.removeprefix("hf:").split("@")[0]] if isinstance(data, str) and data.startswith("hf:")
         else None,
+        **family.card_facts(net, loaded.text),
     }
 
 

@@ -27,10 +27,11 @@ from difcompress.pruning.importance import accumulate_gradients
 def prune(config: PruneConfig, *, show_progress: bool = False) -> dict[str, Any]:
     """Prune `config.model` into `config.output`; returns the prune report (widths, params
     and MACs before/after, kept blocks, warnings)."""
-    depth_pruning = config.depth is not None or config.blocks is not None
+    depth_pruning = any(v is not None for v in (config.depth, config.blocks, config.single_depth,
+                                                config.single_blocks))
     if config.ratio == 0 and not depth_pruning and config.preset is None:
         raise UserError("--ratio must be above 0 (0 is allowed with --depth/--blocks or --preset)", exit_code=2)
-    if config.depth_criterion != "uniform" and config.depth is None:
+    if config.depth_criterion != "uniform" and config.depth is None and config.single_depth is None:
         raise UserError(f"--depth-criterion {config.depth_criterion} chooses which blocks --depth keeps; "
                         "give --depth", exit_code=2)
     output = check_output_folder(config.output, inputs=[config.model])
@@ -80,21 +81,22 @@ def _prune_loaded(config: PruneConfig, loaded: LoadedModel, show_progress: bool)
     widths_before = family.stage_widths(model)
     base_config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     calibration = timesteps_used = None
-    if config.importance in GRADIENT_CRITERIA or config.depth_criterion == "output-change":
+    if config.importance in GRADIENT_CRITERIA or config.depth_criterion != "uniform":
         x0, conditions = calibration_batch(loaded, config.data, config.batch_size, config.seed, config.split,
                                            config.image_column)
         calibration = (x0, conditions, loaded.scheduler)
     if config.importance in GRADIENT_CRITERIA:
         timesteps_used = _gradients(config, loaded, calibration, show_progress)
     request = PruneRequest(ratio=config.ratio, importance=config.importance, global_pruning=config.global_pruning,
-                           depth=config.depth, blocks=config.blocks, depth_criterion=config.depth_criterion,
+                           depth=config.depth, blocks=config.blocks, single_depth=config.single_depth,
+                           single_blocks=config.single_blocks, depth_criterion=config.depth_criterion,
                            calibration=calibration, seed=config.seed, round_to=config.round_to,
                            preset=config.preset)
     outcome = family.prune(model, request)
     earlier = pruning_report(loaded.manifest) or {}
     if "kept_blocks" in outcome.details and "kept_blocks" in earlier:
         # Pruned again: record blocks of the original teacher, which stays the teacher.
-        outcome.details["kept_blocks"] = [earlier["kept_blocks"][i] for i in outcome.details["kept_blocks"]]
+        outcome.details["kept_blocks"] = _through(earlier["kept_blocks"], outcome.details["kept_blocks"])
         outcome.details["blocks"] = earlier["blocks"]
     model.zero_grad(set_to_none=True)
     student = outcome.model
@@ -120,6 +122,14 @@ def _prune_loaded(config: PruneConfig, loaded: LoadedModel, show_progress: bool)
         "requested_channel_reduction": config.ratio, "warnings": outcome.warnings,
     }
     return report, student, structure
+
+
+def _through(earlier, now):
+    """Blocks of the original teacher: `now` indexes the blocks `earlier` kept (one list, or
+    one list per block list by name)."""
+    if isinstance(now, dict):
+        return {name: _through(earlier[name], kept) if name in earlier else kept for name, kept in now.items()}
+    return [earlier[i] for i in now]
 
 
 def _teacher_reference(loaded: LoadedModel) -> str:

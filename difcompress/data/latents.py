@@ -1,8 +1,9 @@
 """Latent pipelines: the frozen autoencoder, and a disk cache of the encoded dataset.
 
 A latent denoiser (a U-Net in `LDMPipeline`, a DiT in `DiTPipeline`) never sees pixels:
-its data are `encode(image) * scaling_factor`, and its samples are decoded with
-`decode(latents / scaling_factor)`, the convention both stock pipelines use. Only the
+its data are `(encode(image) - shift_factor) * scaling_factor`, and its samples are decoded
+with `decode(latents / scaling_factor + shift_factor)`, the convention the stock pipelines
+use (shift_factor: FLUX.1's and SD3's VAEs; none elsewhere). Only the
 denoiser is pruned and distilled; the autoencoder is copied unchanged.
 
 Encoding a dataset through the VAE costs far more than a training step, so it is done once:
@@ -51,6 +52,10 @@ class Autoencoder:
         return float(getattr(self.model.config, "scaling_factor", 1.0) or 1.0)
 
     @property
+    def shift_factor(self) -> float:
+        return float(getattr(self.model.config, "shift_factor", 0.0) or 0.0)
+
+    @property
     def image_channels(self) -> int:
         return self.model.config.in_channels
 
@@ -66,13 +71,13 @@ class Autoencoder:
         x = images.to(self._device(), next(self.model.parameters()).dtype)
         out = self.model.encode(x)
         latents = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
-        return latents.float().cpu() * self.scaling_factor
+        return (latents.float().cpu() - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         out = []
         for chunk in latents.split(batch_size):
-            z = chunk.to(self._device(), next(self.model.parameters()).dtype) / self.scaling_factor
+            z = chunk.to(self._device(), next(self.model.parameters()).dtype) / self.scaling_factor + self.shift_factor
             out.append(self.model.decode(z).sample.float().clamp(-1, 1).cpu())
         return torch.cat(out)
 

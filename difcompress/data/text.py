@@ -19,7 +19,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5TokenizerFast
 
 from difcompress.core.errors import UserError
 from difcompress.core.files import build_once, read_json, read_text
@@ -148,6 +148,133 @@ class DualTextEncoder:
         return _fingerprint([(self.tokenizer, self.model), (self.tokenizer_2, self.model_2)])
 
 
+def _pooled(output) -> torch.Tensor:
+    """A CLIP encoder's pooled output: the projected one where it has a projection
+    (CLIPTextModelWithProjection, SD3's pair), else the pooler's (CLIPTextModel, Flux's)."""
+    projected = getattr(output, "text_embeds", None)
+    return output.pooler_output if projected is None else projected
+
+
+@dataclass
+class ClipT5TextEncoder:
+    """The text side of the flow-matching MMDiTs: CLIP encoders for the pooled vector
+    (``pooled_projections``, their pooled outputs side by side) and T5 for the sequence
+    (``encoder_hidden_states``, padded to `max_sequence_length` tokens). With `clip_sequence`
+    (SD3), the CLIP encoders' penultimate hidden states, side by side and zero-padded to T5's
+    width, come before T5's tokens, as StableDiffusion3Pipeline.encode_prompt builds them;
+    without it (Flux) the sequence is T5's alone. Components are named in order: tokenizer /
+    text_encoder, then _2, _3 (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5)."""
+
+    clips: tuple[tuple[Any, nn.Module], ...] = field(repr=False)
+    t5_tokenizer: Any = field(repr=False)
+    t5: nn.Module = field(repr=False)
+    max_sequence_length: int = 256
+    clip_sequence: bool = True
+
+    @property
+    def max_length(self) -> int:
+        """T5's window: what a caption is truncated to (CLIP's 77 tokens truncate silently, as in the pipeline)."""
+        return self.max_sequence_length
+
+    def truncated(self, prompts: list[str]) -> list[str]:
+        limit = self.max_sequence_length
+        ids = self.t5_tokenizer(prompts, truncation=False, verbose=False).input_ids
+        return [p for p, tokens in zip(prompts, ids) if len(tokens) > limit]
+
+    def components(self) -> dict[str, Any]:
+        parts = [*self.clips, (self.t5_tokenizer, self.t5)]
+        suffixes = [""] + [f"_{i}" for i in range(2, len(parts) + 1)]
+        return {name + suffix: part for suffix, (tokenizer, model) in zip(suffixes, parts)
+                for name, part in (("tokenizer", tokenizer), ("text_encoder", model))}
+
+    def with_models(self, change) -> ClipT5TextEncoder:
+        return ClipT5TextEncoder(tuple((t, change(m)) for t, m in self.clips), self.t5_tokenizer, change(self.t5),
+                                 self.max_sequence_length, self.clip_sequence)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """{"encoder_hidden_states": (N, [clip tokens +] T5 tokens, T5 width), "pooled_projections": (N, pooled)}."""
+        states, pooled = [], []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            sequence, vector = self._encode_chunk(chunk)
+            states.append(sequence.float().cpu())
+            pooled.append(vector.float().cpu())
+        if not states:
+            return {"encoder_hidden_states": torch.empty(0), "pooled_projections": torch.empty(0)}
+        return {"encoder_hidden_states": torch.cat(states), "pooled_projections": torch.cat(pooled)}
+
+    def _encode_chunk(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.t5.parameters()).device
+        clip_window = int(self.clips[0][0].model_max_length)  # the pipeline pads every CLIP to the first's window
+        outputs = [model(tokenizer(prompts, padding="max_length", max_length=clip_window, truncation=True,
+                                   return_tensors="pt").input_ids.to(device), output_hidden_states=True)
+                   for tokenizer, model in self.clips]
+        t5_ids = self.t5_tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length,
+                                   truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+        sequence = self.t5(t5_ids.to(device))[0]
+        if self.clip_sequence:
+            clip_states = torch.cat([out.hidden_states[-2] for out in outputs], -1).to(sequence.dtype)
+            clip_states = nn.functional.pad(clip_states, (0, sequence.shape[-1] - clip_states.shape[-1]))
+            sequence = torch.cat([clip_states, sequence], -2)
+        return sequence, torch.cat([_pooled(out) for out in outputs], -1)
+
+    def fingerprint(self) -> str:
+        return _fingerprint([*self.clips, (self.t5_tokenizer, self.t5)]) + f"-{self.max_sequence_length}"
+
+
+@dataclass
+class ChatTextEncoder:
+    """A chat language model as text encoder (Z-Image's Qwen3): each prompt wrapped in the
+    tokenizer's chat template as one user turn, padded to `max_sequence_length`, and the
+    penultimate hidden states of its real tokens read, as ZImagePipeline._encode_prompt does.
+    Prompts differ in length, so the encodings are the states zero-padded to the window
+    (``cap_feats``) and which tokens are real (``cap_mask``, 1.0 / 0.0)."""
+
+    tokenizer: Any = field(repr=False)
+    model: nn.Module = field(repr=False)
+    max_sequence_length: int = 512
+
+    @property
+    def max_length(self) -> int:
+        return self.max_sequence_length
+
+    def templated(self, prompts: list[str]) -> list[str]:
+        return [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True, enable_thinking=True) for p in prompts]
+
+    def truncated(self, prompts: list[str]) -> list[str]:
+        ids = self.tokenizer(self.templated(prompts), truncation=False, verbose=False).input_ids
+        return [p for p, tokens in zip(prompts, ids) if len(tokens) > self.max_sequence_length]
+
+    def components(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer, "text_encoder": self.model}
+
+    def with_models(self, change) -> ChatTextEncoder:
+        return ChatTextEncoder(self.tokenizer, change(self.model), self.max_sequence_length)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """{"cap_feats": (N, window, width), "cap_mask": (N, window)}."""
+        device = next(self.model.parameters()).device
+        states, masks = [], []
+        for start in range(0, len(prompts), batch_size):
+            tokens = self.tokenizer(self.templated(prompts[start:start + batch_size]), padding="max_length",
+                                    max_length=self.max_sequence_length, truncation=True, return_tensors="pt")
+            mask = tokens.attention_mask.to(device).bool()
+            hidden = self.model(input_ids=tokens.input_ids.to(device), attention_mask=mask,
+                                output_hidden_states=True).hidden_states[-2]
+            states.append((hidden * mask[..., None]).float().cpu())
+            masks.append(mask.float().cpu())
+        if not states:
+            return {"cap_feats": torch.empty(0), "cap_mask": torch.empty(0)}
+        return {"cap_feats": torch.cat(states), "cap_mask": torch.cat(masks)}
+
+    def fingerprint(self) -> str:
+        chat = hashlib.sha256(str(self.tokenizer.chat_template).encode()).hexdigest()[:8]
+        return _fingerprint([(self.tokenizer, self.model)]) + f"-{chat}-{self.max_sequence_length}"
+
+
 def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     """Prompts from a file: one per line (.txt), a caption column (.csv, .jsonl), or a COCO
     captions file (.json with an "annotations" list)."""
@@ -220,4 +347,15 @@ def write_character_tokenizer(folder: Path, model_max_length: int = 16) -> Path:
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
                               model_max_length=model_max_length, pad_token="<|endoftext|>")
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_t5_tokenizer(folder: Path, model_max_length: int = 64) -> Path:
+    """A T5 (unigram) tokenizer whose vocabulary this project writes: T5's pad, end and
+    unknown tokens, the word-start mark and one piece per printable character, no sentinel
+    ids. For tiny Flux / SD3 pipelines (tests, embedded teachers), so nothing is downloaded."""
+    folder = Path(folder)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(chr(c), -3.0) for c in range(33, 127)]
+    T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length).save_pretrained(folder)
     return folder

@@ -3,14 +3,15 @@ timesteps, noise added by the scheduler's alphas, and a denoiser that predicts t
 (epsilon), the velocity (v) or the clean sample, as the scheduler config says.
 
 A formulation is what training and sampling ask of the diffusion process, apart from the
-model family: draw timesteps, noise a clean batch, name the regression target, and build
-the sampler. (A flow-matching formulation is the other kind diffusers trains.)
+model family: draw timesteps, noise a clean batch, name the regression target, build the
+sampler and run it (`denoise`). The flow-matching formulation (flow.py) is the other kind
+diffusers trains; formulations.py picks one from the scheduler.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -41,8 +42,10 @@ class DDPMFormulation:
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
-    def draw_timesteps(self, size: int, generator: torch.Generator, antithetic: bool = False) -> torch.Tensor:
-        """Training timesteps, uniform over the schedule (in antithetic pairs when asked)."""
+    def draw_timesteps(self, size: int, generator: torch.Generator, antithetic: bool = False,
+                       sample_shape=None) -> torch.Tensor:
+        """Training timesteps, uniform over the schedule (in antithetic pairs when asked);
+        the sample shape does not matter to DDPM (it does to a shifted flow)."""
         if antithetic:
             return antithetic_timesteps(size, self.num_train_timesteps, generator)
         return torch.randint(0, self.num_train_timesteps, (size,), generator=generator)
@@ -59,7 +62,8 @@ class DDPMFormulation:
             return self.training.get_velocity(x0, noise, t)
         return x0
 
-    def sampler(self, name: str, steps: int, learned_variance: bool = False, pixels: bool = True):
+    def sampler(self, name: str, steps: int, learned_variance: bool = False, pixels: bool = True,
+                sample_shape=None):
         """A DDIM or ancestral sampler built from the training config (betas, prediction type),
         set to `steps`; ancestral sampling uses a learned variance where the model predicts
         one (DiT); latents (pixels=False) are never clipped to [-1, 1]."""
@@ -73,9 +77,18 @@ class DDPMFormulation:
         return out
 
 
-def formulation_for(scheduler: Any) -> DDPMFormulation:
-    """The formulation a denoiser was trained with, read off its scheduler."""
-    if "FlowMatch" in type(scheduler).__name__:
-        raise UserError(f"{type(scheduler).__name__}: flow-matching denoisers are not supported yet "
-                        "(difcompress trains DDPM-formulated ones)", exit_code=2)
-    return DDPMFormulation(scheduler)
+    def denoise(self, x: torch.Tensor, predict: Callable, *, sampler: str, steps: int, generators=None,
+                learned_variance: bool = False, pixels: bool = True) -> torch.Tensor:
+        """Run the sampler from noise `x`; `predict(x, t)` returns (eps, learned variance or
+        None) for integer timesteps `t` of shape (N,). Ancestral steps draw from `generators`
+        (one per sample)."""
+        dtype = x.dtype
+        sched = self.sampler(sampler, steps, learned_variance=learned_variance, pixels=pixels)
+        x = x * sched.init_noise_sigma
+        for t in sched.timesteps:
+            tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+            eps, variance = predict(sched.scale_model_input(x, t), tt)
+            prediction = torch.cat([eps, variance], 1) if variance is not None and sampler == "ddpm" else eps
+            kwargs = {"generator": generators} if sampler == "ddpm" else {"eta": 0.0}
+            x = sched.step(prediction.float(), t, x.float(), **kwargs).prev_sample.to(dtype)
+        return x

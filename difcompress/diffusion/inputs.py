@@ -29,6 +29,14 @@ class ModelInputs:
 
 def cast_floating(inputs: dict, dtype: torch.dtype) -> dict:
     """A model's keyword inputs with every floating-point tensor in `dtype`, nested dicts
-    (SDXL's added_cond_kwargs) included: the call a teacher kept in another dtype takes."""
-    return {k: cast_floating(v, dtype) if isinstance(v, dict) else v.to(dtype) if v.is_floating_point() else v
-            for k, v in inputs.items()}
+    (SDXL's added_cond_kwargs) and lists (Z-Image's per-sample tensors) included: the call a
+    teacher kept in another dtype takes."""
+    return {k: _cast(v, dtype) for k, v in inputs.items()}
+
+
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, dict):
+        return cast_floating(value, dtype)
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    return value.to(dtype) if value.is_floating_point() else value

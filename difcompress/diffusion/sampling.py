@@ -1,4 +1,5 @@
-"""Family-agnostic ancestral / DDIM sampling with per-sample seeds.
+"""Family-agnostic sampling with per-sample seeds: the formulation's sampler (DDIM or
+ancestral for DDPM models, Euler for flow-matching ones) under classifier-free guidance.
 
 Sample i starts from noise drawn with seed `seed + i`, so the same seed gives the same
 images whatever the batch size, and teacher and student grids line up column by column.
@@ -12,7 +13,6 @@ from typing import Any
 import torch
 
 from difcompress.data.conditions import Conditions, drop, take, to
-from difcompress.diffusion.ddpm import formulation_for
 from difcompress.diffusion.inputs import ModelInputs
 
 
@@ -56,23 +56,20 @@ def sample_images(family, model, scheduler: Any, num_samples: int, *, seed: int,
     """Samples in the denoiser's space; pixels are clamped to [-1, 1], latents never clipped."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     c, h, w = family.sample_shape(model)
-    formulation = formulation_for(scheduler)
+    formulation = family.formulation(model, scheduler)
     out = []
     for start in range(0, num_samples, batch_size):
         idx = range(start, min(num_samples, start + batch_size))
         gens = [torch.Generator().manual_seed(seed + i) for i in idx]
         x = torch.stack([torch.randn(c, h, w, generator=g) for g in gens]).to(device, dtype)
         cond = to(take(guidance.conditions, slice(idx.start, idx.stop)), device) or {}
-        null = to(guidance.null, device)
-        rows = Guidance(cond or None, null, guidance.scale)
-        sched = formulation.sampler(sampler, steps, learned_variance=family.learns_variance(model), pixels=pixels)
-        x = x * sched.init_noise_sigma
-        for t in sched.timesteps:
-            tt = torch.full((len(idx),), int(t), device=device, dtype=torch.long)
-            eps, variance = guided_prediction(family, model, ModelInputs(sched.scale_model_input(x, t), tt, cond), rows)
-            prediction = torch.cat([eps, variance], 1) if variance is not None and sampler == "ddpm" else eps
-            kwargs = {"generator": gens} if sampler == "ddpm" else {"eta": 0.0}
-            x = sched.step(prediction.float(), t, x.float(), **kwargs).prev_sample.to(dtype)
+        rows = Guidance(cond or None, to(guidance.null, device), guidance.scale)
+
+        def predict(x_in, t, rows=rows, cond=cond):
+            return guided_prediction(family, model, ModelInputs(x_in, t, cond), rows)
+
+        x = formulation.denoise(x, predict, sampler=sampler, steps=steps, generators=gens,
+                                learned_variance=family.learns_variance(model), pixels=pixels)
         out.append(x.float().clamp(-1, 1).cpu() if pixels else x.float().cpu())
         if on_batch is not None:
             on_batch(len(idx))

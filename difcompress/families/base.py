@@ -15,7 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from difcompress.core.errors import UserError
 from difcompress.data.conditions import Conditions
+from difcompress.diffusion.flow import FlowTraining
+from difcompress.diffusion.formulations import formulation_for
 from difcompress.diffusion.inputs import ModelInputs
 
 
@@ -26,9 +29,11 @@ class PruneRequest:
     ratio: float  # fraction of channels (U-Net) or attention heads (DiT) removed
     importance: str  # random, magnitude, taylor, diff-pruning (gradients already in .grad)
     global_pruning: bool = False
-    depth: int | None = None  # transformer blocks to keep
+    depth: int | None = None  # transformer blocks to keep (of the first block list)
     blocks: list[int] | None = None  # explicit blocks to keep
-    depth_criterion: str = "uniform"  # uniform or output-change
+    single_depth: int | None = None  # Flux: single-stream blocks to keep
+    single_blocks: list[int] | None = None  # Flux: explicit single-stream blocks to keep
+    depth_criterion: str = "uniform"  # uniform, output-change or block-io-mse
     calibration: Any = None  # (x0, conditions, scheduler) for data-driven criteria
     seed: int = 0
     round_to: int = 1  # every pruned width a multiple of this (tensor-core friendly)
@@ -93,10 +98,32 @@ class ModelFamily(ABC):
             "timestep": torch.full((batch_size,), 10, dtype=torch.long, device=device),
         }
 
+    def attach(self, model: nn.Module, autoencoder, text=None) -> None:
+        """Tell a loaded denoiser what its pipeline knows and its config does not (Flux: the
+        native image size, from the VAE, and the text window). Nothing for most families."""
+
+    def with_text_tokens(self, inputs: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+        """`example_inputs` with a text sequence of `tokens` tokens (the memory estimate's)."""
+        if "encoder_hidden_states" not in inputs:
+            return inputs
+        states = inputs["encoder_hidden_states"]
+        return {**inputs, "encoder_hidden_states": torch.randn(states.shape[0], tokens, states.shape[-1],
+                                                               device=states.device)}
+
     def size_multiple(self, model: nn.Module) -> int | None:
         """What every other sample size must be a multiple of (a U-Net halves it at each
         level), or None when the model's size is fixed (position embeddings)."""
         return None
+
+    def flow_training(self, model: nn.Module) -> FlowTraining | None:
+        """How a flow-matching model draws training timesteps and samples (None: not a flow
+        family, or diffusion/flow.py's defaults)."""
+        return None
+
+    def formulation(self, model: nn.Module, scheduler: Any):
+        """The diffusion formulation the model was trained with (DDPM or rectified flow, by
+        its scheduler), with this family's flow settings."""
+        return formulation_for(scheduler, self.flow_training(model))
 
     def learns_variance(self, model: nn.Module) -> bool:
         """True when the output carries a learned variance beside epsilon (out = 2 x in)."""
@@ -109,12 +136,24 @@ class ModelFamily(ABC):
         raise NotImplementedError(f"{self.name} takes no text")
 
     def conditions(self, model: nn.Module, *, labels: torch.Tensor | None = None, text: Conditions | None = None,
-                   geometry: torch.Tensor | None = None) -> Conditions | None:
+                   geometry: torch.Tensor | None = None, guidance: float | None = None) -> Conditions | None:
         """The named conditions the denoiser reads, one row per sample, from class labels or
         from encoded captions (the text side's encodings by name), with each image's
-        (original height, width, crop top, left) where the model reads them (None for an
-        unconditional model)."""
+        (original height, width, crop top, left) where the model reads them, and the guidance
+        value a guidance-distilled model reads as an input (FLUX.1-dev; others ignore it).
+        None for an unconditional model."""
         return None
+
+    def takes_guidance(self, model: nn.Module) -> bool:
+        """Whether the denoiser reads a guidance value as an input (guidance distillation)."""
+        return False
+
+    def check_guidance(self, model: nn.Module, guidance: float | None) -> None:
+        """A guidance-distilled model without a guidance value: one line, before any long work."""
+        if guidance is None and self.takes_guidance(model):
+            raise UserError(f"this {type(model).__name__} is guidance-distilled (guidance_embeds): teacher and "
+                            "student read a guidance value; pass --guidance-scale (FluxPipeline's default is 3.5)",
+                            exit_code=2)
 
     def null_conditions(self, model: nn.Module, *, text: Conditions | None = None) -> Conditions | None:
         """What classifier-free guidance drops a condition to (one row of each name that
@@ -140,6 +179,10 @@ class ModelFamily(ABC):
     def card_usage(self, where: str, load_args: str, imports: list[str], info: dict[str, Any]) -> list[str]:
         """Model-card lines showing how stock diffusers loads and samples the exported folder
         (`load_args`: the from_pretrained arguments; `info`: what the export records)."""
+
+    def card_facts(self, model: nn.Module, text) -> dict[str, Any]:
+        """What `card_usage` needs beyond the export's common record (none for most families)."""
+        return {}
 
     # ---- pruning ---------------------------------------------------------------------------
     @abstractmethod

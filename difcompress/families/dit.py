@@ -29,16 +29,21 @@ from diffusers.models.embeddings import LabelEmbedding
 
 from difcompress.core.errors import UserError
 from difcompress.families.base import ModelFamily, PruneOutcome, PruneRequest
+from difcompress.pruning.blocklists import (
+    CRITERIA,
+    DEPTH_CRITERIA,
+    BlockLayout,
+    BlockList,
+    uniform_blocks,
+)
 from difcompress.pruning.transformer import (
     WidthIndex,
-    block_removal_scores,
     copy_slices,
     element_scorer,
     same_embedders,
-    uniform_blocks,
 )
 
-DEPTH_CRITERIA = ("uniform", "output-change")
+LAYOUT = BlockLayout((BlockList("transformer_blocks", "num_layers"),))
 
 
 class DiTFamily(ModelFamily):
@@ -78,7 +83,7 @@ class DiTFamily(ModelFamily):
         table = model.transformer_blocks[0].norm1.emb.class_embedder
         return table.num_classes if table.embedding_table.num_embeddings > table.num_classes else None
 
-    def conditions(self, model, *, labels=None, text=None, geometry=None):
+    def conditions(self, model, *, labels=None, text=None, geometry=None, guidance=None):
         return None if labels is None else {"class_labels": labels}
 
     def null_conditions(self, model, *, text=None):
@@ -150,7 +155,8 @@ class DiTFamily(ModelFamily):
             raise UserError(f"--depth must lie between 1 and {layers} (the model has {layers} blocks)", exit_code=2)
         if request.depth_criterion == "uniform" or keep == layers:
             return uniform_blocks(layers, keep), None
-        scores = block_removal_scores(self, model, request.calibration, request.seed)
+        scores = CRITERIA[request.depth_criterion](self, model, LAYOUT, request.calibration,
+                                                   request.seed)["transformer_blocks"]
         ranked = sorted(range(layers), key=lambda i: -scores[i])
         return sorted(ranked[:keep]), scores
 
@@ -189,6 +195,9 @@ def _check_prunable(model, request: PruneRequest) -> None:
                         f"this one has norm_type={config.norm_type}, norm_elementwise_affine={config.norm_elementwise_affine}")
     if config.activation_fn not in ("gelu", "gelu-approximate"):
         raise UserError(f"difcompress prunes DiT feed-forwards with gelu / gelu-approximate, not {config.activation_fn}")
+    if request.single_depth is not None or request.single_blocks is not None:
+        raise UserError("--single-depth / --single-blocks: a DiT has one block list; use --depth / --blocks",
+                        exit_code=2)
     if request.blocks is not None and request.depth is not None:
         raise UserError("give either --depth or --blocks, not both", exit_code=2)
     if request.depth_criterion not in DEPTH_CRITERIA:

@@ -8,12 +8,16 @@ from torch import nn
 from difcompress.core.errors import UserError
 from difcompress.families.base import ModelFamily
 from difcompress.families.dit import DiTFamily
+from difcompress.families.flux import FluxFamily
+from difcompress.families.sd3 import SD3Family
 from difcompress.families.sdxl import SDXLFamily
 from difcompress.families.t2i import TextToImageFamily
 from difcompress.families.unet2d import PixelUNetFamily
+from difcompress.families.zimage import ZImageFamily
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (PixelUNetFamily(), DiTFamily(), TextToImageFamily(),
-                                                         SDXLFamily())}
+                                                         SDXLFamily(), FluxFamily(), SD3Family(),
+                                                         ZImageFamily())}
 SUPPORTED_CLASSES = sorted({f.model_class.__name__ for f in FAMILIES.values()})
 
 

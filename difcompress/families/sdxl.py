@@ -96,7 +96,7 @@ class SDXLFamily(TextToImageFamily):
             "text_embeds": torch.randn(batch_size, self.pooled_width(model), device=device),
             "time_ids": time_ids.repeat(batch_size, 1)}}
 
-    def conditions(self, model, *, labels=None, text=None, geometry=None):
+    def conditions(self, model, *, labels=None, text=None, geometry=None, guidance=None):
         """Both text conditions, and time ids (original height, width, crop top, left, target
         height, width) from `geometry` rows."""
         if text is None:

@@ -68,7 +68,7 @@ class TextToImageFamily(PixelUNetFamily):
     def text_side(self, parts):
         return TextEncoder(parts["tokenizer"], parts["text_encoder"])
 
-    def conditions(self, model, *, labels=None, text=None, geometry=None):
+    def conditions(self, model, *, labels=None, text=None, geometry=None, guidance=None):
         return None if text is None else {"encoder_hidden_states": text["encoder_hidden_states"]}
 
     def null_conditions(self, model, *, text=None):

@@ -99,11 +99,11 @@ class Processes:
 
 
 def teacher_samples(teacher, count: int, *, seed: int, noise_seed: int, steps: int, prompts: list[str] | None = None,
-                    cache: Path | None = None, processes: Processes = Processes(), cache_root: Path | None = None
-                    ) -> TrainingSet:
+                    cache: Path | None = None, processes: Processes = Processes(), cache_root: Path | None = None,
+                    guidance: float | None = None) -> TrainingSet:
     """The teacher's own samples (latents for latent models) under balanced class labels or
-    the given prompts (guided as the family samples its data), generated once and kept in
-    `cache` when given."""
+    the given prompts (guided as the family samples its data; `guidance`: the value a
+    guidance-distilled teacher reads), generated once and kept in `cache` when given."""
     family, model = teacher.family, teacher.model
     classes = family.num_classes(model)
     labels = balanced_labels(count, classes, seed) if classes else None
@@ -112,7 +112,8 @@ def teacher_samples(teacher, count: int, *, seed: int, noise_seed: int, steps: i
         text, null_text, _ = cached_text(prompts, teacher.text, cache_root or default_cache_root(),
                                          encode_here=processes.is_local_main)
     _, height, width = teacher.image_shape()
-    conditions = family.conditions(model, labels=labels, text=text, geometry=frame_rows(None, count, height, width))
+    conditions = family.conditions(model, labels=labels, text=text, geometry=frame_rows(None, count, height, width),
+                                   guidance=guidance)
     null = family.null_conditions(model, text=null_text)
 
     def generate():
@@ -147,6 +148,7 @@ def training_data(config: DistillConfig, student, teacher, *, cache_dir: Path, p
     or its caption's encoding, encoded once and cached), and a report (data, latent and text
     caches, skipped files)."""
     framing = Framing(config.resolution, config.center_crop, config.random_flip)
+    student.family.check_guidance(student.model, config.guidance_scale)
     if config.data == TEACHER:
         if not framing.is_default:
             raise UserError("--resolution, --no-center-crop and --random-flip frame image data; --data teacher is "
@@ -168,7 +170,8 @@ def training_data(config: DistillConfig, student, teacher, *, cache_dir: Path, p
     if family.reads_geometry:
         size = training_size(student, framing.resolution)
         geometry = frame_rows(images.geometry() if hasattr(images, "geometry") else None, len(images), size, size)
-    conditions = family.conditions(model, labels=getattr(dataset, "labels", None), text=text, geometry=geometry)
+    conditions = family.conditions(model, labels=getattr(dataset, "labels", None), text=text, geometry=geometry,
+                                   guidance=config.guidance_scale)
     return TrainingSet(dataset, conditions, family.null_conditions(model, text=null_text)), report
 
 
@@ -199,7 +202,7 @@ def _teacher_data(config: DistillConfig, student, teacher, cache_dir: Path, proc
     data = teacher_samples(teacher, config.teacher_samples, seed=config.seed, noise_seed=config.seed + 1_000_003,
                            steps=config.teacher_sampler_steps, prompts=prompts,
                            cache=cache_dir / TEACHER_SAMPLES, processes=processes,
-                           cache_root=config.latent_cache)
+                           cache_root=config.latent_cache, guidance=config.guidance_scale)
     return data, report
 
 
@@ -230,13 +233,22 @@ def _source_report(data: str, images: Dataset, *, warn_here: bool, captions: boo
 def calibration_batch(loaded, data: str | None, batch_size: int, seed: int, split: str | None = None,
                       image_column: str | None = None) -> tuple[torch.Tensor, Conditions | None]:
     """A batch in the denoiser's space, with its conditions: real data from --data (encoded
-    directly for latent models: one batch needs no cache), or the teacher's samples."""
+    directly for latent models: one batch needs no cache; captions encoded for text-to-image
+    models, which read the family's default guidance where they take one), or the teacher's
+    samples."""
     family, model = loaded.family, loaded.model
+    if family.takes_text and (not data or data == TEACHER):
+        raise UserError("scoring a text-to-image model needs captioned images: pass --data (an imagefolder with "
+                        "captions)", exit_code=2)
     if data and data != TEACHER:
         images = image_data(data, loaded, split, image_column)
         labels = getattr(images, "labels", None) if family.num_classes(model) else None
-        stream = BatchStream(images, batch_size, seed=seed, conditions=family.conditions(model, labels=labels))
-        batch, conditions = stream.next_with_conditions()
+        rows = {"row": torch.arange(len(images))} if family.takes_text else family.conditions(model, labels=labels)
+        batch, conditions = BatchStream(images, batch_size, seed=seed, conditions=rows).next_with_conditions()
+        if family.takes_text:  # only the batch's captions are encoded
+            captions = [images.captions[i] for i in conditions["row"].tolist()]
+            conditions = family.conditions(model, text=loaded.text.encode(captions), guidance=family.default_guidance,
+                                           geometry=frame_rows(None, len(captions), *loaded.image_shape()[1:]))
         if loaded.autoencoder is not None:
             batch = loaded.autoencoder.encode(batch)
         return batch, conditions

@@ -150,6 +150,7 @@ def _load_folder(path: Path, source: str) -> LoadedModel:
     else:
         raise UserError(f"{path} is not a diffusers model or pipeline folder (no model_index.json or config.json)")
     model = _load_weights(family, model_dir)
+    family.attach(model, autoencoder, text)
     if not family.matches(model):  # e.g. an SD U-Net in an SDXL pipeline folder
         raise UserError(f"{model_dir}: this {type(model).__name__} does not fit a {family.name} pipeline "
                         f"({', '.join(family.pipelines)}); check the folder")

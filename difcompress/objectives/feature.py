@@ -60,7 +60,11 @@ class FeatureAdapters(nn.Module):
         return len(self.adapters)
 
     def forward(self, index: int, feature: Tensor) -> Tensor:
-        return self.adapters[index](feature)
+        adapter = self.adapters[index]
+        weight = next(adapter.parameters(), None)
+        # Under mixed precision the student's features come out of autocast in bf16/fp16 while
+        # the adapter (trained, outside autocast) stays fp32: it reads them in its own dtype.
+        return adapter(feature if weight is None else feature.to(weight.dtype))
 
 
 def massive_activation_mask(feature: Tensor, num_std: float) -> Tensor:

@@ -10,7 +10,6 @@ import torch_pruning as tp
 from torch import nn
 
 from difcompress.data.conditions import Conditions, repeat, to
-from difcompress.diffusion.ddpm import formulation_for
 from difcompress.diffusion.inputs import ModelInputs
 
 
@@ -41,7 +40,7 @@ def _per_timestep_losses(model, family, formulation, images, conditions, chunk, 
     t = torch.tensor(chunk, device=images.device).repeat_interleave(n)
     repeated = images.repeat(len(chunk), *([1] * (images.dim() - 1)))
     inputs = ModelInputs(formulation.noisy(repeated, noise, t), t, repeat(conditions, len(chunk)) or {})
-    errors = (family.predict(model, inputs).float() - noise).square()
+    errors = (family.predict(model, inputs).float() - formulation.target(repeated, noise, t)).square()
     return errors.view(len(chunk), -1).mean(1)  # each entry: the MSE over that timestep's images
 
 
@@ -67,7 +66,7 @@ def accumulate_gradients(model: nn.Module, family: Any, scheduler: Any, images: 
     model.zero_grad(set_to_none=True)
     timesteps = gradient_timesteps(criterion, scheduler.config.num_train_timesteps, max_timesteps, generator)
     running_max, used = 0.0, 0
-    formulation = formulation_for(scheduler)
+    formulation = family.formulation(model, scheduler)
     for start in range(0, len(timesteps), timesteps_per_pass):
         chunk = timesteps[start: start + timesteps_per_pass]
         losses = _per_timestep_losses(model, family, formulation, images, conditions, chunk, generator)

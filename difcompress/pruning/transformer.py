@@ -1,4 +1,5 @@
-"""Pruning engine for DiT-style transformers: whole blocks (depth) and whole heads (width).
+"""Width pruning for DiT (whole heads, the residual width with them); its blocks are chosen
+by the block-list engine (blocklists.py).
 
 The coupling is fixed by the architecture (adaLN-Zero's six chunks of the residual width,
 q/k/v heads, the final layer's shift/scale, each block's private conditioning embedder),
@@ -9,44 +10,10 @@ with the kept slices of every teacher weight copied in (:func:`copy_slices`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from difcompress.core.errors import UserError
-from difcompress.data.conditions import to
-from difcompress.diffusion.ddpm import formulation_for
-from difcompress.diffusion.inputs import ModelInputs
-
-
-def uniform_blocks(layers: int, keep: int) -> list[int]:
-    """The last block of each of `keep` equal segments: for 28 -> 14, blocks 1, 3, ..., 27."""
-    return [math.floor((i + 1) * layers / keep) - 1 for i in range(keep)]
-
-
-@torch.no_grad()
-def block_removal_scores(family, model, calibration, seed: int) -> list[float]:
-    """How much the noise prediction changes when each block is skipped (MSE), on a batch
-    noised at random timesteps. Blocks whose removal changes the output least go first."""
-    if calibration is None:
-        raise UserError("--depth-criterion output-change needs a data batch (--data, or the teacher's samples)")
-    x0, conditions, scheduler = calibration
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    x0 = x0.to(device)
-    noise = torch.randn(x0.shape, generator=gen).to(device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
-    inputs = ModelInputs(formulation_for(scheduler).noisy(x0, noise, t), t, to(conditions, device) or {})
-    full = family.predict(model, inputs)
-    scores = []
-    for block in model.transformer_blocks:
-        handle = block.register_forward_hook(lambda _m, args, _out: args[0])  # the block becomes identity
-        try:
-            scores.append(float(torch.mean((family.predict(model, inputs) - full) ** 2)))
-        finally:
-            handle.remove()
-    return scores
 
 
 def element_scorer(importance: str, seed: int):

@@ -25,8 +25,14 @@ def print_prune_report(report: dict[str, Any]) -> None:
         f"requested {report['pruned_unit']} reduction {report['requested_channel_reduction']:.0%}; "
         f"achieved params -{report['params_reduction']:.1%}, MACs -{report['macs_reduction']:.1%}"
     )
-    if "kept_blocks" in report and report["kept_blocks"] != list(range(report["blocks"])):
-        console.print(f"kept blocks ({report['depth_criterion']}): {report['kept_blocks']}")
+    if "kept_blocks" in report:
+        kept, blocks = report["kept_blocks"], report["blocks"]
+        # one list of blocks (DiT), or one per block list by name (Flux, SD3, Z-Image)
+        lists = kept.items() if isinstance(kept, dict) else [("blocks", kept)]
+        counts = blocks if isinstance(blocks, dict) else {"blocks": blocks}
+        for name, indices in lists:
+            if indices != list(range(counts[name])):
+                console.print(f"kept {name} ({report['depth_criterion']}): {indices} of {counts[name]}")
     for warning in report["warnings"]:
         err_console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"saved to {report['output']}")
@@ -58,6 +64,8 @@ def print_distill_plan(plan: dict[str, Any]) -> None:
             table.add_row(layout, *(human(totals[n], "B") for n in counts))
         console.print(table)
     console.print("An estimate: allocator fragmentation and kernel workspaces come on top (README: Will it fit?).")
+    if memory.get("fit"):
+        console.print(f"[yellow]{memory['fit']}[/]")
 
 
 def print_eval_report(result: dict[str, Any]) -> None:

@@ -3,9 +3,14 @@
 Hooks are attached to module objects found by name before any wrapping, and outputs are
 kept by pair index, so wrappers that rename modules (DDP's `module.` prefix,
 torch.compile's `_orig_mod.`) cannot break the pairing.
+
+A name may end in `[k]`: the k-th output of a module that returns a tuple (Flux's blocks
+return (text stream, image stream)); without it a tuple's first output is kept.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -22,6 +27,19 @@ def parse_feature_layers(layers: list[str] | None) -> list[tuple[str, str]] | No
     return [tuple(item.split("=", 1)) if "=" in item else (item, item) for item in layers]
 
 
+def tap_point(name: str) -> tuple[str, int | None]:
+    """'module' or 'module[k]' -> (module name, which output of a tuple, or None)."""
+    found = re.fullmatch(r"(.*)\[(\d+)\]", name)
+    return (found.group(1), int(found.group(2))) if found else (name, None)
+
+
+def tapped(output, index: int | None):
+    """The kept output: the `index`-th of a tuple, else a tuple's first, else the output."""
+    if isinstance(output, tuple):
+        return output[index or 0]
+    return output
+
+
 class FeatureTaps:
     """The outputs of each (student block, teacher block) pair of the last forward passes."""
 
@@ -32,15 +50,16 @@ class FeatureTaps:
         for model, store, side in ((student, self._student, 0), (teacher, self._teacher, 1)):
             modules = dict(model.named_modules())
             for i, pair in enumerate(pairs):
-                if pair[side] not in modules:
+                name, which = tap_point(pair[side])
+                if name not in modules:
                     raise UserError(f"feature layer '{pair[side]}' not found in the {('student', 'teacher')[side]}",
                                     exit_code=2)
-                modules[pair[side]].register_forward_hook(self._hook(store, i))
+                modules[name].register_forward_hook(self._hook(store, i, which))
 
     @staticmethod
-    def _hook(store, index):
+    def _hook(store, index, which):
         def hook(_module, _inputs, output):
-            store[index] = output[0] if isinstance(output, tuple) else output
+            store[index] = tapped(output, which)
 
         return hook
 

@@ -12,7 +12,9 @@ fp32). Not counted: the allocator's fragmentation and kernel workspaces.
 
 Checked against BK-SDM's published figures (SD-1.4 U-Net teacher in fp16, BK-SDM-Base
 student, fp16, gradient checkpointing, EMA, AdamW; their README): micro-batch 16, 28 GB
-published, 27.9 GiB estimated; micro-batch 64, 53 GB published, 65.3 GiB estimated.
+published, 25.1 GiB estimated; micro-batch 64, 53 GB published, 63.4 GiB estimated. (Up
+to the flow-transformer issue a view of a weight, such as a linear layer's transposed
+weight, counted as a new allocation of the whole weight: 27.9 and 65.3 GiB then.)
 """
 
 from __future__ import annotations
@@ -31,17 +33,32 @@ from difcompress.config import DistillConfig
 from difcompress.core.console import quiet_diffusers
 from difcompress.core.environment import DTYPES
 from difcompress.diffusion.inputs import cast_floating
+from difcompress.training.feature_taps import tap_point, tapped
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adam": 8, "adamw-8bit": 2}
+LARGEST_GPU_BYTES = 80 * 10**9  # an 80 GB card (A100 / H100), the largest one process commonly has
+
+
+def fit_note(total_bytes: int) -> str | None:
+    """One line when the estimate cannot fit one 80 GB GPU unsharded: where to go instead."""
+    if total_bytes <= LARGEST_GPU_BYTES:
+        return None
+    return (f"about {total_bytes / 10**9:.0f} GB per process does not fit one 80 GB GPU unsharded: shard the "
+            "student, its optimizer state and the teacher over several GPUs with --shard fsdp (FSDP2 through "
+            "accelerate)")
 
 
 class _LiveStorageBytes(TorchDispatchMode):
-    """Bytes of the storages ops create that are still alive, and their peak."""
+    """Bytes of the storages ops create that are still alive, and their peak. The storages
+    of `existing` tensors (weights, inputs) are not new: an op returning a view of one (a
+    linear layer's transposed weight) allocates nothing."""
 
-    def __init__(self):
+    def __init__(self, existing=()):
         super().__init__()
         self.live = self.peak = 0
         self._seen = WeakIdKeyDictionary()
+        for tensor in existing:
+            self._seen[tensor.untyped_storage()] = 0
 
     def _freed(self, size: int) -> None:
         self.live -= size
@@ -63,25 +80,27 @@ def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: in
                 feature_pairs: list[tuple[str, str]]) -> int:
     """Peak bytes one training step allocates at `batch` (student and teacher on meta)."""
     inputs = family.example_inputs(student, batch)
-    if "encoder_hidden_states" in inputs and text_tokens:
-        states = inputs["encoder_hidden_states"]
-        inputs["encoder_hidden_states"] = torch.randn(batch, text_tokens, states.shape[-1], device="meta")
+    if text_tokens:
+        inputs = family.with_text_tokens(inputs, text_tokens)
     kept: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
     hooks = []
     for role, model, names in (("student", student, [s for s, _ in feature_pairs]),
                                ("teacher", teacher, [t for _, t in feature_pairs])):
         for name in names if model is not None else []:
-            hooks.append(model.get_submodule(name).register_forward_hook(
-                lambda _m, _i, out, role=role: kept[role].append(out[0] if isinstance(out, tuple) else out)))
-    tracker = _LiveStorageBytes()
+            module, which = tap_point(name)
+            hooks.append(model.get_submodule(module).register_forward_hook(
+                lambda _m, _i, out, role=role, which=which: kept[role].append(tapped(out, which))))
+    existing = [t for model in (student, teacher) if model is not None
+                for t in (*model.parameters(), *model.buffers())] + tree_leaves(inputs)
+    tracker = _LiveStorageBytes(t for t in existing if isinstance(t, torch.Tensor))
     try:
         with tracker:
             target = 0.0
             if teacher is not None:
                 dtype = next(teacher.parameters()).dtype
                 with torch.no_grad():
-                    target = teacher(**cast_floating(inputs, dtype)).sample.float()
-            loss = (student(**inputs).sample - target).pow(2).mean()
+                    target = _prediction(teacher(**cast_floating(inputs, dtype))).float()
+            loss = (_prediction(student(**inputs)) - target).pow(2).mean()
             for s, t in zip(kept["student"], kept["teacher"]):
                 loss = loss + s.float().pow(2).mean() + t.float().mean()  # the taps stay alive until backward
             loss.backward()
@@ -90,6 +109,12 @@ def _step_bytes(family, student: nn.Module, teacher: nn.Module | None, batch: in
             hook.remove()
     student.zero_grad(set_to_none=True)
     return tracker.peak
+
+
+def _prediction(output) -> torch.Tensor:
+    """A denoiser's output sample; Z-Image's is a list of per-sample tensors."""
+    sample = output.sample
+    return torch.stack(sample) if isinstance(sample, list) else sample
 
 
 def estimate_distill_memory(config: DistillConfig, family, student: nn.Module, teacher: nn.Module | None, *,
@@ -118,7 +143,8 @@ def estimate_distill_memory(config: DistillConfig, family, student: nn.Module, t
         f"one step at micro-batch {micro_batch} (activations, gradients, teacher forward)":
             int(one - (two - one) + per_sample * micro_batch),
     }
-    return {"parts": parts, "total_bytes": sum(parts.values()), "micro_batch": micro_batch,
+    total = sum(parts.values())
+    return {"parts": parts, "total_bytes": total, "micro_batch": micro_batch, "fit": fit_note(total),
             "gradient_checkpointing": gradient_checkpointing, "mixed_precision": mixed_precision or "no",
             "student_params": params}
 

@@ -42,7 +42,6 @@ from difcompress.core.errors import UserError
 from difcompress.data.conditions import Conditions, drop, take, to
 from difcompress.data.datasets import TrainingSet
 from difcompress.data.stream import BatchStream
-from difcompress.diffusion.ddpm import formulation_for
 from difcompress.diffusion.inputs import ModelInputs
 from difcompress.families.base import ModelFamily
 from difcompress.objectives import OutputOptions, feature_loss, get_objective, task_loss
@@ -116,7 +115,7 @@ class Trainer:
                  feature_pairs: list[tuple[str, str]] | None = None, learn_variance: bool = False,
                  checkpoints: CheckpointPolicy | None = None):
         self.config, self.accelerator, self.family, self.scheduler = config, accelerator, family, scheduler
-        self.formulation = formulation_for(scheduler)
+        self.formulation = family.formulation(student, scheduler)
         self.objective = get_objective(config.loss)
         self.output_options = OutputOptions(config.group_size, config.coarse_norm, config.fit_eps)
         self.w_feat, self.learn_variance = config.resolved_w_feat(), learn_variance
@@ -301,7 +300,8 @@ class Trainer:
         x0, cond = self._images()
         size = self.config.batch_size
         noise = torch.randn((size, *x0.shape[1:]), generator=self.generator)[self.rows]
-        t = self.formulation.draw_timesteps(size, self.generator, self.config.antithetic)[self.rows]
+        t = self.formulation.draw_timesteps(size, self.generator, self.config.antithetic,
+                                           sample_shape=tuple(x0.shape[1:]))[self.rows]
         if cond is not None and self.dropout > 0:
             # Classifier-free guidance training: conditions dropped to the null condition,
             # seeded, the same for teacher and student.
