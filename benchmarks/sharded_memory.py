@@ -6,10 +6,9 @@ Everything on the meta device (no weights, no download):
   EMA, teacher, and one measured step at micro-batch 8, fp16 mixed precision, gradient
   checkpointing), then `per_process_under_sharding`.
 - A Flux.1-lite-sized student: FluxTransformer2DModel with FLUX.1-dev's config
-  (docs/published-layouts.md) and num_layers 8, from the FLUX.1-dev teacher (19 double
-  blocks, bf16). No Flux family is on main yet (issue 23), so the step (activations) is not
-  measured: the table counts the state only (fp32 weights, gradients, AdamW's two moments,
-  the EMA; the teacher in bf16), divided as each sharding divides it.
+  (docs/published-layouts.md) and num_layers 8 (8.16B), from the FLUX.1-dev teacher (bf16),
+  through the Flux family: the same estimate at 1024x1024 (128x128 latents), 512 T5
+  tokens, micro-batch 1, bf16, gradient checkpointing.
 
     python benchmarks/sharded_memory.py [--json]
 """
@@ -28,7 +27,6 @@ from difcompress.layouts import SD14_UNET
 from difcompress.pruning.blocks import student_config
 from difcompress.training.memory import (
     PROCESS_COUNTS,
-    SHARDED_PARTS,
     estimate_distill_memory,
     per_process_under_sharding,
 )
@@ -39,14 +37,17 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
 GIB = 2**30
 
 
+def _config(**settings) -> DistillConfig:
+    """The distill defaults with `settings` and gradient checkpointing (no paths needed)."""
+    defaults = {k: f.default for k, f in DistillConfig.model_fields.items()}
+    return DistillConfig.model_construct(**{**defaults, "gradient_checkpointing": True, **settings})
+
+
 def sd_bk_small() -> dict:
     with torch.device("meta"):
         teacher = UNet2DConditionModel(**SD14_UNET).to(torch.float16)
         student = UNet2DConditionModel(**student_config(SD14_UNET, "bk-small"))
-    config = DistillConfig.model_construct(**{**{k: f.default for k, f in DistillConfig.model_fields.items()},
-                                              "teacher_dtype": "fp16", "mixed_precision": "fp16",
-                                              "gradient_checkpointing": True})
-    memory = estimate_distill_memory(config, family_for_model(student), student, teacher, micro_batch=8,
+    memory = estimate_distill_memory(_config(teacher_dtype="fp16", mixed_precision="fp16"), family_for_model(student), student, teacher, micro_batch=8,
                                      feature_pairs=[], text_tokens=77)
     return {"student_params": memory["student_params"], "per_process": per_process_under_sharding(memory),
             "counted": "state + one measured step (micro-batch 8, fp16, gradient checkpointing)"}
@@ -55,13 +56,12 @@ def sd_bk_small() -> dict:
 def flux_lite() -> dict:
     with torch.device("meta"):
         student = FluxTransformer2DModel(**{**FLUX_DEV, "num_layers": 8})
-        teacher = FluxTransformer2DModel(**FLUX_DEV)
-    params = sum(p.numel() for p in student.parameters())
-    teacher_params = sum(p.numel() for p in teacher.parameters())
-    parts = (params * 4, params * 4, params * 8, params * 4, teacher_params * 2)  # weights, grads, AdamW, EMA, bf16
-    return {"student_params": params, "teacher_params": teacher_params, "counted": "state only (no activations)",
-            "per_process": {layout: {str(n): int(sum(p / n if split else p for p, split in zip(parts, divided)))
-                                     for n in PROCESS_COUNTS} for layout, divided in SHARDED_PARTS.items()}}
+        teacher = FluxTransformer2DModel(**FLUX_DEV).to(torch.bfloat16)
+    memory = estimate_distill_memory(_config(teacher_dtype="bf16", mixed_precision="bf16"), family_for_model(student),
+                                     student, teacher, micro_batch=1, feature_pairs=[], text_tokens=512)
+    return {"student_params": memory["student_params"], "per_process": per_process_under_sharding(memory),
+            "counted": "state + one measured step (1024x1024, 512 T5 tokens, micro-batch 1, bf16, gradient "
+                       "checkpointing)"}
 
 
 def main() -> None:
