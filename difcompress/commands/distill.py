@@ -226,9 +226,9 @@ def make_accelerator(config: DistillConfig) -> Accelerator:
         engage_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
     if shard == "zero2":
         engage_zero2_on_cpu(accelerator, plugins["deepspeed_plugin"])
-        if device.type == "cpu" and accelerator.is_main_process:
-            warn("--shard zero2 on CPU processes runs but does not yet reproduce the 1-process run (weights "
-                 "differ by ~1e-3 after a few steps; docs/many-gpus.md): experimental, prefer --shard fsdp")
+        if device.type == "cpu":
+            raise UserError("--shard zero2 does not train on CPU processes here (DeepSpeed's optimizer step leaves "
+                            "the weights unchanged: docs/many-gpus.md); use --shard fsdp", exit_code=2)
     if engine_of(accelerator) != shard:
         raise UserError(f"--shard {shard}: accelerate did not start {shard} here ({accelerator.distributed_type}); "
                         "docs/many-gpus.md says how to launch it", exit_code=2)
