@@ -3,8 +3,13 @@
 and bf16 + torch.compile + channels_last. Also Diff-Pruning's importance pass with one
 timestep per pass against sixteen. Prints markdown tables and writes JSON.
 
+The sharded row (bf16+fsdp: FSDP2 per block, teacher replicated, as `distill --shard fsdp`
+runs) needs a launcher; each process prints its own row (its peak memory, its weights):
+
     python benchmarks/gpu_throughput.py --json gpu.json          # about 5 minutes on one H100
+    torchrun --nproc_per_node 2 benchmarks/gpu_throughput.py --only DiT --modes bf16+fsdp   # 2 GPUs
     python benchmarks/gpu_throughput.py --smoke                   # tiny layouts on the CPU: checks the script
+    torchrun --nproc_per_node 2 benchmarks/gpu_throughput.py --smoke --only DiT --modes bf16+fsdp
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 
 import torch
@@ -27,10 +33,12 @@ from difcompress.layouts import DDPM_CIFAR10_32, DIT_XL_2_256
 from difcompress.metrics.cost import model_size
 from difcompress.pruning.graph import prune_channels
 from difcompress.pruning.importance import accumulate_gradients, make_importance
+from difcompress.training.sharding import accelerator_plugins, engage_fsdp_on_cpu
 from difcompress.training.trainer import Trainer
 
 MODES = {"fp32": {}, "bf16": {"mixed_precision": "bf16"},
-         "bf16+compile+channels_last": {"mixed_precision": "bf16", "compile": True, "channels_last": True}}
+         "bf16+compile+channels_last": {"mixed_precision": "bf16", "compile": True, "channels_last": True},
+         "bf16+fsdp": {"mixed_precision": "bf16", "shard": "fsdp"}}
 
 
 SMOKE_UNET = {**DDPM_CIFAR10_32, "block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8, "sample_size": 16}
@@ -55,11 +63,17 @@ def students(smoke: bool):
 
 
 def measure(teacher, student, batch, shape, learns_variance, mode, steps, device):
-    AcceleratorState._reset_state(reset_partial_state=True)
     options = MODES[mode]
+    if "shard" not in options:  # a launched process keeps its one state
+        AcceleratorState._reset_state(reset_partial_state=True)
     config = DistillConfig(student="bench", output="bench", loss="place", batch_size=batch, steps=10**9,
                            log_every=10**9, allow_tf32=False, **options)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=options.get("mixed_precision", "no"))
+    plugins = accelerator_plugins(config, options.get("shard", "none"))
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=options.get("mixed_precision", "no"),
+                              **plugins)
+    if "fsdp_plugin" in plugins:
+        engage_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    device = accelerator.device
     images = torch.randn(batch * 2, *shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     family = family_for_model(student)
     labels = torch.arange(batch * 2) % 1000 if family.num_classes(student) else None
@@ -82,7 +96,8 @@ def measure(teacher, student, batch, shape, learns_variance, mode, steps, device
     synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
-    return {"images_per_s": batch * steps / seconds, "peak_memory_gb": peak, "warmup_s": warmup, "batch": batch}
+    return {"images_per_s": batch * steps / seconds, "peak_memory_gb": peak, "warmup_s": warmup, "batch": batch,
+            "sharding": trainer.sharding_report()}
 
 
 def synchronize(device):
@@ -118,6 +133,8 @@ def main():
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
+    if any("shard" in MODES[m] for m in args.modes) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        parser.error("the sharded modes run under torchrun --nproc_per_node N (N >= 2), on their own (--modes)")
     steps = 2 if args.smoke else args.steps
     started = time.perf_counter()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import sys
+import time
 import types
 from pathlib import Path
 from typing import (
@@ -52,6 +54,7 @@ from difcompress.core.console import (
     print_json,
     stdout_for_results_only,
 )
+from difcompress.core.environment import is_main_process
 from difcompress.core.errors import UserError
 from difcompress.reports.tables import (
     print_distill_plan,
@@ -177,12 +180,19 @@ def _distill(config: DistillConfig, json_output: bool, dry_run: bool = False) ->
         print_json(plan) if json_output else print_distill_plan(plan)
         return
     summary = distill(config, show_progress=not json_output)
+    if not is_main_process():  # one report per run, not one per process
+        return
     if json_output:
         print_json(summary)
         return
     final = summary["final"]
     if summary["resumed_from_step"] is not None:
         console.print(f"resumed from the checkpoint of step {summary['resumed_from_step']}")
+    sharding = summary.get("sharding") or {}
+    if sharding.get("engine", "none") != "none":
+        per_process = ", ".join(human(b, "B") for b in sharding["parameter_bytes_per_process"])
+        console.print(f"sharded with {sharding['engine']} over {sharding['processes']} processes: student weights "
+                      f"{per_process} per process of {human(sharding['parameter_bytes_unsharded'], 'B')}")
     console.print(f"distilled {summary['steps']} steps; final loss {final.get('loss', float('nan')):.4f}; "
                   f"student, metrics.jsonl and curves.png in {summary['output']}")
 
@@ -298,7 +308,16 @@ def run_command(
         print_json({"recipe": str(recipe.resolve()), "stages": results})
 
 
+OTHER_RANKS_ERROR_WAIT_S = 5
+
+
 def _error(message: str, code: int) -> None:
+    if not is_main_process():
+        # Under a launcher every process usually stops on the same line: the main process
+        # prints it, and the launcher ends the others meanwhile. A line only this process
+        # met is printed after the wait, with its rank.
+        time.sleep(OTHER_RANKS_ERROR_WAIT_S)
+        message = f"[rank {os.environ.get('RANK')}] {message}"
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 

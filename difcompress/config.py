@@ -55,6 +55,7 @@ Tracker = Literal["none", "tensorboard", "wandb"]
 Sampler = Literal["ddim", "ddpm", "euler"]
 Extractor = Literal["inception", "digits"]
 DType = Literal["fp32", "fp16", "bf16"]
+Shard = Literal["fsdp", "zero2", "none"]  # training/sharding.py sets each engine up
 Family = Literal["unet2d", "dit", "t2i"]
 GRADIENT_CRITERIA = ("taylor", "diff-pruning")
 
@@ -313,6 +314,14 @@ class DistillConfig(StageConfig):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
                                          "(less memory, slower).")
     compile: bool = Field(False, description="torch.compile the student and teacher.")
+    shard: Optional[Shard] = Field(None, description="Shard the training state over the processes: fsdp (FSDP2: "
+                                   "student weights, gradients, optimizer state and EMA split per block), zero2 "
+                                   "(DeepSpeed ZeRO-2: gradients and optimizer state; pip install "
+                                   "'difcompress[deepspeed]') or none (DDP; default: what accelerate launch "
+                                   "--use_fsdp / --use_deepspeed or its config asks for, else none). Under torchrun "
+                                   "difcompress sets the engine up itself (CPU and GPU); docs/many-gpus.md.")
+    shard_teacher: bool = Field(False, description="--shard fsdp: shard the frozen teacher per block too "
+                                "(default: replicated on each process in --teacher-dtype, no gathers per forward).")
     channels_last: bool = Field(False, description="channels_last memory format for conv nets on GPU.")
     allow_tf32: bool = Field(False, description="TF32 matmuls on Ampere and newer GPUs.")
     dataloader_num_workers: int = Field(0, ge=0, description="Processes decoding images (0: the main process). "

@@ -4,10 +4,19 @@ A checkpoint is a folder `checkpoints/step-XXXXXXX` written under a temporary na
 renamed when complete. It holds the student, its EMA, the feature adapters, the optimizer
 moments, the RNG states, the learning-rate schedule and the data-stream position, so a
 resumed run continues bit for bit.
+
+Under FSDP the state is in shards: the student, its EMA, the adapters and the optimizer
+moments are written by torch distributed checkpoint (DCP), every process its own shards
+into the same temporary folder, which the main process renames once all are written (a
+kill -9 mid-write leaves the previous checkpoint as it was). DCP reads them back into any
+sharding (or into whole tensors), so such a checkpoint resumes on another number of
+processes. Its tensors are DCP's plain byte files; its index (`.metadata`) is DCP's own
+format, written and read only by torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -15,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from difcompress.core.errors import UserError
@@ -32,14 +43,20 @@ class Checkpoint:
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
+    sharded: bool = False  # modules and optimizer hold shards (DTensors): written by DCP on every process
+
+# DCP's index file: a folder holding it is a sharded checkpoint.
+DCP_INDEX = ".metadata"
 
 
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _flatten_optimizer(state: dict[str, Any], move: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer tensors by `index.slot` (on the CPU, or left in place when not `move`) and
+    the JSON rest."""
     tensors, scalars = {}, {}
     for index, slots in state["state"].items():
         for key, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous() if move else value
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -59,9 +76,13 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, state: Checkpoint, *, info: dict[str, Any], keep: int | None = None) -> Path:
     """Write `checkpoints/step-XXXXXXX` atomically, with `info` (the run's identity) beside
-    the state; `keep` old checkpoints stay (None: all of them)."""
+    the state; `keep` old checkpoints stay (None: all of them). A sharded state: every process calls it."""
     root = Path(run_dir) / "checkpoints"
     target = root / f"step-{state.step:07d}"
+    if state.sharded:
+        _save_sharded(target, state, info)
+        _remove_old(run_dir, keep)
+        return target
     tensors = {name: _cpu(modules) for name, modules in state.modules.items()}
     opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
     needed = sum(t.numel() * t.element_size() for group in (*tensors.values(), opt_tensors) for t in group.values())
@@ -72,10 +93,37 @@ def save_checkpoint(run_dir: Path, state: Checkpoint, *, info: dict[str, Any], k
         save_file(_cpu(state.rng), tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({**info, **state.info, "step": state.step, "optimizer": opt_meta},
                                                    indent=2))
-    if keep is not None:
+    _remove_old(run_dir, keep)
+    return target
+
+
+def _remove_old(run_dir: Path, keep: int | None) -> None:
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if keep is not None and main:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return target
+
+
+def _save_sharded(target: Path, state: Checkpoint, info: dict[str, Any]) -> None:
+    """DCP on every process into the main process's temporary folder, then the main process
+    adds the RNG states and state.json and renames it; everyone returns once it is in place."""
+    main = dist.get_rank() == 0
+    opt_tensors, opt_meta = _flatten_optimizer(state.optimizer, move=False)
+    tensors = {**state.modules, "optimizer": opt_tensors}
+    needed = sum(t.numel() * t.element_size() for group in tensors.values() for t in group.values())
+    with atomic_folder(target, needed_bytes=needed) if main else contextlib.nullcontext() as tmp:
+        where = [str(tmp) if main else None]
+        dist.broadcast_object_list(where, src=0)
+        dcp.save(tensors, checkpoint_id=where[0])  # every process its shards, the main one the index
+        if main:
+            save_file(_cpu(state.rng), tmp / "rng.safetensors")
+            (tmp / "state.json").write_text(json.dumps({**info, **state.info, "step": state.step,
+                                                        "optimizer": opt_meta}, indent=2))
+    dist.barrier()
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (Path(path) / DCP_INDEX).is_file()
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -102,9 +150,12 @@ def read_checkpoint_info(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """The state a checkpoint folder holds (its info: everything state.json records)."""
+def load_checkpoint(path: Path, like: Checkpoint | None = None) -> Checkpoint:
+    """The state a checkpoint folder holds (its info: everything state.json records). A
+    sharded one is read into `like`'s tensors in place (sharded or whole: DCP reshards)."""
     info = read_checkpoint_info(path)
+    if is_sharded_checkpoint(path):
+        return _load_sharded(path, info, like)
     try:
         modules = {p.stem: load_file(p) for p in path.glob("*.safetensors") if p.stem not in ("optimizer", "rng")}
         optimizer = _unflatten_optimizer(load_file(path / "optimizer.safetensors"), info["optimizer"])
@@ -112,3 +163,17 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
     return Checkpoint(info["step"], modules, optimizer, rng, info)
+
+
+def _load_sharded(path: Path, info: dict[str, Any], like: Checkpoint | None) -> Checkpoint:
+    if like is None:
+        raise UserError(f"checkpoint {path} is sharded (torch distributed checkpoint): resume it with distill", 2)
+    opt_tensors, _ = _flatten_optimizer(like.optimizer, move=False)
+    tensors = {**{name: dict(module) for name, module in like.modules.items()}, "optimizer": opt_tensors}
+    try:
+        dcp.load(tensors, checkpoint_id=str(path), no_dist=not dist.is_initialized())  # one process: plain reads
+        rng = load_file(path / "rng.safetensors")
+        optimizer = _unflatten_optimizer(tensors.pop("optimizer"), info["optimizer"])
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
+    return Checkpoint(info["step"], tensors, optimizer, rng, info, sharded=like.sharded)

@@ -20,8 +20,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 
 from difcompress.artifacts.checkpoint import (
+    is_sharded_checkpoint,
     latest_checkpoint,
-    load_checkpoint,
     read_checkpoint_info,
 )
 from difcompress.artifacts.folders import check_output_folder, pruning_report
@@ -30,7 +30,9 @@ from difcompress.config import DistillConfig
 from difcompress.core.console import distill_progress, warn
 from difcompress.core.environment import (
     DTYPES,
+    deepspeed_on_the_cpu_quietly,
     launched,
+    launched_processes,
     resolve_device,
     seed_everything,
     versions,
@@ -43,13 +45,24 @@ from difcompress.objectives import get_objective
 from difcompress.objectives.registry import objective_name
 from difcompress.reports.plots import plot_metrics
 from difcompress.training.feature_taps import parse_feature_layers
-from difcompress.training.memory import estimate_distill_memory
+from difcompress.training.memory import (
+    estimate_distill_memory,
+    per_process_under_sharding,
+)
 from difcompress.training.run_folder import (
     append_metrics,
     prepare_run_folder,
     publish_student,
     remove_unused_run_folder,
     truncate_metrics,
+)
+from difcompress.training.sharding import (
+    accelerator_plugins,
+    check_shard_options,
+    engage_fsdp_on_cpu,
+    engage_zero2_on_cpu,
+    engine_of,
+    resolve_shard,
 )
 from difcompress.training.trainer import (
     CheckpointPolicy,
@@ -77,24 +90,27 @@ def distill(config: DistillConfig, *, show_progress: bool = False) -> dict[str, 
     check_resume_from(config)
     check_unquantized(config.student, "student")
     output = check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
+    resume = bool(config.resume or config.resume_from)
+    if resume:  # on every process, before any (it only reads): all stop on the same line
+        check_resume_identity(config, output)
     accelerator = make_accelerator(config)
     micro_batch_size(config.batch_size, accelerator.num_processes, config.gradient_accumulation_steps)
-    resume = bool(config.resume or config.resume_from)
     new_folder = not output.exists() or not any(output.iterdir())
     with folder_lock(output) if accelerator.is_main_process else contextlib.nullcontext():
         if accelerator.is_main_process:
-            if resume:
-                check_resume_identity(config, output)
             resume, notes = prepare_run_folder(output, resume)
             for note in notes:
                 warn(note)
         accelerator.wait_for_everyone()
         try:
-            return _run(config, accelerator, resume, show_progress)
+            summary = _run(config, accelerator, resume, show_progress)
         except BaseException:
             if new_folder and accelerator.is_main_process:
                 remove_unused_run_folder(output)
             raise
+    if engine_of(accelerator) != "none":
+        accelerator.state.destroy_process_group()  # else FSDP's gloo threads abort the interpreter's exit
+    return summary
 
 
 def plan_distill(config: DistillConfig) -> dict[str, Any]:
@@ -116,7 +132,8 @@ def plan_distill(config: DistillConfig) -> dict[str, Any]:
         feature_pairs=pairs, text_tokens=student.text.max_length if student.text else None)
     settings = config.model_dump(mode="json", exclude=NOT_SETTINGS)
     settings.update(teacher=teacher_ref, w_feat=w_feat, objective=objective_name(config.loss, w_feat),
-                    processes=processes)
+                    processes=processes, shard=resolve_shard(config))
+    memory["per_process_sharded"] = per_process_under_sharding(memory)
     return {"settings": settings, "memory": memory, "output": str(Path(config.output).resolve())}
 
 
@@ -155,7 +172,9 @@ def check_resume_identity(config: DistillConfig, output: Path) -> None:
     path = latest_checkpoint(output) if config.resume_from in (None, "latest") else Path(config.resume_from)
     if path is None:
         return  # prepare_run_folder says what is wrong with the folder
-    recorded = read_checkpoint_info(path).get("settings", {})
+    info = read_checkpoint_info(path)
+    check_resume_sharding(path, info, resolve_shard(config))
+    recorded = info.get("settings", {})
     given = config.model_dump(mode="json")
     differ = [k for k in DistillConfig.identity if k not in RESOLVED_SETTINGS and k in recorded
               and recorded[k] != given.get(k)]
@@ -165,8 +184,35 @@ def check_resume_identity(config: DistillConfig, output: Path) -> None:
                         "settings or choose another -o")
 
 
+def check_resume_sharding(path: Path, info: dict[str, Any], shard: str) -> None:
+    """A sharded (DCP) checkpoint resumes sharded or whole on any number of processes; a
+    whole one resumes whole; a ZeRO-2 one only as it was written. Else one line, before
+    anything in the run folder changes."""
+    recorded = info.get("sharding") or {"engine": "none", "processes": 1}
+    written = recorded["engine"]
+    if written == "fsdp" and is_sharded_checkpoint(path) and shard in ("fsdp", "none"):
+        return
+    if written == "none" and shard in ("none", "zero2") and not is_sharded_checkpoint(path):
+        return
+    if written == "zero2" and shard == "zero2" and recorded["processes"] == launched_processes():
+        return
+    raise UserError(f"checkpoint {path} was written {_sharding_words(recorded)}; it cannot resume with --shard {shard} "
+                    f"on {launched_processes()} process(es) (a --shard fsdp checkpoint resumes with fsdp or none on "
+                    "any number, an unsharded one with none or zero2, a zero2 one with zero2 on as many); nothing "
+                    "was changed", exit_code=2)
+
+
+def _sharding_words(recorded: dict[str, Any]) -> str:
+    engine = recorded["engine"]
+    return "unsharded" if engine == "none" else f"with --shard {engine} on {recorded['processes']} processes"
+
+
 def make_accelerator(config: DistillConfig) -> Accelerator:
-    """The accelerate state for this run, on exactly the device asked for."""
+    """The accelerate state for this run, on exactly the device asked for, with the
+    sharding engine asked for (training/sharding.py)."""
+    shard = resolve_shard(config)
+    check_shard_options(config, shard)
+    deepspeed_on_the_cpu_quietly()
     device = resolve_device(config.device)
     if launched() and config.device not in ("auto", "cuda"):
         raise UserError(f"--device {config.device}: under accelerate launch each process uses its own GPU; "
@@ -180,11 +226,35 @@ def make_accelerator(config: DistillConfig) -> Accelerator:
         # accelerate keeps one state per process; a process that runs several distills (the
         # Python API, benchmarks) must get the precision each one asks for.
         AcceleratorState._reset_state(reset_partial_state=True)
+    plugins = accelerator_plugins(config, shard)
     try:
-        return Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision, log_with=trackers,
-                           project_dir=str(config.output))
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision,
+                                  log_with=trackers, project_dir=str(config.output), **plugins)
     except ValueError as err:  # e.g. fp16 on a CPU, bf16 on an old GPU
         raise UserError(f"--mixed-precision: {str(err).splitlines()[0]}", exit_code=2) from None
+    check_process_count(accelerator)
+    if shard == "fsdp":
+        engage_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    if shard == "zero2":
+        engage_zero2_on_cpu(accelerator, plugins["deepspeed_plugin"])
+        if device.type == "cpu":
+            raise UserError("--shard zero2 does not train on CPU processes here (DeepSpeed's optimizer step leaves "
+                            "the weights unchanged: docs/many-gpus.md); use --shard fsdp", exit_code=2)
+    if engine_of(accelerator) != shard:
+        raise UserError(f"--shard {shard}: accelerate did not start {shard} here ({accelerator.distributed_type}); "
+                        "docs/many-gpus.md says how to launch it", exit_code=2)
+    return accelerator
+
+
+def check_process_count(accelerator: Accelerator) -> None:
+    """The guard against N copies of one run: the launcher started WORLD_SIZE processes, and
+    accelerate must see as many (it does not where `accelerate launch --use_fsdp` finds no
+    GPU: each process then believes it is alone and would train, and write, the whole run)."""
+    started = launched_processes()
+    if started != accelerator.num_processes:
+        raise UserError(f"the launcher started {started} processes but accelerate sees {accelerator.num_processes} "
+                        "in each (accelerate launch --use_fsdp/--use_deepspeed without GPUs does this); on CPUs use "
+                        f"torchrun --nproc_per_node {started} -m difcompress distill ... --shard fsdp", exit_code=2)
 
 
 def _trackers(report_to: str) -> list[str] | None:
@@ -208,14 +278,17 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
     learn_variance = teacher is not None and student.family.learns_variance(teacher.model)
     settings = run_settings(config, student, teacher_ref, w_feat, pairs, accelerator)
     fingerprint = run_fingerprint(settings)
+    sharding = {"engine": engine_of(accelerator), "processes": accelerator.num_processes}
     trainer = Trainer(config, accelerator, student.family, student.model, student.scheduler,
                       teacher.model if teacher else None, data, feature_pairs=pairs, learn_variance=learn_variance,
-                      checkpoints=CheckpointPolicy(output, {"fingerprint": fingerprint, "settings": settings}))
+                      checkpoints=CheckpointPolicy(output, {"fingerprint": fingerprint, "settings": settings,
+                                                            "sharding": sharding}))
+    trainer.prepare()  # before the resume: a sharded checkpoint is read into the shards
     resumed_from = _resume(trainer, config, settings, fingerprint) if resume else None
-    trainer.prepare()
+    report = trainer.sharding_report()
     last = _fit(trainer, config, settings, show_progress)
     summary = {"steps": config.steps, "resumed_from_step": resumed_from, "final": last, "settings": settings,
-               "data": data_report, "latent_cache": data_report.get("latent_cache")}
+               "data": data_report, "latent_cache": data_report.get("latent_cache"), "sharding": report}
     _finish(trainer, config, student, settings, summary)
     summary["output"] = str(output.resolve())
     return summary
@@ -298,7 +371,7 @@ def _resume(trainer: Trainer, config: DistillConfig, settings: dict[str, Any], f
                         "resume with the same settings or choose another -o")
     if info["step"] > config.steps:
         raise UserError(f"checkpoint {path} is at step {info['step']}, past --steps {config.steps}", exit_code=2)
-    trainer.load_state_dict(load_checkpoint(path))
+    trainer.load_state_dict(trainer.read_checkpoint(path))
     return info["step"]
 
 
@@ -354,16 +427,15 @@ def _finish(trainer: Trainer, config: DistillConfig, student: LoadedModel, setti
     if config.checkpoint_every:
         trainer.save_checkpoint()
     trainer.accelerator.wait_for_everyone()
+    final = trainer.final_student()  # under FSDP a gather every process takes part in
     if not trainer.accelerator.is_main_process:
         return
-    final = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.ema is not None:
-        trainer.ema.copy_to(final)
     manifest = {
         "stage": "distill", "status": "complete", "family": student.family.name, "student_source": config.student,
         "teacher": settings.get("teacher") or (student.manifest or {}).get("teacher"),
         "structure": (student.manifest or {}).get("structure", "config"),
         "pruning": pruning_report(student.manifest), "versions": versions(), "distill": summary,
+        "sharding": summary["sharding"],
     }
     publish_student(output, final.eval().to("cpu"), student, manifest)
     plot_metrics(output / "metrics.jsonl", output / "curves.png", title=f"{output.name}: {settings['objective']}")

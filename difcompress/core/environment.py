@@ -44,6 +44,29 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started: its WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_shard_request() -> str | None:
+    """The sharding accelerate launch asks for (--use_fsdp / --use_deepspeed, or the same keys
+    of an `accelerate config` file, which the launcher turns into these variables)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return f"zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
+    return None
+
+
+def deepspeed_on_the_cpu_quietly() -> None:
+    """Where DeepSpeed is installed, accelerate imports it on every run; on a machine without
+    a GPU its device detection then prints a warning on stdout (breaking --json). Naming the
+    CPU, as DeepSpeed's CPU mode needs anyway, skips the detection."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def is_main_process() -> bool:
     """Whether this process writes shared outputs (rank 0, or no launcher)."""
     return not launched() or int(os.environ.get("RANK", "0")) == 0

@@ -201,6 +201,11 @@ class ModelFamily(ABC):
         """Width per stage, for before/after reports."""
 
     # ---- distillation ----------------------------------------------------------------------
+    def shard_blocks(self, model: nn.Module) -> list[str]:
+        """The modules FSDP shards as one unit each (all-gathered just before their forward,
+        freed after): the model's repeated blocks. Empty: the whole model is one unit."""
+        return []
+
     @abstractmethod
     def feature_layer_pairs(self, student: nn.Module, teacher: nn.Module, pruning: dict[str, Any] | None,
                             hooks: str = "stages") -> list[tuple[str, str]]:

@@ -101,6 +101,11 @@ class BlockListFamily(ModelFamily):
                 setattr(pruned, name, getattr(model, name))
 
     # ---- distillation ----------------------------------------------------------------------
+    def shard_blocks(self, model):
+        """Every block of every list (Flux: double- and single-stream)."""
+        return [f"{blocks.name}.{i}" for blocks in self.layout(model).lists
+                for i in range(len(getattr(model, blocks.name)))]
+
     def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):
         """Every student block's streams with its teacher block's: the block it was copied from
         (the pruning record; stages, blocks) or by depth (depth: student block i <-> teacher

@@ -108,7 +108,7 @@ class DiTFamily(ModelFamily):
         if "class_labels" not in inputs.cond:
             raise UserError("this DiT is class-conditional: its data needs class labels", exit_code=2)
         out = model(inputs.sample, inputs.timestep, class_labels=inputs.cond["class_labels"]).sample
-        c = model.config.in_channels
+        c = inputs.sample.shape[1]  # not model.config: DDP and DeepSpeed wrappers have none
         return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
 
     # ---- pruning ---------------------------------------------------------------------------
@@ -170,6 +170,12 @@ class DiTFamily(ModelFamily):
         }
 
     # ---- distillation ----------------------------------------------------------------------
+    def shard_blocks(self, model):
+        """Every transformer block but the first: DiT's output layer reads the first block's
+        adaLN embedding (`transformer_blocks[0].norm1.emb`) outside that block's forward, so
+        it stays in the root unit, gathered for the whole forward."""
+        return [f"transformer_blocks.{i}" for i in range(1, len(model.transformer_blocks))]
+
     def feature_layer_pairs(self, student, teacher, pruning, hooks="stages"):
         """Student block i <-> the teacher block it was copied from (recorded at pruning);
         without a record, the last teacher block of the i-th of K equal segments, which for

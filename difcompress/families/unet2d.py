@@ -85,7 +85,7 @@ class PixelUNetFamily(GraphPrunedFamily):
     def forward(self, model, inputs):
         out = model(inputs.sample, inputs.timestep).sample
         # Learned-variance U-Nets predict (eps, var): KD compares the epsilon channels.
-        c = model.config.in_channels
+        c = inputs.sample.shape[1]  # not model.config: DDP and DeepSpeed wrappers have none
         return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
 
     def never_prune(self, model):
@@ -276,6 +276,13 @@ class PixelUNetFamily(GraphPrunedFamily):
         else:
             names = _blocks(student)
         return [(n, n) for n in names]
+
+    def shard_blocks(self, model):
+        """Every resnet and attention of the down, mid and up blocks: units of one to a few
+        million weights in SD's U-Net (a whole up block is up to ~350M), so a rank's peak
+        holds one of them gathered, not a whole stage."""
+        return [n for block in _blocks(model) for n in _block_modules(model, block)
+                if ".resnets." in n or ".attentions." in n]
 
 
 def _blocks(model) -> list[str]:

@@ -52,6 +52,17 @@ def print_distill_plan(plan: dict[str, Any]) -> None:
         table.add_row(part, human(size, "B"))
     table.add_row("[bold]total[/]", f"[bold]{human(memory['total_bytes'], 'B')}[/]")
     console.print(table)
+    sharded = memory.get("per_process_sharded")
+    if sharded:
+        counts = list(next(iter(sharded.values())))
+        table = Table(title="estimated peak per process under sharding (weights, gradients, optimizer state and EMA "
+                            "divided by the processes; activations not)")
+        table.add_column("--shard")
+        for n in counts:
+            table.add_column(f"{n} GPU{'s' if n != '1' else ''}", justify="right")
+        for layout, totals in sharded.items():
+            table.add_row(layout, *(human(totals[n], "B") for n in counts))
+        console.print(table)
     console.print("An estimate: allocator fragmentation and kernel workspaces come on top (README: Will it fit?).")
     if memory.get("fit"):
         console.print(f"[yellow]{memory['fit']}[/]")

@@ -113,4 +113,25 @@ def estimate_distill_memory(config: DistillConfig, family, student: nn.Module, t
     }
     total = sum(parts.values())
     return {"parts": parts, "total_bytes": total, "micro_batch": micro_batch, "fit": fit_note(total),
-            "gradient_checkpointing": gradient_checkpointing, "mixed_precision": mixed_precision or "no"}
+            "gradient_checkpointing": gradient_checkpointing, "mixed_precision": mixed_precision or "no",
+            "student_params": params}
+
+
+# What each layout divides by the process count: (student weights, gradients, optimizer
+# state, EMA, teacher weights).
+SHARDED_PARTS = {"none": (0, 0, 0, 0, 0), "zero2": (0, 1, 1, 0, 0), "fsdp": (1, 1, 1, 1, 0),
+                 "fsdp --shard-teacher": (1, 1, 1, 1, 1)}
+PROCESS_COUNTS = (1, 8, 16)
+
+
+def per_process_under_sharding(memory: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """The estimate's per-process total under each sharding at 1, 8 and 16 processes: the
+    student's fp32 weights, gradients, optimizer state and EMA (and with --shard-teacher the
+    teacher) divided by the process count where the engine shards them, activations never.
+    Not counted: the one block FSDP holds gathered at a time, communication buffers."""
+    weights, optimizer, ema, teacher, step = memory["parts"].values()
+    gradients = memory["student_params"] * 4  # fp32, inside the measured step
+    activations = step - gradients
+    parts = (weights, gradients, optimizer, ema, teacher)
+    return {layout: {str(n): int(activations + sum(part / n if split else part for part, split in zip(parts, divided)))
+                     for n in PROCESS_COUNTS} for layout, divided in SHARDED_PARTS.items()}

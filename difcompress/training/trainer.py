@@ -4,7 +4,8 @@ and the loop (``fit``).
 Loss = w_task * L_task + w_kd * L_kd(objective) + w_feat * L_feature (+ the learned
 variance's loss against the teacher's, MSE or VLB + KL by --variance-loss; docs/method.md). The trainer runs on accelerate: the
 student, optimizer and adapters train on every process, the frozen teacher is moved but
-never wrapped.
+never wrapped (unless --shard-teacher shards it). Under --shard fsdp / zero2 (training/sharding.py)
+accelerate's FSDP2 or DeepSpeed engine holds the student's state in shards.
 
 One optimizer step consumes one *global* batch of ``batch_size`` images, drawn with its
 noise, timesteps and label dropout from one seeded generator that every process holds.
@@ -30,7 +31,12 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from torch import nn
 
-from difcompress.artifacts.checkpoint import Checkpoint, save_checkpoint
+from difcompress.artifacts.checkpoint import (
+    Checkpoint,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from difcompress.config import DistillConfig
 from difcompress.core.errors import UserError
 from difcompress.data.conditions import Conditions, drop, take, to
@@ -40,6 +46,7 @@ from difcompress.diffusion.inputs import ModelInputs
 from difcompress.families.base import ModelFamily
 from difcompress.objectives import OutputOptions, feature_loss, get_objective, task_loss
 from difcompress.objectives.variance import learned_variance_terms
+from difcompress.training import sharding
 from difcompress.training.ema import EMA
 from difcompress.training.feature_taps import FeatureTaps
 
@@ -113,6 +120,7 @@ class Trainer:
         self.output_options = OutputOptions(config.group_size, config.coarse_norm, config.fit_eps)
         self.w_feat, self.learn_variance = config.resolved_w_feat(), learn_variance
         self.teacher, self.checkpoints = teacher, checkpoints
+        self.engine = sharding.engine_of(accelerator)
         self.step = 0
         processes = accelerator.num_processes
         micro_batch_size(config.batch_size, processes, config.gradient_accumulation_steps)
@@ -135,14 +143,22 @@ class Trainer:
                 init_range=config.feature_adapter_init, always=config.feature_adapter_always)
         self.params = list(self.model.parameters()) + (list(self.adapters.parameters()) if self.adapters else [])
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr, config.weight_decay)
-        self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                          num_training_steps=config.steps)
+        self.lr_scheduler = self._schedule(self.optimizer)
+        # Under FSDP the EMA is made from the shards (in prepare), and the final weights are
+        # gathered into a weightless copy of the student's modules.
+        fsdp = self.engine == "fsdp"
         self.ema = EMA(self.model, config.ema_decay, "cpu" if config.ema_offload else None) \
-            if config.ema_decay > 0 else None
+            if config.ema_decay > 0 and not fsdp else None
+        self._skeleton = sharding.skeleton_of(self.model) if fsdp else None
         self._window: dict[str, torch.Tensor] = {}
         self._window_steps = 0
         self._first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
         self._batches: Iterator | None = None
+
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> Any:
+        config = self.config
+        return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                             num_training_steps=config.steps)
 
     # ---- state --------------------------------------------------------------------------------
     def state_dict(self) -> Checkpoint:
@@ -159,11 +175,20 @@ class Trainer:
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        return Checkpoint(self.step, modules, self.optimizer.state_dict(), rng, info)
+        return Checkpoint(self.step, modules, self.optimizer.state_dict(), rng, info, sharded=self.engine == "fsdp")
+
+    def read_checkpoint(self, path: Path) -> Checkpoint:
+        """The checkpoint folder `path` as this trainer's state. A sharded one (torch
+        distributed checkpoint) is read in place into the trainer's own tensors, sharded or
+        whole, on any number of processes: DCP reshards (call after `prepare` under FSDP)."""
+        if not is_sharded_checkpoint(path):
+            return load_checkpoint(path)
+        sharding.init_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer))
+        return load_checkpoint(path, like=self.state_dict())
 
     def load_state_dict(self, state: Checkpoint) -> None:
-        """Continue from `state` (call before `prepare`)."""
-        self.model.load_state_dict(state.modules["student"])
+        """Continue from `state` (before or after `prepare`; after it under FSDP)."""
+        self.accelerator.unwrap_model(self.model).load_state_dict(state.modules["student"])
         if self.adapters is not None:
             self.adapters.load_state_dict(state.modules["adapters"])
         if self.ema is not None and "ema" in state.modules:
@@ -182,30 +207,85 @@ class Trainer:
         self.step = state.step
 
     def save_checkpoint(self) -> Path | None:
-        """Write this step's checkpoint into the run folder (the main process writes; every
-        process waits for it). Returns the folder on the main process."""
+        """Write this step's checkpoint into the run folder (the main process writes, or under
+        FSDP every process its shards; every process waits for it). Returns the folder on the
+        main process."""
         policy = self.checkpoints
         self.accelerator.wait_for_everyone()
-        if policy is None or not self.accelerator.is_main_process:
+        if policy is None or not (self.accelerator.is_main_process or self.engine == "fsdp"):
             return None
-        return save_checkpoint(policy.run_dir, self.state_dict(), info=policy.info,
+        path = save_checkpoint(policy.run_dir, self.state_dict(), info=policy.info,
                                keep=self.config.checkpoints_total_limit)
+        return path if self.accelerator.is_main_process else None
+
+    def final_student(self) -> nn.Module | None:
+        """The trained student (its EMA when there is one) as one whole model on the main
+        process, None on the others. Under FSDP it is gathered once from the shards: every
+        process must call this."""
+        main = self.accelerator.is_main_process
+        model = self.accelerator.unwrap_model(self.model)
+        if self.engine != "fsdp":
+            if main and self.ema is not None:
+                self.ema.copy_to(model)
+            return model if main else None
+        state = self.ema.state_dict() if self.ema is not None else model.state_dict()
+        full = sharding.gather_full(state, keep=main)
+        return sharding.materialize(self._skeleton, full, model) if main else None
+
+    def sharding_report(self) -> dict[str, Any]:
+        """What this run shards, and the bytes of the student's weights each process holds,
+        measured on its local shards (a collective: every process calls it)."""
+        if self.engine == "none":
+            return {"engine": "none"}
+        params = list(self.accelerator.unwrap_model(self.model).parameters())
+        mine = torch.tensor([sharding.local_bytes(params)], device=self.accelerator.device)
+        report = {"engine": self.engine, "processes": self.accelerator.num_processes,
+                  "parameter_bytes_per_process": self.accelerator.gather(mine).tolist(),
+                  "parameter_bytes_unsharded": sharding.full_bytes(params)}
+        if self.engine == "fsdp":
+            report.update(units=sharding.unit_count(self.model), checkpointed_blocks=sharding.checkpointed(self.model),
+                          teacher="sharded" if self.config.shard_teacher else "replicated")
+        return report
 
     def prepare(self) -> None:
         """Hand the student and optimizer to accelerate (DDP, mixed precision) and apply the
         speed settings. Call once, after any `load_state`."""
         config = self.config
-        if config.gradient_checkpointing:
+        if config.gradient_checkpointing and self.engine != "fsdp":  # FSDP checkpoints per block itself
             if not getattr(self.model, "_supports_gradient_checkpointing", False):
                 raise UserError(f"{type(self.model).__name__} does not support gradient checkpointing", 2)
             self.model.enable_gradient_checkpointing()
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if self.engine == "fsdp":
+            self._prepare_fsdp()
+        else:
+            if self.engine == "zero2":  # DeepSpeed's config names the per-process batch (no dataloader here)
+                sharding.set_zero2_batch(self.accelerator, self.rows.stop - self.rows.start)
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         self.teacher_forward = self.teacher
         if config.compile and self.teacher is not None:
             self.teacher_forward = torch.compile(self.teacher)
+
+    def _prepare_fsdp(self) -> None:
+        """FSDP2 through accelerate: the student sharded per family block. accelerate's
+        prepare takes the model with an optimizer and maps only the model's own parameters,
+        so it gets a stand-in; the real optimizer (with the feature adapters, kept whole
+        beside the student) and its schedule are built on the shards; the EMA is a shard."""
+        config = self.config
+        self.optimizer = self.lr_scheduler = self.params = None  # they hold the whole weights: let them go
+        if not sharding.set_fsdp_blocks(self.accelerator, self.family, self.model) and config.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()  # accelerate's follows its class rule, unused here
+        self.model, _ = self.accelerator.prepare(self.model, torch.optim.SGD(self.model.parameters(), lr=0.0))
+        self.params = list(self.model.parameters()) + (list(self.adapters.parameters()) if self.adapters else [])
+        optimizer = make_optimizer(config.optimizer, self.params, config.lr, config.weight_decay)
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.lr_scheduler = self._schedule(self.optimizer)
+        if config.ema_decay > 0:
+            self.ema = EMA(self.model, config.ema_decay)
+        if config.shard_teacher and self.teacher is not None:
+            sharding.shard_frozen(self.teacher, self.family)
 
     # ---- one step -----------------------------------------------------------------------------
     def _images(self) -> tuple[torch.Tensor, Conditions | None]:
@@ -365,7 +445,10 @@ class Trainer:
     def read_window(self, seconds: float) -> dict[str, Any]:
         """The log line for the steps since the last one: their mean values, read in one sync."""
         names = list(self._window)
-        values = torch.stack([self._window[n] for n in names]).div(self._window_steps).tolist() if names else []
+        values = torch.stack([self._window[n] for n in names]).div(self._window_steps) if names else None
+        if values is not None and self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")  # the global batch's, not one process's rows
+        values = values.tolist() if values is not None else []
         line = {"step": self.step, "lr": self.lr_scheduler.get_last_lr()[0],
                 "steps_per_s": self._window_steps / max(seconds, 1e-9)}
         line.update({n: (v if v == v and abs(v) != float("inf") else None) if n == "grad_norm" else v

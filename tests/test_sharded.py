@@ -1,0 +1,216 @@
+"""Sharded distillation (issue 26): `torchrun --nproc_per_node 2 -m difcompress distill
+--shard fsdp` on two CPU processes (gloo), FSDP2 through accelerate's plugin.
+
+One sharded run of the digits student (PLACE + feature KD with adapters, FSDP's activation
+checkpointing, the teacher sharded too, EMA, checkpoints) is the yardstick: it equals the
+1-process unsharded run, holds half the weights per process, gathers into a stock
+diffusers folder, resumes exactly after a kill -9 mid-checkpoint, and on one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+from conftest import assert_one_line_error, run_distill, run_export, run_prune
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SETTINGS = dict(loss="place", w_feat=0.1, gradient_checkpointing=True, data="digits", batch_size=8, steps=4,
+                checkpoint_every=2, log_every=1, seed=0)
+CLI = ["--loss", "place", "--w-feat", "0.1", "--gradient-checkpointing", "--data", "digits", "--batch-size", "8",
+       "--steps", "4", "--checkpoint-every", "2", "--log-every", "1", "--seed", "0", "--json"]
+# sitecustomize for the killed run: the second sharded checkpoint write lingers after its
+# shards are on disk, before the folder is renamed, so the kill lands mid-write every time.
+SLOW_WRITES = """
+import time
+import torch.distributed.checkpoint as dcp
+_save = dcp.save
+def _slow_save(*args, **kwargs):
+    result = _save(*args, **kwargs)
+    if "step-0000004" in str(kwargs.get("checkpoint_id")):
+        time.sleep(2)
+    return result
+dcp.save = _slow_save
+"""
+
+
+def _env(extra_path: Path | None = None) -> dict[str, str]:
+    paths = [str(extra_path)] if extra_path else []
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+            "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def torchrun(student: Path, out: Path, *extra: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "difcompress",
+            "distill", "--student", str(student), "-o", str(out), "--shard", "fsdp", "--shard-teacher", *CLI, *extra]
+
+
+def run_sharded(student: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(torchrun(student, out, *extra), capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    out = tmp_path_factory.mktemp("students") / "digits-090"
+    run_prune("digits", 0.9, out, device="cpu")
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded(student, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded") / "run"
+    run_sharded(student, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unsharded(student, tmp_path_factory):
+    out = tmp_path_factory.mktemp("unsharded") / "run"
+    run_distill(student, out, device="cpu", **SETTINGS)
+    return out
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert sorted(a) == sorted(b)
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+def test_two_sharded_processes_train_the_one_process_student(sharded, unsharded):
+    manifest = json.loads((sharded / "difcompress.json").read_text())
+    assert manifest["status"] == "complete"
+    report = manifest["sharding"]
+    assert report["engine"] == "fsdp" and report["processes"] == 2 and report["teacher"] == "sharded"
+    assert report["checkpointed_blocks"] > 0  # FSDP's activation checkpointing, not the model's
+    a, b = metrics(unsharded), metrics(sharded)
+    assert [r["step"] for r in b] == list(range(1, 5))
+    for one, two in zip(a, b):  # the logged values are the global batch's
+        for key in ("loss", "kd", "feature", "grad_norm"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert_close(weights(sharded), weights(unsharded), atol=1e-5)
+
+
+def test_each_process_holds_half_the_student(sharded):
+    report = json.loads((sharded / "difcompress.json").read_text())["sharding"]
+    full = report["parameter_bytes_unsharded"]
+    assert len(report["parameter_bytes_per_process"]) == 2
+    for held in report["parameter_bytes_per_process"]:  # measured on each rank's local shards
+        assert 0.45 * full < held < 0.56 * full, (held, full)
+    assert sum(report["parameter_bytes_per_process"]) == pytest.approx(full, rel=0.02)  # shard padding only
+
+
+def test_the_gathered_student_is_a_stock_diffusers_folder_that_exports(sharded, tmp_path):
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(sharded / "unet")
+    assert all(type(p) is torch.nn.Parameter for p in unet.parameters())  # whole tensors, not shards
+    pipeline = DDPMPipeline.from_pretrained(sharded)
+    images = pipeline(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape[0] == 1
+    run_export(sharded, tmp_path / "export")
+    assert_close(weights(tmp_path / "export"), weights(sharded), atol=0)
+    checkpoint = sharded / "checkpoints" / "step-0000004"
+    assert (checkpoint / ".metadata").is_file() and len(list(checkpoint.glob("*.distcp"))) == 2  # a file per rank
+
+
+def test_a_sharded_checkpoint_resumes_on_one_unsharded_process(student, sharded, unsharded, tmp_path):
+    """2 -> 1: DCP reads the shards of step 2 back as whole tensors."""
+    run = tmp_path / "run"
+    shutil.copytree(sharded, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000004")
+    summary = run_distill(student, run, device="cpu", resume=True, **SETTINGS)
+    assert summary["resumed_from_step"] == 2 and summary["sharding"] == {"engine": "none"}
+    assert_close(weights(run), weights(unsharded), atol=1e-5)
+
+
+def test_kill_9_during_a_sharded_checkpoint_write_then_resume_equals_the_straight_run(student, sharded, tmp_path):
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_WRITES)
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    proc = subprocess.Popen(torchrun(student, run), env=_env(slow), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    caught = False
+    while proc.poll() is None and time.monotonic() < deadline and not caught:
+        names = os.listdir(checkpoints) if checkpoints.is_dir() else []
+        caught = "step-0000002" in names and any(n.startswith(".step-0000004.tmp-") for n in names)
+        time.sleep(0.05)
+    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        process.send_signal(signal.SIGKILL)  # both ranks (in sessions of their own) and torchrun
+    proc.wait()
+    assert caught, "the run ended before it was caught writing its second checkpoint"
+    assert json.loads((run / "difcompress.json").read_text())["status"] == "running"
+    assert [p.name for p in checkpoints.glob("step-*")] == ["step-0000002"]  # the half-written one is not
+    proc = run_sharded(student, run, "--resume")
+    assert json.loads(proc.stdout)["resumed_from_step"] == 2
+    assert_close(weights(run), weights(sharded), atol=0)  # identical to the uninterrupted run
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []
+
+
+# ---- bad input: one line ----------------------------------------------------------------------------
+
+def test_sharding_that_cannot_run_is_one_line(student, unsharded, tmp_path, run_cli, monkeypatch):
+    base = ["distill", "--student", student, "--data", "digits", "--steps", "2", "--batch-size", "8"]
+    code, _, err = run_cli(*base, "-o", tmp_path / "a", "--shard", "fsdp")
+    assert "2 or more processes" in assert_one_line_error(code, err, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before any process group forms
+    code, _, err = run_cli(*base, "-o", tmp_path / "b", "--shard", "fsdp", "--compile")
+    assert "--compile" in assert_one_line_error(code, err, 2)
+    code, _, err = run_cli(*base, "-o", tmp_path / "c", "--shard", "fsdp", "--ema-offload")
+    assert "--ema-offload" in assert_one_line_error(code, err, 2)
+    code, _, err = run_cli(*base, "-o", tmp_path / "d", "--shard", "zero2", "--loss", "place+feat")
+    assert "feature KD" in assert_one_line_error(code, err, 2)
+    before = sorted((p.relative_to(unsharded), p.stat().st_mtime_ns) for p in unsharded.rglob("*"))
+    code, _, err = run_cli("distill", "--student", student, "-o", unsharded, "--shard", "fsdp", "--resume",
+                           *[str(a) for a in CLI])
+    line = assert_one_line_error(code, err, 2)
+    assert "written unsharded" in line and "nothing was changed" in line
+    assert sorted((p.relative_to(unsharded), p.stat().st_mtime_ns) for p in unsharded.rglob("*")) == before
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_launcher_whose_processes_accelerate_does_not_see_is_refused(monkeypatch):
+    """`accelerate launch --use_fsdp` without GPUs once started N lone copies of one run."""
+    from difcompress.commands.distill import check_process_count
+    from difcompress.core.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="started 2 processes but accelerate sees 1"):
+        check_process_count(SimpleNamespace(num_processes=1))
+    check_process_count(SimpleNamespace(num_processes=2))
+
+
+def test_the_dry_run_divides_the_state_by_the_processes(student, run_cli, tmp_path):
+    code, out, err = run_cli("distill", "--student", student, "--data", "digits", "-o", tmp_path / "plan", "--dry-run",
+                             "--json")
+    assert code == 0, err
+    memory = json.loads(out)["memory"]
+    sharded, parts = memory["per_process_sharded"], list(memory["parts"].values())
+    state = parts[0] + parts[1] + parts[2] + memory["student_params"] * 4  # weights, optimizer, EMA, gradients
+    assert sharded["none"]["8"] == sharded["none"]["1"] == memory["total_bytes"]
+    assert sharded["fsdp"]["1"] - sharded["fsdp"]["8"] == pytest.approx(state * 7 / 8, abs=8)
+    assert sharded["fsdp"]["16"] < sharded["fsdp"]["8"] < sharded["zero2"]["8"] < sharded["none"]["8"]
