@@ -132,7 +132,9 @@ def test_the_gathered_student_is_a_stock_diffusers_folder_that_exports(sharded, 
     run_export(sharded, tmp_path / "export")
     assert_close(weights(tmp_path / "export"), weights(sharded), atol=0)
     checkpoint = sharded / "checkpoints" / "step-0000004"
-    assert (checkpoint / ".metadata").is_file() and len(list(checkpoint.glob("*.distcp"))) == 2  # a file per rank
+    shards = sorted((checkpoint / "shards").iterdir())  # a safetensors file per rank, nothing pickled
+    assert len(shards) == 2 and all(f.suffix == ".safetensors" for f in shards)
+    assert not list(checkpoint.rglob("*.distcp")) and not list(checkpoint.rglob(".metadata"))
 
 
 def test_a_sharded_checkpoint_resumes_on_one_unsharded_process(student, sharded, unsharded, tmp_path):

@@ -10,8 +10,8 @@ moments are written by torch distributed checkpoint (DCP), every process its own
 into the same temporary folder, which the main process renames once all are written (a
 kill -9 mid-write leaves the previous checkpoint as it was). DCP reads them back into any
 sharding (or into whole tensors), so such a checkpoint resumes on another number of
-processes. Its tensors are DCP's plain byte files; its index (`.metadata`) is DCP's own
-format, written and read only by torch.distributed.checkpoint.
+processes. DCP writes them through its safetensors storage (`shards/`, one file per
+process, each tensor's offsets in the file's header): no pickled index, as everywhere else.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import (
+    HuggingFaceStorageReader,
+    HuggingFaceStorageWriter,
+)
 
 from difcompress.core.errors import UserError
 from difcompress.core.files import atomic_folder, remove
@@ -45,8 +50,8 @@ class Checkpoint:
     info: dict[str, Any] = field(default_factory=dict)
     sharded: bool = False  # modules and optimizer hold shards (DTensors): written by DCP on every process
 
-# DCP's index file: a folder holding it is a sharded checkpoint.
-DCP_INDEX = ".metadata"
+# DCP's safetensors shards: a checkpoint folder holding them is a sharded checkpoint.
+SHARDS = "shards"
 
 
 def _flatten_optimizer(state: dict[str, Any], move: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -114,7 +119,8 @@ def _save_sharded(target: Path, state: Checkpoint, info: dict[str, Any]) -> None
     with atomic_folder(target, needed_bytes=needed) if main else contextlib.nullcontext() as tmp:
         where = [str(tmp) if main else None]
         dist.broadcast_object_list(where, src=0)
-        dcp.save(tensors, checkpoint_id=where[0])  # every process its shards, the main one the index
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(Path(where[0]) / SHARDS),
+                                                                  save_distributed=True))  # every process its shards
         if main:
             save_file(_cpu(state.rng), tmp / "rng.safetensors")
             (tmp / "state.json").write_text(json.dumps({**info, **state.info, "step": state.step,
@@ -123,7 +129,7 @@ def _save_sharded(target: Path, state: Checkpoint, info: dict[str, Any]) -> None
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
-    return (Path(path) / DCP_INDEX).is_file()
+    return (Path(path) / SHARDS).is_dir()
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -171,7 +177,10 @@ def _load_sharded(path: Path, info: dict[str, Any], like: Checkpoint | None) -> 
     opt_tensors, _ = _flatten_optimizer(like.optimizer, move=False)
     tensors = {**{name: dict(module) for name, module in like.modules.items()}, "optimizer": opt_tensors}
     try:
-        dcp.load(tensors, checkpoint_id=str(path), no_dist=not dist.is_initialized())  # one process: plain reads
+        with warnings.catch_warnings():  # DCP warns that one process reads alone, which is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)),
+                     no_dist=not dist.is_initialized())
         rng = load_file(path / "rng.safetensors")
         optimizer = _unflatten_optimizer(tensors.pop("optimizer"), info["optimizer"])
     except (OSError, KeyError, RuntimeError, ValueError) as err:
