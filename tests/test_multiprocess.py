@@ -1,4 +1,6 @@
-"""Data-parallel distillation through `accelerate launch` (two CPU processes, gloo)."""
+"""Data-parallel distillation on two CPU processes (gloo), started by torchrun: on a machine
+without GPUs `accelerate launch --cpu --num_processes 2` starts ONE process, so each test
+also checks that the run saw two."""
 
 import json
 import os
@@ -10,19 +12,27 @@ import pytest
 from conftest import run_prune
 
 
+def two_processes(*args: str) -> list[str]:
+    """`difcompress distill ARGS` on two processes (torchrun sets WORLD_SIZE; accelerate reads it)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun), "--nproc_per_node", "2", "-m", "difcompress", "distill", *map(str, args)]
+
+
+def ran_on_two(out: Path) -> bool:
+    return json.loads((out / "difcompress.json").read_text())["sharding"]["processes"] == 2
+
+
 def test_two_process_distill_runs_and_checkpoints(tmp_path):
     pruned = tmp_path / "pruned"
     run_prune("digits", 0.9, pruned, device="cpu")
     out = tmp_path / "run"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "difcompress", "distill",
+    cmd = two_processes(
            "--student", str(pruned), "--loss", "place", "--data", "digits", "--steps", "4", "--batch-size", "8",
-           "--checkpoint-every", "2", "-o", str(out), "--device", "cpu", "--json", "--log-every", "1"]
+           "--checkpoint-every", "2", "-o", str(out), "--json", "--log-every", "1")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((out / "difcompress.json").read_text())["status"] == "complete"
+    assert json.loads((out / "difcompress.json").read_text())["status"] == "complete" and ran_on_two(out)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # only the main process logs
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
@@ -33,16 +43,14 @@ def test_two_process_latent_dit_distill_encodes_once(tiny_dit_dir, tmp_path):
     pruned = tmp_path / "pruned"
     run_prune(str(tiny_dit_dir), 0.5, pruned, depth=2, device="cpu")
     out = tmp_path / "run"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "difcompress", "distill",
+    cmd = two_processes(
            "--student", str(pruned), "--loss", "place", "--w-feat", "0.1", "--data", "digits", "--steps", "2",
-           "--batch-size", "8", "--checkpoint-every", "0", "-o", str(out), "--device", "cpu",
-           "--latent-cache", str(tmp_path / "cache"), "--json"]
+           "--batch-size", "8", "--checkpoint-every", "0", "-o", str(out),
+           "--latent-cache", str(tmp_path / "cache"), "--json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((out / "difcompress.json").read_text())["status"] == "complete"
+    assert json.loads((out / "difcompress.json").read_text())["status"] == "complete" and ran_on_two(out)
     indexes = list((tmp_path / "cache" / "latents").glob("*/index.json"))
     assert len(indexes) == 1 and json.loads(indexes[0].read_text())["items"] == 1797
 
@@ -57,15 +65,13 @@ def test_one_and_two_processes_train_the_same_student(tmp_path):
     pruned = tmp_path / "pruned"
     run_prune("digits", 0.9, pruned, device="cpu")
     settings = ["--loss", "mse", "--data", "digits", "--steps", "3", "--batch-size", "8", "--ema-decay", "0",
-                "--checkpoint-every", "0", "--log-every", "1", "--device", "cpu", "--json"]
+                "--checkpoint-every", "0", "--log-every", "1", "--json"]
     two = tmp_path / "two"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "-m", "difcompress", "distill", "--student", str(pruned), "-o", str(two),
-           *settings]
+    cmd = two_processes("--student", str(pruned), "-o", str(two), *settings)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ran_on_two(two)
     one = tmp_path / "one"
     run_distill(pruned, one, loss="mse", data="digits", steps=3, batch_size=8, ema_decay=0.0, checkpoint_every=0,
                 log_every=1, device="cpu")
@@ -89,16 +95,14 @@ def test_two_process_text_to_image_distill_with_bk_sdm_feature_hooks(tiny_sd_dir
     run_prune(str(tiny_sd_dir), 0.0, pruned, preset="bk-small", device="cpu")
     captions = write_captioned_digits(tmp_path / "captioned")
     out = tmp_path / "run"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "difcompress", "distill",
+    cmd = two_processes(
            "--student", str(pruned), "--loss", "place", "--w-feat", "1", "--feature-reduction", "sum",
            "--data", str(captions), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "0",
-           "--log-every", "1", "-o", str(out), "--device", "cpu", "--latent-cache", str(tmp_path / "cache"), "--json"]
+           "--log-every", "1", "-o", str(out), "--latent-cache", str(tmp_path / "cache"), "--json")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((out / "difcompress.json").read_text())
-    assert manifest["status"] == "complete"
+    assert manifest["status"] == "complete" and ran_on_two(out)
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2] and all(r["feature"] > 0 for r in logs)

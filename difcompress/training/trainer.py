@@ -235,8 +235,8 @@ class Trainer:
     def sharding_report(self) -> dict[str, Any]:
         """What this run shards, and the bytes of the student's weights each process holds,
         measured on its local shards (a collective: every process calls it)."""
-        if self.engine == "none":
-            return {"engine": "none"}
+        if self.engine == "none":  # data-parallel (or one process): every process holds everything
+            return {"engine": "none", "processes": self.accelerator.num_processes}
         params = list(self.accelerator.unwrap_model(self.model).parameters())
         mine = torch.tensor([sharding.local_bytes(params)], device=self.accelerator.device)
         report = {"engine": self.engine, "processes": self.accelerator.num_processes,
