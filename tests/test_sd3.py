@@ -4,7 +4,7 @@ from configs (tests/tiny_flow.py): its text side, and the stock pipeline reloadi
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from tiny_flow import build_tiny_sd3
+from tiny_flow import assert_guided_sampling_matches, build_tiny_sd3
 
 from difcompress.data.text import ClipT5TextEncoder
 
@@ -134,20 +134,7 @@ def test_dual_attention_layers_are_reindexed_and_heads_halved():
 def test_sampling_matches_the_stock_pipeline(tiny_sd3_dir, sd3_pipe):
     """difcompress's flow sampler under guidance (eval, teacher data) = StableDiffusion3Pipeline's
     loop from the same noise: scheduler sigmas, timesteps, guidance and text all agree."""
-    from difcompress.diffusion.sampling import Guidance, sample_images
-    from difcompress.loading.models import load_model
-
-    loaded = load_model(tiny_sd3_dir)
-    family, model, text = loaded.family, loaded.model, loaded.text
-    prompts = ["a handwritten 3", "a handwritten 5"]
-    guidance = Guidance(family.conditions(model, text=text.encode(prompts)),
-                        family.null_conditions(model, text=text.encode([""])), 4.0)
-    ours = sample_images(family, model, loaded.scheduler, 2, seed=7, steps=3, guidance=guidance, pixels=False)
-    noise = torch.stack([torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(7 + i)) for i in range(2)])
-    sd3_pipe.set_progress_bar_config(disable=True)
-    stock = sd3_pipe(prompts, latents=noise, num_inference_steps=3, guidance_scale=4.0, output_type="latent",
-                     height=16, width=16).images
-    torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
+    assert_guided_sampling_matches(tiny_sd3_dir, sd3_pipe, 4.0, 4.0)
 
 
 def test_prune_distill_eval_export_and_stock_generation(tiny_sd3_dir, tmp_path, run_subprocess):

@@ -5,7 +5,7 @@ offline."""
 import pytest
 import torch
 from diffusers import ZImagePipeline
-from tiny_flow import build_tiny_zimage
+from tiny_flow import assert_guided_sampling_matches, build_tiny_zimage
 
 from difcompress.data.text import ChatTextEncoder
 
@@ -104,21 +104,11 @@ def test_depth_prunes_the_main_stack_and_heads_take_the_width(zimage_pipe):
 def test_sampling_matches_the_stock_pipeline(tiny_zimage_dir, zimage_pipe):
     """difcompress's sampler at guidance scale s = ZImagePipeline at guidance_scale s - 1 (its
     pos + g (pos - neg)), from the same noise, at the pipeline's linear sigmas."""
-    from difcompress.diffusion.sampling import Guidance, sample_images
     from difcompress.loading.models import load_model
 
     loaded = load_model(tiny_zimage_dir)
-    family, model, text = loaded.family, loaded.model, loaded.text
-    assert family.sample_shape(model) == (16, 8, 8)  # the VAE's 16 px through its factor 2
-    prompts = ["a handwritten 3", "a handwritten 5"]
-    guidance = Guidance(family.conditions(model, text=text.encode(prompts)),
-                        family.null_conditions(model, text=text.encode([""])), 3.0)
-    ours = sample_images(family, model, loaded.scheduler, 2, seed=7, steps=3, guidance=guidance, pixels=False)
-    noise = torch.stack([torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(7 + i)) for i in range(2)])
-    zimage_pipe.set_progress_bar_config(disable=True)
-    stock = zimage_pipe(prompts, latents=noise, num_inference_steps=3, guidance_scale=2.0, output_type="latent",
-                        height=16, width=16).images
-    torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
+    assert loaded.family.sample_shape(loaded.model) == (16, 8, 8)  # the VAE's 16 px through its factor 2
+    assert_guided_sampling_matches(tiny_zimage_dir, zimage_pipe, 3.0, 2.0)
 
 
 def test_prune_distill_eval_export_and_stock_generation(tiny_zimage_dir, tmp_path, run_subprocess):
