@@ -20,6 +20,11 @@ teacher (`--teacher digits-t2i`) the student is BK-SDM's bk-small (then `--ratio
 width; 0 keeps them) and the objectives are the authors' SD settings: BK-SDM's KD (`mse+feat`:
 output and feature MSE, features summed, weights 1/1/1) against PLACE + feature with the L1
 coarse term and eps 1e-8 (`place+feat`); eval adds prompt accuracy (one prompt per digit).
+For the Flux-layout teacher (`--teacher digits-flux`) the student has its depth halved (2 of
+4 double-stream and 4 of 8 single-stream blocks, uniform), then `--ratios` of its heads (0
+keeps them); the objectives act on the velocity in mean form, the feature term is the MSE
+of every kept block's image and text streams against the teacher block it came from
+(weight 1, mean over pairs); eval adds prompt accuracy, sampled unguided (no guidance input).
 
     .venv/bin/python benchmarks/objectives.py -o runs/objectives --ratios 0.9 0.95 --seeds 3
     .venv/bin/python benchmarks/objectives.py -o runs/objectives-unet-global --ratios 0.9 --global-pruning \\
@@ -28,6 +33,8 @@ coarse term and eps 1e-8 (`place+feat`); eval adds prompt accuracy (one prompt p
         --objectives mse place place+feat -o runs/objectives-dit
     .venv/bin/python benchmarks/objectives.py --teacher digits-t2i --ratios 0 \\
         --objectives mse+feat place+feat -o runs/objectives-t2i
+    .venv/bin/python benchmarks/objectives.py --teacher digits-flux --ratios 0 \
+        --objectives mse place place+feat -o runs/objectives-flux
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import torch
 from difcompress.artifacts.folders import pruning_report, read_manifest
 from difcompress.builtin import (
     DIT_TEACHER_NAME,
+    FLUX_TEACHER_NAME,
     T2I_TEACHER_NAME,
     TEACHER_NAME,
     TEACHERS,
@@ -63,6 +71,9 @@ from difcompress.reports.plots import plot_by_ratio, plot_runs
 UNET_OBJECTIVES = ("task", "mse", "feature", "mse+feat", "lift", "place", "place+feat")
 PLACE_FIT_KEYS = ("w", "slope", "intercept")  # PLACE's per-position fit, the figure's three panels
 CURVE_KEYS = (*PLACE_FIT_KEYS, "coarse", "fine", "kd", "task")
+# What prune adds for a teacher beside --ratios: BK-SDM's block removal, Flux's depth halved.
+PRUNE_SETTINGS = {T2I_TEACHER_NAME: {"preset": "bk-small"}, FLUX_TEACHER_NAME: {"depth": 2, "single_depth": 4}}
+PROMPTED = (T2I_TEACHER_NAME, FLUX_TEACHER_NAME)
 
 
 def objective_settings(teacher: str, loss: str) -> dict:
@@ -70,6 +81,8 @@ def objective_settings(teacher: str, loss: str) -> dict:
     if teacher == T2I_TEACHER_NAME:
         return {"coarse_norm": "l1", "fit_eps": 1e-8, "feature_reduction": "sum",
                 "w_feat": 1.0 if loss.endswith("+feat") else None}
+    if teacher == FLUX_TEACHER_NAME:
+        return {"feature_reduction": "mean", "w_feat": 1.0 if loss.endswith("+feat") else None}
     if teacher == DIT_TEACHER_NAME:
         return {"w_task": 0.1, "w_kd": 0.9, "w_feat": 1e-2 if loss.endswith("feat") or loss == "feature" else None,
                 "w_feat_schedule": "epoch-linear", "feature_mask_std": 2.0, "feature_mask_by": "own"}
@@ -108,10 +121,12 @@ def run_one(job: dict) -> dict:
 
 
 def eval_settings(args) -> dict:
-    """What eval adds for the text-to-image teacher: one prompt per digit, guidance 2."""
-    if args.teacher != T2I_TEACHER_NAME:
+    """What eval adds for the text-to-image teachers: one prompt per digit, guidance 2 where
+    it is classifier-free (digits-t2i; digits-flux has no guidance)."""
+    if args.teacher not in PROMPTED:
         return {}
-    return {"prompts": str(write_digit_prompts(args.output / "prompts.txt")), "guidance_scale": 2.0}
+    guidance = {"guidance_scale": 2.0} if args.teacher == T2I_TEACHER_NAME else {}
+    return {"prompts": str(write_digit_prompts(args.output / "prompts.txt")), **guidance}
 
 
 def architecture_size(reference: str | Path) -> dict[str, int]:
@@ -134,9 +149,8 @@ def plan(args) -> tuple[list[dict], dict]:
     for ratio in args.ratios:
         pruned = root / f"pruned-{ratio}"
         if not stage_complete("prune", pruned):
-            preset = {"preset": "bk-small"} if args.teacher == T2I_TEACHER_NAME else {}
             prune(PruneConfig(model=args.teacher, ratio=ratio, output=pruned, seed=0, device=args.device,
-                              global_pruning=args.global_pruning, **preset))
+                              global_pruning=args.global_pruning, **PRUNE_SETTINGS.get(args.teacher, {})))
         mode = pruning_report(read_manifest(pruned))["mode"]
         if mode != ("global" if args.global_pruning else "uniform"):  # a finished student is reused, never redone
             raise SystemExit(f"{pruned} holds a {mode}ly pruned student; --global-pruning needs its own -o folder")

@@ -30,8 +30,9 @@ from difcompress.metrics.extractors import (
 ASSETS = Path(__file__).parent / "assets" / "digits"
 # Short name -> (asset folder, family): the pixel U-Net, pixel DiT and text-to-image digits teachers.
 TEACHER_NAME, DIT_TEACHER_NAME, T2I_TEACHER_NAME = "digits", "digits-dit", "digits-t2i"
+FLUX_TEACHER_NAME = "digits-flux"
 TEACHERS = {TEACHER_NAME: ("teacher", "unet2d"), DIT_TEACHER_NAME: ("dit-teacher", "dit"),
-            T2I_TEACHER_NAME: ("t2i-teacher", "t2i")}
+            T2I_TEACHER_NAME: ("t2i-teacher", "t2i"), FLUX_TEACHER_NAME: ("flux-teacher", "flux")}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # The captions of the digits: image i gets template i mod 4 (deterministic, both wordings).
 CAPTION_TEMPLATES = ("a handwritten {word}", "the digit {digit}", "handwritten digit {digit}", "a drawn {word}")

@@ -56,7 +56,7 @@ Sampler = Literal["ddim", "ddpm", "euler"]
 Extractor = Literal["inception", "digits"]
 DType = Literal["fp32", "fp16", "bf16"]
 Shard = Literal["fsdp", "zero2", "none"]  # training/sharding.py sets each engine up
-Family = Literal["unet2d", "dit", "t2i"]
+Family = Literal["unet2d", "dit", "t2i", "flux"]
 GRADIENT_CRITERIA = ("taylor", "diff-pruning")
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (auto: the GPU when there is one)."
@@ -430,12 +430,13 @@ class DemoConfig(StageConfig):
     command: ClassVar[str] = "demo"
     output: Optional[Path] = OutputField("Folder for every stage's output (default: runs/demo, runs/demo-t2i).",
                                          default=None)
-    family: Literal["unet2d", "t2i"] = Field("unet2d", description="unet2d: the digits U-Net, pruned by --ratio; "
-                                             "t2i: the digits-t2i Stable-Diffusion-layout teacher, BK-SDM's "
-                                             "bk-small then --ratio.")
+    family: Literal["unet2d", "t2i", "flux"] = Field("unet2d", description="unet2d: the digits U-Net, pruned by "
+                                                     "--ratio; t2i: the digits-t2i Stable-Diffusion-layout teacher, "
+                                                     "BK-SDM's bk-small then --ratio; flux: the digits-flux "
+                                                     "teacher, depth halved.")
     quick: bool = Field(False, description="A 1-2 minute smoke version.")
     ratio: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of channels removed (default: 0.9 for "
-                                   "unet2d, 0.5 after bk-small for t2i).")
+                                   "unet2d, 0.5 after bk-small for t2i); flux: of heads (default: none).")
     seed: int = Field(0, ge=0, description="Seeds every stage.")
     device: Device = Field("auto", description=DEVICE_HELP, json_schema_extra=_cli(metavar="auto|cpu|cuda|cuda:N"))
 
@@ -446,8 +447,8 @@ class BuildDigitsConfig(StageConfig):
     command: ClassVar[str] = "build-digits"
     output: Optional[Path] = OutputField("Default: the package's assets folder.", default=None)
     family: Family = Field("unet2d", description="unet2d (the 'digits' teacher, plus the classifier), t2i (the "
-                           "'digits-t2i' text-to-image teacher, with its autoencoder) or dit "
-                           "(the 'digits-dit' teacher).")
+                           "'digits-t2i' text-to-image teacher, with its autoencoder), dit "
+                           "(the 'digits-dit' teacher) or flux (the 'digits-flux' teacher, on digits-t2i's autoencoder).")
     teacher_steps: int = Field(5000, ge=1, description="Training steps of the teacher.")
     batch_size: int = Field(64, ge=1, description="Training batch.")
     lr: float = Field(5e-4, gt=0, description="Learning rate.")

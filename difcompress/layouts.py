@@ -160,6 +160,23 @@ DIGITS_T2I_VAE = dict(
 DIGITS_T2I_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        max_position_embeddings=24, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
+# The embedded digits-flux teacher (difcompress build-digits --family flux): FLUX.1's layout
+# in miniature over digits-t2i's autoencoder (8x8x4 latents, packed 2x2 into 16 tokens of
+# 16 channels), 4 double + 8 single blocks of 4 heads x 12 (rotary axes 4 + 4 + 4), no
+# guidance embedder (schnell's kind: docs/embedded.md says why).
+DIGITS_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=4, num_single_layers=8, attention_head_dim=12,
+                               num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
+                               guidance_embeds=False, axes_dims_rope=(4, 4, 4))
+# Its frozen T5 stand-in (beside DIGITS_T2I_TEXT's CLIP, whose pooled output Flux reads):
+# 2 layers of width 32 over the project's T5 character tokenizer, 32 tokens (the longest
+# digits caption is 21).
+DIGITS_FLUX_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                      decoder_start_token_id=0)
+DIGITS_FLUX_T5_LENGTH = 32
+# FLUX.1-schnell's scheduler_config.json: shift 1, no resolution-dependent shift.
+DIGITS_FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                             max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
 # ---- flow-matching transformers (counts on the meta device: docs/published-layouts.md) ----
 # black-forest-labs/FLUX.1-dev transformer/config.json (HF copies markury/flux-fused-v19 and
 # reshamgaire/flux-dev-orignal, _name_or_path the official snapshot 0ef5fff789c8): 19 double-

@@ -162,3 +162,54 @@ print("digits-t2i-ok")
 """ + NO_DIFCOMPRESS_CHECK
     proc = run_subprocess(code)
     assert proc.returncode == 0 and "digits-t2i-ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_flux_teacher_draws_the_digit_its_prompt_names():
+    """digits-flux: FLUX.1's layout (4 double + 8 single blocks, packed latents, CLIP pooled +
+    T5 sequence) without a guidance input (schnell's kind); unguided Euler samples of "a
+    handwritten k" are read as k by the digits classifier."""
+    from difcompress.builtin import (
+        FLUX_TEACHER_NAME,
+        load_digits_classifier,
+        prompt_hits,
+    )
+    from difcompress.commands.demo import DIGIT_PROMPTS
+    from difcompress.diffusion.sampling import Guidance
+    from difcompress.loading.models import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(FLUX_TEACHER_NAME)
+    family, model, text = loaded.family, loaded.model, loaded.text
+    assert family.name == "flux" and not family.takes_guidance(model) and loaded.image_shape() == (1, 16, 16)
+    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (4, 8)
+    prompts = [DIGIT_PROMPTS[i % 10] for i in range(40)]
+    guidance = Guidance(family.conditions(model, text=text.encode(prompts)))
+    images = loaded.to_images(loaded.sample(40, seed=0, steps=20, guidance=guidance))
+    assert prompt_hits(load_digits_classifier(), images, prompts).mean() >= 0.8
+
+
+def test_demo_flux_quick_halves_the_depth_distills_evaluates_and_exports_a_flux_pipeline(tmp_path, run_subprocess):
+    """digits-flux: 2 of 4 double and 4 of 8 single blocks kept, PLACE, prompt accuracy, and
+    an exported FluxPipeline that generates from a prompt without difcompress."""
+    from conftest import NO_DIFCOMPRESS_CHECK
+
+    from difcompress.commands.demo import demo
+    from difcompress.config import DemoConfig
+
+    result = demo(DemoConfig(family="flux", quick=True, output=tmp_path / "demo", device="cpu"),
+                  announce=lambda _: None)
+    teacher_row, student_row = result["eval"]["models"]
+    assert student_row["params"] < 0.6 * teacher_row["params"]
+    assert all(0 <= row["prompt_accuracy"] <= 1 for row in (teacher_row, student_row))
+    code = f"""
+from diffusers import FluxPipeline
+pipe = FluxPipeline.from_pretrained({str(tmp_path / "demo" / "export")!r})
+t = pipe.transformer
+assert (len(t.transformer_blocks), len(t.single_transformer_blocks)) == (2, 4)
+image = pipe("a handwritten seven", num_inference_steps=3, guidance_scale=0.0, height=16, width=16,
+             max_sequence_length=32, output_type="np").images
+assert image.shape == (1, 16, 16, 1), image.shape
+print("digits-flux-ok")
+""" + NO_DIFCOMPRESS_CHECK
+    proc = run_subprocess(code)
+    assert proc.returncode == 0 and "digits-flux-ok" in proc.stdout, proc.stderr[-3000:]

@@ -14,20 +14,41 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
-from difcompress.builtin import ASSETS, TEACHERS, digits_images, train_digits_classifier
+from difcompress.builtin import (
+    ASSETS,
+    T2I_TEACHER_NAME,
+    TEACHERS,
+    digits_images,
+    train_digits_classifier,
+)
 from difcompress.commands.run import run_stage
 from difcompress.config import BuildDigitsConfig, DistillConfig
+from difcompress.core.errors import UserError
 from difcompress.core.files import atomic_folder, write_json
-from difcompress.data.text import write_character_tokenizer
+from difcompress.data.text import write_character_tokenizer, write_t5_tokenizer
 from difcompress.families.registry import FAMILIES
 from difcompress.layouts import (
     DIGITS_DIT_CONFIG,
+    DIGITS_FLUX_SCHEDULER,
+    DIGITS_FLUX_T5,
+    DIGITS_FLUX_T5_LENGTH,
+    DIGITS_FLUX_TRANSFORMER,
     DIGITS_T2I_TEXT,
     DIGITS_T2I_UNET,
     DIGITS_T2I_VAE,
@@ -94,6 +115,41 @@ def create_untrained_t2i_teacher(folder: Path, seed: int) -> dict[str, Any]:
     return report
 
 
+def shifted_autoencoder(vae: AutoencoderKL) -> tuple[AutoencoderKL, dict[str, Any]]:
+    """Give an autoencoder FLUX.1's latent convention, (z - shift_factor) * scaling_factor of
+    zero mean and unit variance over the digits (FluxPipeline reads both factors)."""
+    with torch.no_grad():
+        latents = vae.encode(digits_images(vae.config.sample_size, vae.config.in_channels)).latent_dist.mean
+    vae.register_to_config(shift_factor=round(latents.mean().item(), 5),
+                           scaling_factor=round(1 / latents.std().item(), 5))
+    return vae, {"shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor}
+
+
+def create_untrained_flux_teacher(folder: Path, seed: int) -> dict[str, Any]:
+    """The digits-flux starting point: digits-t2i's trained autoencoder (shifted and scaled as
+    Flux's), frozen random CLIP and T5 encoders over the project's character tokenizers, an
+    untrained FLUX.1-layout transformer and schnell's flow-matching scheduler."""
+    t2i = ASSETS / TEACHERS[T2I_TEACHER_NAME][0]
+    if not (t2i / "vae").is_dir():
+        raise UserError("digits-flux reuses digits-t2i's autoencoder: build it first with "
+                        "`difcompress build-digits --family t2i`")
+    vae, report = shifted_autoencoder(AutoencoderKL.from_pretrained(t2i / "vae").eval())
+    torch.manual_seed(seed)
+    with atomic_folder(folder) as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_character_tokenizer(
+            tmp / "tokenizer", model_max_length=DIGITS_T2I_TEXT["max_position_embeddings"]))
+        t5_tokenizer = T5TokenizerFast.from_pretrained(write_t5_tokenizer(tmp / "tokenizer_2", DIGITS_FLUX_T5_LENGTH))
+        FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**DIGITS_FLUX_SCHEDULER), vae=vae,
+            text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **DIGITS_T2I_TEXT)).eval(),
+            tokenizer=tokenizer, tokenizer_2=t5_tokenizer,
+            text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **DIGITS_FLUX_T5)).eval(),
+            transformer=FluxTransformer2DModel(**DIGITS_FLUX_TRANSFORMER)).save_pretrained(tmp, safe_serialization=True)
+        write_json(tmp / "difcompress.json", {"stage": "init", "status": "complete", "config": DIGITS_FLUX_TRANSFORMER,
+                                              "autoencoder": {"from": "digits-t2i", **report}})
+    return report
+
+
 @dataclass(frozen=True)
 class TeacherBuild:
     """How one family's digits teacher starts and trains: the untrained folder, what its
@@ -111,6 +167,9 @@ TEACHER_BUILDS = {
     # The text-to-image U-Net warms its learning rate up (attention from scratch at lr 1e-3 diverges otherwise).
     "t2i": TeacherBuild(create_untrained_t2i_teacher,
                         {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 200}),
+    # Flux never drops captions (families/flux.py): the task loss on every caption.
+    "flux": TeacherBuild(create_untrained_flux_teacher,
+                         {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 200}),
 }
 
 

@@ -10,6 +10,9 @@ continues.
 - t2i: the digits-t2i Stable-Diffusion-layout pipeline; BK-SDM's bk-small, then half of
   every width; PLACE with the authors' SD setting (L1 coarse term) plus BK-SDM's feature KD;
   evaluated from one prompt per digit.
+- flux: the digits-flux FLUX.1-layout pipeline (schnell's kind: no guidance input, sampled
+  unguided); depth halved (2 of 4 double-stream and 4 of 8 single-stream blocks, heads
+  kept), PLACE on the velocity; evaluated from one prompt per digit.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from difcompress.builtin import NUMBER_WORDS, T2I_TEACHER_NAME, TEACHER_NAME
+from difcompress.builtin import (
+    FLUX_TEACHER_NAME,
+    NUMBER_WORDS,
+    T2I_TEACHER_NAME,
+    TEACHER_NAME,
+)
 from difcompress.commands.run import run_stage, stage_complete
 from difcompress.config import (
     DemoConfig,
@@ -38,6 +46,10 @@ FAMILY = {
             "eval": {"guidance_scale": 2.0}, "output": Path("runs/demo-t2i"), "prompted": True,
             # Guided sampling doubles every step: fewer, still enough to compare teacher and student.
             "full": {"steps": 1000, "sampler_steps": 25, "fid_samples": 500, "grid": 10}},
+    # --ratio 0: every head kept; the depth is what is halved.
+    "flux": {"teacher": FLUX_TEACHER_NAME, "ratio": 0.0, "prune": {"depth": 2, "single_depth": 4},
+             "distill": {"loss": "place"}, "eval": {}, "output": Path("runs/demo-flux"), "prompted": True,
+             "full": {"steps": 1000, "sampler_steps": 25, "fid_samples": 500, "grid": 10}},
 }
 DIGIT_PROMPTS = [f"a handwritten {word}" for word in NUMBER_WORDS]
 
