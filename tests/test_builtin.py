@@ -168,7 +168,11 @@ def test_flux_teacher_draws_the_digit_its_prompt_names():
     """digits-flux: FLUX.1's layout (4 double + 8 single blocks, packed latents, CLIP pooled +
     T5 sequence) without a guidance input (schnell's kind); unguided Euler samples of "a
     handwritten k" are read as k by the digits classifier."""
-    from difcompress.builtin import FLUX_TEACHER_NAME, load_digits_classifier, prompt_hits
+    from difcompress.builtin import (
+        FLUX_TEACHER_NAME,
+        load_digits_classifier,
+        prompt_hits,
+    )
     from difcompress.commands.demo import DIGIT_PROMPTS
     from difcompress.diffusion.sampling import Guidance
     from difcompress.loading.models import load_model

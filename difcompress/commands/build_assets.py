@@ -21,9 +21,22 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
-from difcompress.builtin import ASSETS, T2I_TEACHER_NAME, TEACHERS, digits_images, train_digits_classifier
+from difcompress.builtin import (
+    ASSETS,
+    T2I_TEACHER_NAME,
+    TEACHERS,
+    digits_images,
+    train_digits_classifier,
+)
 from difcompress.commands.run import run_stage
 from difcompress.config import BuildDigitsConfig, DistillConfig
 from difcompress.core.errors import UserError

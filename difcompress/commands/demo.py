@@ -20,7 +20,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from difcompress.builtin import FLUX_TEACHER_NAME, NUMBER_WORDS, T2I_TEACHER_NAME, TEACHER_NAME
+from difcompress.builtin import (
+    FLUX_TEACHER_NAME,
+    NUMBER_WORDS,
+    T2I_TEACHER_NAME,
+    TEACHER_NAME,
+)
 from difcompress.commands.run import run_stage, stage_complete
 from difcompress.config import (
     DemoConfig,
