@@ -54,7 +54,7 @@ from difcompress.core.console import (
     print_json,
     stdout_for_results_only,
 )
-from difcompress.core.environment import is_main_process
+from difcompress.core.environment import deepspeed_on_the_cpu_quietly, is_main_process
 from difcompress.core.errors import UserError
 from difcompress.reports.tables import (
     print_distill_plan,
@@ -324,6 +324,7 @@ def _error(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one red line and exit code 1 or 2, never a traceback."""
+    deepspeed_on_the_cpu_quietly()  # every command: accelerate imports DeepSpeed where it is installed
     try:
         code = app(args=argv, standalone_mode=False)
     except NoArgsIsHelpError as err:  # bare `difcompress` or `difcompress CMD`: the help was wanted
