@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[test,quantize]"
+	$(PY) -m pip install --quiet -e ".[test,quantize,deepspeed]"
 	touch $(STAMP)
 
 install: $(STAMP)

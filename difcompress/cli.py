@@ -190,11 +190,21 @@ def _distill(config: DistillConfig, json_output: bool, dry_run: bool = False) ->
         console.print(f"resumed from the checkpoint of step {summary['resumed_from_step']}")
     sharding = summary.get("sharding") or {}
     if sharding.get("engine", "none") != "none":
-        per_process = ", ".join(human(b, "B") for b in sharding["parameter_bytes_per_process"])
-        console.print(f"sharded with {sharding['engine']} over {sharding['processes']} processes: student weights "
-                      f"{per_process} per process of {human(sharding['parameter_bytes_unsharded'], 'B')}")
+        console.print(_sharding_line(sharding))
     console.print(f"distilled {summary['steps']} steps; final loss {final.get('loss', float('nan')):.4f}; "
                   f"student, metrics.jsonl and curves.png in {summary['output']}")
+
+
+def _sharding_line(sharding: dict) -> str:
+    """What the run sharded, measured on each process."""
+    each = lambda sizes: ", ".join(human(b, "B") for b in sizes)  # noqa: E731
+    head = f"sharded with {sharding['engine']} over {sharding['processes']} processes: "
+    weights = human(sharding["parameter_bytes_unsharded"], "B")
+    if "optimizer_bytes_per_process" in sharding:  # zero2: the weights stay whole on every process
+        held = sharding["optimizer_bytes_per_process"]
+        return (head + f"optimizer state {each(held)} per process of {human(sum(held), 'B')}; "
+                f"student weights {weights} whole on each")
+    return head + f"student weights {each(sharding['parameter_bytes_per_process'])} per process of {weights}"
 
 
 def _eval(config: EvalConfig, json_output: bool) -> None:

@@ -317,7 +317,7 @@ class DistillConfig(StageConfig):
     shard: Optional[Shard] = Field(None, description="Shard the training state over the processes: fsdp (FSDP2: "
                                    "student weights, gradients, optimizer state and EMA split per block), zero2 "
                                    "(DeepSpeed ZeRO-2: gradients and optimizer state; pip install "
-                                   "'difcompress[deepspeed]') or none (DDP; default: what accelerate launch "
+                                   "'difcompress\\[deepspeed]') or none (DDP; default: what accelerate launch "
                                    "--use_fsdp / --use_deepspeed or its config asks for, else none). Under torchrun "
                                    "difcompress sets the engine up itself (CPU and GPU); docs/many-gpus.md.")
     shard_teacher: bool = Field(False, description="--shard fsdp: shard the frozen teacher per block too "

@@ -12,6 +12,11 @@ kill -9 mid-write leaves the previous checkpoint as it was). DCP reads them back
 sharding (or into whole tensors), so such a checkpoint resumes on another number of
 processes. DCP writes them through its safetensors storage (`shards/`, one file per
 process, each tensor's offsets in the file's header): no pickled index, as everywhere else.
+
+Under DeepSpeed ZeRO-2 only the optimizer state is split: the main process writes the
+whole student as usual and every process its own part of the optimizer
+(`optimizer-<rank>.safetensors`, its JSON in the file's metadata), so such a checkpoint
+resumes on as many processes as wrote it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import (
     HuggingFaceStorageReader,
@@ -49,12 +55,14 @@ class Checkpoint:
     rng: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
     sharded: bool = False  # modules and optimizer hold shards (DTensors): written by DCP on every process
+    # The optimizer is this process's part, {"tensors": ..., "meta": ...}: each process writes its own (ZeRO-2).
+    optimizer_per_process: bool = False
 
 # DCP's safetensors shards: a checkpoint folder holding them is a sharded checkpoint.
 SHARDS = "shards"
 
 
-def _flatten_optimizer(state: dict[str, Any], move: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def flatten_optimizer(state: dict[str, Any], move: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Optimizer tensors by `index.slot` (on the CPU, or left in place when not `move`) and
     the JSON rest."""
     tensors, scalars = {}, {}
@@ -67,7 +75,7 @@ def _flatten_optimizer(state: dict[str, Any], move: bool = True) -> tuple[dict[s
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
         index, key = name.split(".", 1)
@@ -84,12 +92,12 @@ def save_checkpoint(run_dir: Path, state: Checkpoint, *, info: dict[str, Any], k
     the state; `keep` old checkpoints stay (None: all of them). A sharded state: every process calls it."""
     root = Path(run_dir) / "checkpoints"
     target = root / f"step-{state.step:07d}"
-    if state.sharded:
-        _save_sharded(target, state, info)
+    if state.sharded or state.optimizer_per_process:
+        (_save_sharded if state.sharded else _save_optimizer_per_process)(target, state, info)
         _remove_old(run_dir, keep)
         return target
     tensors = {name: _cpu(modules) for name, modules in state.modules.items()}
-    opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
+    opt_tensors, opt_meta = flatten_optimizer(state.optimizer)
     needed = sum(t.numel() * t.element_size() for group in (*tensors.values(), opt_tensors) for t in group.values())
     with atomic_folder(target, needed_bytes=needed) as tmp:
         for name, module_state in tensors.items():
@@ -113,7 +121,7 @@ def _save_sharded(target: Path, state: Checkpoint, info: dict[str, Any]) -> None
     """DCP on every process into the main process's temporary folder, then the main process
     adds the RNG states and state.json and renames it; everyone returns once it is in place."""
     main = dist.get_rank() == 0
-    opt_tensors, opt_meta = _flatten_optimizer(state.optimizer, move=False)
+    opt_tensors, opt_meta = flatten_optimizer(state.optimizer, move=False)
     tensors = {**state.modules, "optimizer": opt_tensors}
     needed = sum(t.numel() * t.element_size() for group in tensors.values() for t in group.values())
     with atomic_folder(target, needed_bytes=needed) if main else contextlib.nullcontext() as tmp:
@@ -126,6 +134,39 @@ def _save_sharded(target: Path, state: Checkpoint, info: dict[str, Any]) -> None
             (tmp / "state.json").write_text(json.dumps({**info, **state.info, "step": state.step,
                                                         "optimizer": opt_meta}, indent=2))
     dist.barrier()
+
+
+def _save_optimizer_per_process(target: Path, state: Checkpoint, info: dict[str, Any]) -> None:
+    """Every process its optimizer part into the main process's temporary folder; the main
+    process adds the student, EMA, adapters, RNG states and state.json, and renames it once
+    every part is written."""
+    main, rank = dist.get_rank() == 0, dist.get_rank()
+    tensors = {name: _cpu(modules) for name, modules in state.modules.items()} if main else {}
+    part = _cpu(state.optimizer["tensors"])
+    needed = sum(t.numel() * t.element_size() for group in (*tensors.values(), part) for t in group.values())
+    with atomic_folder(target, needed_bytes=needed) if main else contextlib.nullcontext() as tmp:
+        where = [str(tmp) if main else None]
+        dist.broadcast_object_list(where, src=0)
+        save_file(part, Path(where[0]) / f"optimizer-{rank}.safetensors",
+                  metadata={"meta": json.dumps(state.optimizer["meta"])})
+        dist.barrier()  # every part on disk before the folder is renamed complete
+        if main:
+            for name, module_state in tensors.items():
+                save_file(module_state, tmp / f"{name}.safetensors")
+            save_file(_cpu(state.rng), tmp / "rng.safetensors")
+            (tmp / "state.json").write_text(json.dumps({**info, **state.info, "step": state.step,
+                                                        "optimizer": {"per_process": dist.get_world_size()}},
+                                                       indent=2))
+    dist.barrier()
+
+
+def _load_optimizer_part(path: Path) -> dict[str, Any]:
+    """This process's optimizer part of a ZeRO-2 checkpoint."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    part = path / f"optimizer-{rank}.safetensors"
+    with safe_open(part, framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    return {"tensors": load_file(part), "meta": meta}
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -162,19 +203,22 @@ def load_checkpoint(path: Path, like: Checkpoint | None = None) -> Checkpoint:
     info = read_checkpoint_info(path)
     if is_sharded_checkpoint(path):
         return _load_sharded(path, info, like)
+    per_process = "per_process" in info["optimizer"]
     try:
-        modules = {p.stem: load_file(p) for p in path.glob("*.safetensors") if p.stem not in ("optimizer", "rng")}
-        optimizer = _unflatten_optimizer(load_file(path / "optimizer.safetensors"), info["optimizer"])
+        modules = {p.stem: load_file(p) for p in path.glob("*.safetensors")
+                   if p.stem != "rng" and not p.stem.startswith("optimizer")}
+        optimizer = _load_optimizer_part(path) if per_process else \
+            unflatten_optimizer(load_file(path / "optimizer.safetensors"), info["optimizer"])
         rng = load_file(path / "rng.safetensors")
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
-    return Checkpoint(info["step"], modules, optimizer, rng, info)
+    return Checkpoint(info["step"], modules, optimizer, rng, info, optimizer_per_process=per_process)
 
 
 def _load_sharded(path: Path, info: dict[str, Any], like: Checkpoint | None) -> Checkpoint:
     if like is None:
         raise UserError(f"checkpoint {path} is sharded (torch distributed checkpoint): resume it with distill", 2)
-    opt_tensors, _ = _flatten_optimizer(like.optimizer, move=False)
+    opt_tensors, _ = flatten_optimizer(like.optimizer, move=False)
     tensors = {**{name: dict(module) for name, module in like.modules.items()}, "optimizer": opt_tensors}
     try:
         with warnings.catch_warnings():  # DCP warns that one process reads alone, which is the intent
@@ -182,7 +226,7 @@ def _load_sharded(path: Path, info: dict[str, Any], like: Checkpoint | None) -> 
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)),
                      no_dist=not dist.is_initialized())
         rng = load_file(path / "rng.safetensors")
-        optimizer = _unflatten_optimizer(tensors.pop("optimizer"), info["optimizer"])
+        optimizer = unflatten_optimizer(tensors.pop("optimizer"), info["optimizer"])
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
     return Checkpoint(info["step"], tensors, optimizer, rng, info, sharded=like.sharded)

@@ -186,19 +186,19 @@ def check_resume_identity(config: DistillConfig, output: Path) -> None:
 
 def check_resume_sharding(path: Path, info: dict[str, Any], shard: str) -> None:
     """A sharded (DCP) checkpoint resumes sharded or whole on any number of processes; a
-    whole one resumes whole; a ZeRO-2 one only as it was written. Else one line, before
-    anything in the run folder changes."""
+    whole one resumes whole; a ZeRO-2 one (its optimizer in per-process parts) only as it
+    was written. Else one line, before anything in the run folder changes."""
     recorded = info.get("sharding") or {"engine": "none", "processes": 1}
     written = recorded["engine"]
     if written == "fsdp" and is_sharded_checkpoint(path) and shard in ("fsdp", "none"):
         return
-    if written == "none" and shard in ("none", "zero2") and not is_sharded_checkpoint(path):
+    if written == "none" and shard == "none" and not is_sharded_checkpoint(path):
         return
     if written == "zero2" and shard == "zero2" and recorded["processes"] == launched_processes():
         return
     raise UserError(f"checkpoint {path} was written {_sharding_words(recorded)}; it cannot resume with --shard {shard} "
                     f"on {launched_processes()} process(es) (a --shard fsdp checkpoint resumes with fsdp or none on "
-                    "any number, an unsharded one with none or zero2, a zero2 one with zero2 on as many); nothing "
+                    "any number, an unsharded one with none, a zero2 one with zero2 on as many); nothing "
                     "was changed", exit_code=2)
 
 
@@ -230,16 +230,16 @@ def make_accelerator(config: DistillConfig) -> Accelerator:
     try:
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision,
                                   log_with=trackers, project_dir=str(config.output), **plugins)
-    except ValueError as err:  # e.g. fp16 on a CPU, bf16 on an old GPU
-        raise UserError(f"--mixed-precision: {str(err).splitlines()[0]}", exit_code=2) from None
+    except ValueError as err:  # e.g. fp16 on a CPU, bf16 on an old GPU; a launch environment half set
+        message = str(err).splitlines()[0]
+        about = "--mixed-precision" if "precision" in message or "fp16" in message or "bf16" in message \
+            else "accelerate could not start"
+        raise UserError(f"{about}: {message}", exit_code=2) from None
     check_process_count(accelerator)
     if shard == "fsdp":
         engage_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
     if shard == "zero2":
         engage_zero2_on_cpu(accelerator, plugins["deepspeed_plugin"])
-        if device.type == "cpu":
-            raise UserError("--shard zero2 does not train on CPU processes here (DeepSpeed's optimizer step leaves "
-                            "the weights unchanged: docs/many-gpus.md); use --shard fsdp", exit_code=2)
     if engine_of(accelerator) != shard:
         raise UserError(f"--shard {shard}: accelerate did not start {shard} here ({accelerator.distributed_type}); "
                         "docs/many-gpus.md says how to launch it", exit_code=2)
@@ -285,8 +285,8 @@ def _run(config: DistillConfig, accelerator: Accelerator, resume: bool, show_pro
                                                             "sharding": sharding}))
     trainer.prepare()  # before the resume: a sharded checkpoint is read into the shards
     resumed_from = _resume(trainer, config, settings, fingerprint) if resume else None
-    report = trainer.sharding_report()
     last = _fit(trainer, config, settings, show_progress)
+    report = trainer.sharding_report()  # after training: the optimizer's state exists by then
     summary = {"steps": config.steps, "resumed_from_step": resumed_from, "final": last, "settings": settings,
                "data": data_report, "latent_cache": data_report.get("latent_cache"), "sharding": report}
     _finish(trainer, config, student, settings, summary)

@@ -21,12 +21,14 @@ import copy
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+import torch.distributed as dist
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from difcompress.artifacts.checkpoint import flatten_optimizer, unflatten_optimizer
 from difcompress.config import DistillConfig
 from difcompress.core.environment import launch_shard_request, launched_processes
 from difcompress.core.errors import UserError
@@ -62,24 +64,18 @@ def check_shard_options(config: DistillConfig, shard: str) -> None:
                         exit_code=2)
     if shard == "zero2" and config.shard_teacher:
         raise UserError("--shard-teacher needs --shard fsdp (ZeRO-2 keeps weights whole)", exit_code=2)
-    if shard == "zero2":
-        _check_zero2(config)
     refused = [why for name, why in FSDP_REFUSES.items() if shard == "fsdp"
                and (getattr(config, name) == "adamw-8bit" if name == "optimizer" else getattr(config, name))]
     if refused:
         raise UserError(f"--shard {shard} cannot run with {refused[0]}", exit_code=2)
 
 
-def _check_zero2(config: DistillConfig) -> None:
-    """What the ZeRO-2 path does not run yet: DeepSpeed steps inside its backward, before
-    the feature adapters (outside its engine) have their gradients averaged; it accumulates
-    on its own schedule; its partitioned optimizer state is not in difcompress's checkpoints."""
-    if config.resolved_w_feat() > 0:
-        raise UserError("--shard zero2 cannot run feature KD (--w-feat) yet; use --shard fsdp", exit_code=2)
-    if config.gradient_accumulation_steps > 1:
-        raise UserError("--shard zero2 cannot run --gradient-accumulation-steps > 1 yet; use --shard fsdp", 2)
-    if config.checkpoint_every:
-        raise UserError("--shard zero2 writes no checkpoints yet: add --checkpoint-every 0, or use --shard fsdp", 2)
+def check_zero2_adapters(adapters: nn.Module) -> None:
+    """DeepSpeed's optimizer takes only the prepared model's named parameters, and clips them
+    alone: feature adapters (student and teacher widths differ) cannot train beside it."""
+    if any(True for _ in adapters.parameters()):
+        raise UserError("--shard zero2 cannot train feature adapters (the student's features are narrower than the "
+                        "teacher's: pruned widths); use --shard fsdp, or feature KD at equal widths (depth pruning)", 2)
 
 
 def accelerator_plugins(config: DistillConfig, shard: str) -> dict[str, Any]:
@@ -102,8 +98,10 @@ def _deepspeed_plugin(config: DistillConfig):
         raise UserError("--shard zero2 needs DeepSpeed: pip install 'difcompress[deepspeed]'", 2) from None
     from accelerate.utils import DeepSpeedPlugin  # noqa: PLC0415 - needs deepspeed importable
 
-    return DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1, gradient_clipping=config.grad_clip or None,
-                           offload_optimizer_device="none", offload_param_device="none")
+    # gradient_clipping 0.0, not None: None means "auto", which accelerate fills with 1.0.
+    return DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                           gradient_clipping=float(config.grad_clip), offload_optimizer_device="none",
+                           offload_param_device="none")
 
 
 def engage_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
@@ -112,7 +110,7 @@ def engage_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParalle
     state = accelerator.state
     if state.distributed_type == DistributedType.FSDP:
         return
-    state.distributed_type = DistributedType.FSDP
+    _set_distributed_type(state, DistributedType.FSDP)
     state.fsdp_plugin = plugin
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
@@ -128,7 +126,15 @@ def engage_zero2_on_cpu(accelerator: Accelerator, plugin) -> None:
     state._mixed_precision = "no"
     plugin.select(_from_accelerator_state=True)
     state.deepspeed_plugins = plugin
-    state.distributed_type = DistributedType.DEEPSPEED
+    _set_distributed_type(state, DistributedType.DEEPSPEED)
+
+
+def _set_distributed_type(state, kind: DistributedType) -> None:
+    """Set it where accelerate keeps it: AcceleratorState copies PartialState's shared state
+    each time one is built (accelerate builds them inside prepare and elsewhere), so a value
+    set on the AcceleratorState alone reverts to MULTI_CPU; accelerate's own init writes both."""
+    state.distributed_type = kind
+    PartialState._shared_state["distributed_type"] = kind
 
 
 def engine_of(accelerator: Accelerator) -> str:
@@ -158,10 +164,82 @@ def set_fsdp_blocks(accelerator: Accelerator, family: ModelFamily, model: nn.Mod
     return False
 
 
-def set_zero2_batch(accelerator: Accelerator, per_process: int) -> None:
+def prepare_zero2(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, per_process: int
+                  ) -> tuple[nn.Module, Any]:
+    """accelerate's prepare under DeepSpeed ZeRO-2. DeepSpeed's config names the batch it
+    steps on (difcompress has no dataloader for accelerate to read it from). Under mixed
+    precision DeepSpeed casts the student to bf16/fp16 and makes its fp32 master weights
+    from that copy; they are set from the fp32 student instead, so training starts from the
+    student's own weights, as unsharded."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = per_process
+    config["train_micro_batch_size_per_gpu"] = per_process // config["gradient_accumulation_steps"]
     config["train_batch_size"] = per_process * accelerator.num_processes
+    low_precision = any(config.get(kind, {}).get("enabled") is True for kind in ("bf16", "fp16"))
+    fp32 = {name: p.detach().clone() for name, p in model.named_parameters()} if low_precision else {}
+    engine, optimizer = accelerator.prepare(model, optimizer)
+    if fp32:
+        from deepspeed.utils import safe_set_full_fp32_param  # noqa: PLC0415 - optional extra, only under zero2
+
+        for name, p in accelerator.unwrap_model(engine).named_parameters():
+            safe_set_full_fp32_param(p, fp32.pop(name).to(p.device))
+    return engine, optimizer
+
+
+# DeepSpeed ZeRO optimizer state_dict keys that are not plain JSON: the fp32 master
+# partitions and the base optimizer's moments (tensors), its loss scaler (an object, of
+# which the numbers are kept), and the fragment map for its "universal" checkpoint
+# conversion (not used: difcompress checkpoints resume on as many processes).
+ZERO_TENSORS, ZERO_BASE, ZERO_SCALER, ZERO_UNUSED = ("single_partition_of_fp32_groups", "base_optimizer_state",
+                                                     "loss_scaler", "param_slice_mappings")
+
+
+def zero2_optimizer_state(optimizer) -> dict[str, Any]:
+    """This process's part of DeepSpeed's ZeRO-2 optimizer (behind accelerate's wrapper) as
+    {"tensors", "meta"}: safetensors and JSON, no pickle."""
+    state = dict(optimizer.optimizer.state_dict())
+    state.pop(ZERO_UNUSED, None)
+    scaler = state.pop(ZERO_SCALER)
+    base_tensors, base_meta = flatten_optimizer(state.pop(ZERO_BASE), move=False)
+    tensors = {f"fp32.{i}": t for i, t in enumerate(state.pop(ZERO_TENSORS))}
+    tensors |= {f"base.{name}": t for name, t in base_tensors.items()}
+    numbers = {k: float(v) if torch.is_tensor(v) else v for k, v in vars(scaler).items()
+               if isinstance(v, (bool, int, float)) or (torch.is_tensor(v) and v.dim() == 0)}
+    return {"tensors": tensors, "meta": {**state, "base": base_meta, "scaler": numbers}}
+
+
+def zero2_optimizer_bytes(optimizer) -> int:
+    """Bytes of optimizer state this process holds under ZeRO-2: its fp32 master partitions
+    and the moments over them."""
+    zero = optimizer.optimizer
+    moments = [t for slots in zero.optimizer.state.values() for t in slots.values() if torch.is_tensor(t) and t.dim()]
+    return local_bytes([*zero.single_partition_of_fp32_groups, *moments])
+
+
+def load_zero2_optimizer_state(optimizer, part: dict[str, Any]) -> None:
+    """Read `part` (zero2_optimizer_state on this process, as many processes ago) back in,
+    the fp32 master partitions included (exact under mixed precision too)."""
+    zero, meta, tensors = optimizer.optimizer, dict(part["meta"]), part["tensors"]
+    for name, value in meta.pop("scaler").items():
+        current = getattr(zero.loss_scaler, name)
+        setattr(zero.loss_scaler, name, torch.tensor(value, dtype=current.dtype, device=current.device)
+                if torch.is_tensor(current) else value)
+    groups = sorted((k for k in tensors if k.startswith("fp32.")), key=lambda k: int(k.split(".")[1]))
+    base = unflatten_optimizer({k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")},
+                               meta.pop("base"))
+    state = {**meta, ZERO_SCALER: zero.loss_scaler, ZERO_BASE: base, ZERO_TENSORS: [tensors[k] for k in groups]}
+    per_rank = [None] * dist.get_world_size()
+    per_rank[dist.get_rank()] = state  # DeepSpeed reads its own rank's entry of a same-size checkpoint
+    zero.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+def zero2_master_weights(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The fp32 master weights DeepSpeed keeps in per-process partitions when it trains a
+    bf16/fp16 copy of the student (None when it trains in fp32). A collective."""
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415 - optional extra, only under zero2
+
+    return {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in model.named_parameters()}
 
 
 def shard_frozen(model: nn.Module, family: ModelFamily) -> None:

@@ -2,10 +2,11 @@
 and the loop (``fit``).
 
 Loss = w_task * L_task + w_kd * L_kd(objective) + w_feat * L_feature (+ the learned
-variance's loss against the teacher's, MSE or VLB + KL by --variance-loss; docs/method.md). The trainer runs on accelerate: the
-student, optimizer and adapters train on every process, the frozen teacher is moved but
-never wrapped (unless --shard-teacher shards it). Under --shard fsdp / zero2 (training/sharding.py)
-accelerate's FSDP2 or DeepSpeed engine holds the student's state in shards.
+variance's loss against the teacher's, MSE or VLB + KL by --variance-loss; docs/method.md).
+The trainer runs on accelerate: the student, optimizer and adapters train on every process,
+the frozen teacher is moved but never wrapped (unless --shard-teacher shards it). Under
+--shard fsdp / zero2 (training/sharding.py) accelerate's FSDP2 or DeepSpeed engine holds the
+student's state in shards (DeepSpeed clips and steps inside its backward).
 
 One optimizer step consumes one *global* batch of ``batch_size`` images, drawn with its
 noise, timesteps and label dropout from one seeded generator that every process holds.
@@ -141,6 +142,8 @@ class Trainer:
             self.adapters = self.taps.build_adapters(
                 family, self.model, teacher, accelerator.device, bias=config.feature_adapter_bias,
                 init_range=config.feature_adapter_init, always=config.feature_adapter_always)
+        if self.engine == "zero2" and self.adapters is not None:
+            sharding.check_zero2_adapters(self.adapters)
         self.params = list(self.model.parameters()) + (list(self.adapters.parameters()) if self.adapters else [])
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr, config.weight_decay)
         self.lr_scheduler = self._schedule(self.optimizer)
@@ -175,7 +178,10 @@ class Trainer:
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        return Checkpoint(self.step, modules, self.optimizer.state_dict(), rng, info, sharded=self.engine == "fsdp")
+        zero2 = self.engine == "zero2"
+        optimizer = sharding.zero2_optimizer_state(self.optimizer) if zero2 else self.optimizer.state_dict()
+        return Checkpoint(self.step, modules, optimizer, rng, info, sharded=self.engine == "fsdp",
+                          optimizer_per_process=zero2)
 
     def read_checkpoint(self, path: Path) -> Checkpoint:
         """The checkpoint folder `path` as this trainer's state. A sharded one (torch
@@ -193,7 +199,10 @@ class Trainer:
             self.adapters.load_state_dict(state.modules["adapters"])
         if self.ema is not None and "ema" in state.modules:
             self.ema.load_state_dict(state.modules["ema"])
-        self.optimizer.load_state_dict(state.optimizer)
+        if state.optimizer_per_process:
+            sharding.load_zero2_optimizer_state(self.optimizer, state.optimizer)
+        else:
+            self.optimizer.load_state_dict(state.optimizer)
         if "lr_scheduler" in state.info:
             self.lr_scheduler.load_state_dict(state.info["lr_scheduler"])
         if "grad_scaler" in state.info and self.accelerator.scaler is not None:
@@ -208,11 +217,11 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write this step's checkpoint into the run folder (the main process writes, or under
-        FSDP every process its shards; every process waits for it). Returns the folder on the
-        main process."""
+        FSDP every process its shards, under ZeRO-2 its optimizer part; every process waits
+        for it). Returns the folder on the main process."""
         policy = self.checkpoints
         self.accelerator.wait_for_everyone()
-        if policy is None or not (self.accelerator.is_main_process or self.engine == "fsdp"):
+        if policy is None or not (self.accelerator.is_main_process or self.engine != "none"):
             return None
         path = save_checkpoint(policy.run_dir, self.state_dict(), info=policy.info,
                                keep=self.config.checkpoints_total_limit)
@@ -224,6 +233,10 @@ class Trainer:
         process must call this."""
         main = self.accelerator.is_main_process
         model = self.accelerator.unwrap_model(self.model)
+        if self.engine == "zero2":  # under mixed precision DeepSpeed trains a bf16/fp16 copy
+            masters = sharding.zero2_master_weights(model) if self.ema is None else None  # every process
+            if main and next(model.parameters()).dtype != torch.float32:
+                model.float().load_state_dict(masters or {}, strict=False)  # the student in fp32, as unsharded
         if self.engine != "fsdp":
             if main and self.ema is not None:
                 self.ema.copy_to(model)
@@ -245,6 +258,9 @@ class Trainer:
         if self.engine == "fsdp":
             report.update(units=sharding.unit_count(self.model), checkpointed_blocks=sharding.checkpointed(self.model),
                           teacher="sharded" if self.config.shard_teacher else "replicated")
+        if self.engine == "zero2":  # what ZeRO-2 splits: the fp32 master weights and the optimizer's moments
+            mine = torch.tensor([sharding.zero2_optimizer_bytes(self.optimizer)], device=self.accelerator.device)
+            report["optimizer_bytes_per_process"] = self.accelerator.gather(mine).tolist()
         return report
 
     def prepare(self) -> None:
@@ -259,9 +275,10 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         if self.engine == "fsdp":
             self._prepare_fsdp()
+        elif self.engine == "zero2":
+            self.model, self.optimizer = sharding.prepare_zero2(self.accelerator, self.model, self.optimizer,
+                                                                self.rows.stop - self.rows.start)
         else:
-            if self.engine == "zero2":  # DeepSpeed's config names the per-process batch (no dataloader here)
-                sharding.set_zero2_batch(self.accelerator, self.rows.stop - self.rows.start)
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         self.teacher_forward = self.teacher
@@ -382,11 +399,14 @@ class Trainer:
         parts = self.config.gradient_accumulation_steps
         logs: dict[str, torch.Tensor] = {}
         for i, micro in enumerate(batch.split(parts)):
-            # Gradients are averaged over processes only on the last micro-batch.
-            sync = self.accelerator.no_sync(self.model) if i < parts - 1 else contextlib.nullcontext()
-            with sync:
+            # Gradients are averaged over processes only on the last micro-batch (where
+            # DeepSpeed also clips and steps, inside its backward).
+            last = i == parts - 1
+            self.accelerator.sync_gradients = last
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
                 total, terms = self.compute_losses(micro, self.step)
-                self.accelerator.backward(total / parts)
+                # DeepSpeed divides by its own accumulation steps (the same number).
+                self.accelerator.backward(total if self.engine == "zero2" else total / parts)
             for name, value in _flatten_logs(total, terms).items():
                 logs[name] = logs.get(name, 0) + value / parts
         if self.accelerator.num_processes > 1 and self.adapters is not None:
@@ -394,7 +414,9 @@ class Trainer:
             for p in (p for p in self.adapters.parameters() if p.grad is not None):
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         if self.config.grad_clip > 0:
-            logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.params, self.config.grad_clip)
+            # DeepSpeed has clipped and stepped inside backward; it returns its norm as a float.
+            norm = self.accelerator.clip_grad_norm_(self.params, self.config.grad_clip)
+            logs["grad_norm"] = torch.as_tensor(norm, dtype=torch.float32, device=self.accelerator.device)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
