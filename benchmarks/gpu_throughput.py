@@ -3,11 +3,13 @@
 and bf16 + torch.compile + channels_last. Also Diff-Pruning's importance pass with one
 timestep per pass against sixteen. Prints markdown tables and writes JSON.
 
-The sharded row (bf16+fsdp: FSDP2 per block, teacher replicated, as `distill --shard fsdp`
-runs) needs a launcher; each process prints its own row (its peak memory, its weights):
+The sharded rows (bf16+fsdp: FSDP2 per block, teacher replicated, as `distill --shard fsdp`
+runs; bf16+zero2: DeepSpeed ZeRO-2, as `--shard zero2`) need a launcher; each process
+prints its own row (its peak memory, its weights):
 
     python benchmarks/gpu_throughput.py --json gpu.json          # about 5 minutes on one H100
     torchrun --nproc_per_node 2 benchmarks/gpu_throughput.py --only DiT --modes bf16+fsdp   # 2 GPUs
+    torchrun --nproc_per_node 2 benchmarks/gpu_throughput.py --only DiT --modes bf16+zero2  # needs deepspeed
     python benchmarks/gpu_throughput.py --smoke                   # tiny layouts on the CPU: checks the script
     torchrun --nproc_per_node 2 benchmarks/gpu_throughput.py --smoke --only DiT --modes bf16+fsdp
 """
@@ -33,12 +35,13 @@ from difcompress.layouts import DDPM_CIFAR10_32, DIT_XL_2_256
 from difcompress.metrics.cost import model_size
 from difcompress.pruning.graph import prune_channels
 from difcompress.pruning.importance import accumulate_gradients, make_importance
-from difcompress.training.sharding import accelerator_plugins, engage_fsdp_on_cpu
+from difcompress.training.sharding import accelerator_plugins, engage_fsdp_on_cpu, engage_zero2_on_cpu
 from difcompress.training.trainer import Trainer
 
 MODES = {"fp32": {}, "bf16": {"mixed_precision": "bf16"},
          "bf16+compile+channels_last": {"mixed_precision": "bf16", "compile": True, "channels_last": True},
-         "bf16+fsdp": {"mixed_precision": "bf16", "shard": "fsdp"}}
+         "bf16+fsdp": {"mixed_precision": "bf16", "shard": "fsdp"},
+         "bf16+zero2": {"mixed_precision": "bf16", "shard": "zero2"}}
 
 
 SMOKE_UNET = {**DDPM_CIFAR10_32, "block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8, "sample_size": 16}
@@ -73,6 +76,8 @@ def measure(teacher, student, batch, shape, learns_variance, mode, steps, device
                               **plugins)
     if "fsdp_plugin" in plugins:
         engage_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    if "deepspeed_plugin" in plugins:
+        engage_zero2_on_cpu(accelerator, plugins["deepspeed_plugin"])
     device = accelerator.device
     images = torch.randn(batch * 2, *shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     family = family_for_model(student)

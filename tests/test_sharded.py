@@ -303,3 +303,6 @@ def test_the_dry_run_divides_the_state_by_the_processes(student, run_cli, tmp_pa
     assert sharded["none"]["8"] == sharded["none"]["1"] == memory["total_bytes"]
     assert sharded["fsdp"]["1"] - sharded["fsdp"]["8"] == pytest.approx(state * 7 / 8, abs=8)
     assert sharded["fsdp"]["16"] < sharded["fsdp"]["8"] < sharded["zero2"]["8"] < sharded["none"]["8"]
+    params = memory["student_params"]  # ZeRO-2: gradients and optimizer split, plus its split fp32 masters (fp32 run)
+    assert sharded["none"]["8"] - sharded["zero2"]["8"] == pytest.approx((params * 4 + parts[1]) * 7 / 8
+                                                                        - params * 4 / 8, abs=8)

@@ -128,10 +128,21 @@ def per_process_under_sharding(memory: dict[str, Any]) -> dict[str, dict[str, in
     """The estimate's per-process total under each sharding at 1, 8 and 16 processes: the
     student's fp32 weights, gradients, optimizer state and EMA (and with --shard-teacher the
     teacher) divided by the process count where the engine shards them, activations never.
+    ZeRO-2 (more than one process) also keeps fp32 master weights, split like the optimizer
+    state, beside whole weights in the training precision (bf16/fp16 under mixed precision).
     Not counted: the one block FSDP holds gathered at a time, communication buffers."""
     weights, optimizer, ema, teacher, step = memory["parts"].values()
-    gradients = memory["student_params"] * 4  # fp32, inside the measured step
+    params = memory["student_params"]
+    gradients = params * 4  # fp32, inside the measured step
     activations = step - gradients
-    parts = (weights, gradients, optimizer, ema, teacher)
-    return {layout: {str(n): int(activations + sum(part / n if split else part for part, split in zip(parts, divided)))
-                     for n in PROCESS_COUNTS} for layout, divided in SHARDED_PARTS.items()}
+    low_precision = memory["mixed_precision"] in ("fp16", "bf16")
+
+    def total(layout: str, divided: tuple[int, ...], n: int) -> int:
+        whole = weights
+        if layout == "zero2" and n > 1:
+            whole = params * (2 if low_precision else 4) + params * 4 / n
+        parts = (whole, gradients, optimizer, ema, teacher)
+        return int(activations + sum(part / n if split else part for part, split in zip(parts, divided)))
+
+    return {layout: {str(n): total(layout, divided, n) for n in PROCESS_COUNTS}
+            for layout, divided in SHARDED_PARTS.items()}
