@@ -69,6 +69,7 @@ def test_done_when_chain_prune_prune_distill_eval_export_stock_flux(tiny_flux_di
         student_row, teacher_row = report["models"]
         assert student_row["guidance_scale"] == 3.5 and student_row["params"] < teacher_row["params"] / 4
         assert student_row["latency_s_per_image"] > 0 and student_row["pipeline_s_per_image"] > 0
+        assert report["sampler"] == "flow-euler"  # what --sampler ddim (the default) runs as for a flow model
         run_export(tmp_path / "student", tmp_path / "export")
     assert "FluxPipeline.from_pretrained" in (tmp_path / "export" / "README.md").read_text()
     done = subprocess.run([sys.executable, "-c", STOCK_FLUX, str(tmp_path / "export")], capture_output=True,

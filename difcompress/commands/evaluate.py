@@ -63,9 +63,10 @@ def evaluate(config: EvalConfig, *, show_progress: bool = False) -> dict[str, An
     dev = resolve_device(config.device)
     with folder_lock(output):
         loaded = [load_model(m, dev) for m in config.models]
-        for item in loaded:
-            item.family.formulation(item.model, item.scheduler).check_sampler(config.sampler)
-        extractor, reference, protocol = (_fid_setup(config, loaded, dev, show_progress) if config.fid
+        # What --sampler runs as for each model (a flow model's Euler sampler answers to ddim).
+        sampler = " / ".join(dict.fromkeys(item.family.formulation(item.model, item.scheduler)
+                                           .check_sampler(config.sampler) for item in loaded))
+        extractor, reference, protocol = (_fid_setup(config, loaded, dev, show_progress, sampler) if config.fid
                                           else (None, None, None))
         with progress_bar(show_progress and config.fid) as progress:
             rows, grid = _measure_all(config, loaded, progress, extractor, reference)
@@ -76,17 +77,19 @@ def evaluate(config: EvalConfig, *, show_progress: bool = False) -> dict[str, An
                                           if row.get(m) is not None and rows[0].get(m) is not None}
         with disk_errors(output):
             output.mkdir(parents=True, exist_ok=True)
-        grid_path = save_sample_grid(output / "samples.png", grid, caption=_grid_caption(config, rows, protocol))
+        grid_path = save_sample_grid(output / "samples.png", grid,
+                                     caption=_grid_caption(config, sampler, rows, protocol))
         result = {"models": rows, "protocol": protocol, "grid": str(grid_path.resolve()), "device": str(dev),
-                  "sampler": config.sampler, "sampler_steps": config.sampler_steps}
+                  "sampler": sampler, "sampler_steps": config.sampler_steps}
         write_json(output / EVAL_FILE, result)
     result["output"] = str(output.resolve())
     return result
 
 
-def _grid_caption(config: EvalConfig, rows: list[dict[str, Any]], protocol: dict[str, Any] | None) -> str:
+def _grid_caption(config: EvalConfig, sampler: str, rows: list[dict[str, Any]], protocol: dict[str, Any] | None
+                  ) -> str:
     """What the grid shows: the sampler, and each model's FID when measured."""
-    caption = f"{config.sampler} {config.sampler_steps} steps, seed {config.seed} (sample i: seed + i)"
+    caption = f"{sampler} {config.sampler_steps} steps, seed {config.seed} (sample i: seed + i)"
     if rows[0].get("prompts"):
         caption += "\nprompts, left to right: " + " | ".join(rows[0]["prompts"])
     if protocol:
@@ -95,7 +98,7 @@ def _grid_caption(config: EvalConfig, rows: list[dict[str, Any]], protocol: dict
     return caption
 
 
-def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device, show_progress: bool):
+def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device, show_progress: bool, sampler: str):
     """Feature extractor, reference features and the protocol every FID/KID is reported with."""
     register_digits_extractor()
     digits = is_digits_model(loaded[0])
@@ -111,7 +114,7 @@ def _fid_setup(config: EvalConfig, loaded: list, dev: torch.device, show_progres
     else:
         reference = load_reference(ref, extractor, batch_size=config.batch_size, show_progress=show_progress,
                                    image_size=loaded[0].image_shape()[1])
-    protocol = {"mode": "clean", "num_samples": config.num_samples, "sampler": config.sampler,
+    protocol = {"mode": "clean", "num_samples": config.num_samples, "sampler": sampler,
                 "steps": config.sampler_steps, "seed": config.seed, "reference": reference.source,
                 "feature_extractor": name, "feature_dim": reference.dim}
     if config.num_samples < reference.dim:

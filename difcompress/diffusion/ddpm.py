@@ -62,10 +62,12 @@ class DDPMFormulation:
             return self.training.get_velocity(x0, noise, t)
         return x0
 
-    def check_sampler(self, name: str) -> None:
-        """Refuse a sampler this formulation lacks (before any work: eval checks every model first)."""
+    def check_sampler(self, name: str) -> str:
+        """Refuse a sampler this formulation lacks (before any work: eval checks every model
+        first); the name of the sampler it runs."""
         if name not in SAMPLERS:
             raise UserError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}", exit_code=2)
+        return name
 
     def sampler(self, name: str, steps: int, learned_variance: bool = False, pixels: bool = True,
                 sample_shape=None):

@@ -120,11 +120,13 @@ class FlowFormulation:
         """The velocity the denoiser predicts: eps - x0."""
         return noise.float() - x0.float()
 
-    def check_sampler(self, name: str) -> None:
-        """Refuse a sampler a flow-matching model has no use for (before any work)."""
+    def check_sampler(self, name: str) -> str:
+        """Refuse a sampler a flow-matching model has no use for (before any work); the name
+        of the one it runs (its Euler ODE sampler, whichever of the two names was given)."""
         if name not in FLOW_SAMPLERS:
             raise UserError(f"--sampler {name}: a flow-matching model samples with its Euler ODE sampler "
                             f"({' or '.join(FLOW_SAMPLERS)})", exit_code=2)
+        return "flow-euler"
 
     def sampler(self, name: str, steps: int, learned_variance: bool = False, pixels: bool = True,
                 sample_shape=None):
