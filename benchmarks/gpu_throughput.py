@@ -35,7 +35,11 @@ from difcompress.layouts import DDPM_CIFAR10_32, DIT_XL_2_256
 from difcompress.metrics.cost import model_size
 from difcompress.pruning.graph import prune_channels
 from difcompress.pruning.importance import accumulate_gradients, make_importance
-from difcompress.training.sharding import accelerator_plugins, engage_fsdp_on_cpu, engage_zero2_on_cpu
+from difcompress.training.sharding import (
+    accelerator_plugins,
+    engage_fsdp_on_cpu,
+    engage_zero2_on_cpu,
+)
 from difcompress.training.trainer import Trainer
 
 MODES = {"fp32": {}, "bf16": {"mixed_precision": "bf16"},

@@ -216,6 +216,33 @@ safetensors.torch.save_file = _slow_save
 """
 
 
+# sitecustomize for a full disk on one rank only: its optimizer part cannot be written.
+RANK_1_DISK_FULL = """
+import errno, os
+import safetensors.torch
+_save = safetensors.torch.save_file
+def _full(tensors, filename, *args, **kwargs):
+    if str(filename).endswith("optimizer-1.safetensors"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+    return _save(tensors, filename, *args, **kwargs)
+safetensors.torch.save_file = _full
+"""
+
+
+def test_zero2_a_full_disk_on_one_process_is_one_line_on_all(student, tmp_path):
+    """Not a hang: the other process must not wait at a barrier for a part that never comes."""
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "sitecustomize.py").write_text(RANK_1_DISK_FULL)
+    run = tmp_path / "run"
+    proc = subprocess.run(torchrun(student, run, **ZERO2), capture_output=True, text=True, env=_env(full),
+                          timeout=300)
+    assert proc.returncode == 1
+    assert "No space left on device" in proc.stderr and "]: Traceback" not in proc.stderr
+    assert os.listdir(run / "checkpoints") == []  # the half-written checkpoint is gone
+    assert json.loads((run / "difcompress.json").read_text())["status"] == "running"  # not complete
+
+
 def test_zero2_processes_train_the_one_process_student(student, zero2, tmp_path):
     unsharded = tmp_path / "unsharded"
     run_distill(student, unsharded, device="cpu", **ZERO2_SETTINGS)

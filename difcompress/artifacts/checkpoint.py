@@ -40,7 +40,7 @@ from torch.distributed.checkpoint import (
 )
 
 from difcompress.core.errors import UserError
-from difcompress.core.files import atomic_folder, remove
+from difcompress.core.files import atomic_folder, disk_errors, remove
 
 
 @dataclass
@@ -147,9 +147,7 @@ def _save_optimizer_per_process(target: Path, state: Checkpoint, info: dict[str,
     with atomic_folder(target, needed_bytes=needed) if main else contextlib.nullcontext() as tmp:
         where = [str(tmp) if main else None]
         dist.broadcast_object_list(where, src=0)
-        save_file(part, Path(where[0]) / f"optimizer-{rank}.safetensors",
-                  metadata={"meta": json.dumps(state.optimizer["meta"])})
-        dist.barrier()  # every part on disk before the folder is renamed complete
+        _write_part_everywhere(part, Path(where[0]) / f"optimizer-{rank}.safetensors", state.optimizer["meta"])
         if main:
             for name, module_state in tensors.items():
                 save_file(module_state, tmp / f"{name}.safetensors")
@@ -158,6 +156,23 @@ def _save_optimizer_per_process(target: Path, state: Checkpoint, info: dict[str,
                                                         "optimizer": {"per_process": dist.get_world_size()}},
                                                        indent=2))
     dist.barrier()
+
+
+def _write_part_everywhere(part: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]) -> None:
+    """Write this process's part; return once every process has written its own, or raise
+    on every process the one error line of any that could not (a full disk on one rank must
+    not leave the others waiting at a barrier)."""
+    failed = None
+    try:
+        with disk_errors(path.parent):
+            save_file(part, path, metadata={"meta": json.dumps(meta)})
+    except UserError as err:
+        failed = str(err)
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failed)
+    reason = next((f for f in failures if f), None)
+    if reason:
+        raise UserError(reason)
 
 
 def _load_optimizer_part(path: Path) -> dict[str, Any]:
