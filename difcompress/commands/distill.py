@@ -108,8 +108,9 @@ def distill(config: DistillConfig, *, show_progress: bool = False) -> dict[str, 
             if new_folder and accelerator.is_main_process:
                 remove_unused_run_folder(output)
             raise
-    if engine_of(accelerator) != "none":
-        accelerator.state.destroy_process_group()  # else FSDP's gloo threads abort the interpreter's exit
+    # A launch's process group ends here, not at the interpreter's exit, where gloo's worker
+    # threads can abort a finished process (SIGABRT: "terminate called without an active exception").
+    accelerator.state.destroy_process_group()
     return summary
 
 
