@@ -40,7 +40,7 @@ import torch.distributed.checkpoint as dcp
 _save = dcp.save
 def _slow_save(*args, **kwargs):
     result = _save(*args, **kwargs)
-    if "step-0000004" in str(kwargs.get("checkpoint_id")):
+    if "step-0000004" in str(kwargs["storage_writer"].path):
         time.sleep(2)
     return result
 dcp.save = _slow_save
@@ -197,6 +197,49 @@ def kill_9_mid_checkpoint_then_resume(student: Path, straight: Path, tmp_path: P
 
 def test_kill_9_during_a_sharded_checkpoint_write_then_resume_equals_the_straight_run(student, sharded, tmp_path):
     kill_9_mid_checkpoint_then_resume(student, sharded, tmp_path, SLOW_WRITES)
+
+
+# sitecustomize for a full disk on one process only, at the first checkpoint: rank 1 cannot
+# write its DCP shards, or the main process cannot write the RNG states beside them.
+DISK_FULL = """
+import errno, os
+import safetensors.torch
+import torch.distributed.checkpoint as dcp
+
+def _full(path):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+if os.environ.get("RANK") == "1" and os.environ.get("FULL_AT") == "shards":
+    _write_data = dcp.HuggingFaceStorageWriter.write_data
+    def write_data(self, *args, **kwargs):
+        _full(self.path)
+    dcp.HuggingFaceStorageWriter.write_data = write_data
+if os.environ.get("RANK") == "0" and os.environ.get("FULL_AT") == "rng":
+    _save = safetensors.torch.save_file
+    def save_file(tensors, filename, *args, **kwargs):
+        if str(filename).endswith("rng.safetensors"):
+            _full(filename)
+        return _save(tensors, filename, *args, **kwargs)
+    safetensors.torch.save_file = save_file
+"""
+
+
+@pytest.mark.parametrize("where", ["shards", "rng"])
+def test_a_full_disk_on_one_process_during_a_sharded_checkpoint_is_one_line_on_all(student, tmp_path, where):
+    """DCP's CheckpointException (a BaseException) or the main process's own files: every
+    process stops on the one line (printed once, by the main process), none waits at a
+    collective, no checkpoint is left."""
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "sitecustomize.py").write_text(DISK_FULL)
+    run = tmp_path / "run"
+    proc = subprocess.run(torchrun(student, run), capture_output=True, text=True,
+                          env={**_env(full), "FULL_AT": where}, timeout=300)
+    assert proc.returncode == 1
+    assert "error: cannot write" in proc.stderr and "No space left on device" in proc.stderr, proc.stderr[-3000:]
+    assert "]: Traceback" not in proc.stderr and "CheckpointException" not in proc.stderr
+    assert os.listdir(run / "checkpoints") == []  # the half-written checkpoint is gone
+    assert json.loads((run / "difcompress.json").read_text())["status"] == "running"  # not complete
 
 
 # ---- DeepSpeed ZeRO-2 -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -35,12 +35,14 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import (
+    CheckpointException,
     HuggingFaceStorageReader,
     HuggingFaceStorageWriter,
 )
 
+from difcompress.core.environment import is_main_process
 from difcompress.core.errors import UserError
-from difcompress.core.files import atomic_folder, disk_errors, remove
+from difcompress.core.files import atomic_folder, disk_errors, remove, write_error
 
 
 @dataclass
@@ -98,81 +100,110 @@ def save_checkpoint(run_dir: Path, state: Checkpoint, *, info: dict[str, Any], k
         return target
     tensors = {name: _cpu(modules) for name, modules in state.modules.items()}
     opt_tensors, opt_meta = flatten_optimizer(state.optimizer)
-    needed = sum(t.numel() * t.element_size() for group in (*tensors.values(), opt_tensors) for t in group.values())
-    with atomic_folder(target, needed_bytes=needed) as tmp:
-        for name, module_state in tensors.items():
-            save_file(module_state, tmp / f"{name}.safetensors")
+    with atomic_folder(target, needed_bytes=_bytes(*tensors.values(), opt_tensors)) as tmp:
+        _write_modules(tmp, tensors)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        save_file(_cpu(state.rng), tmp / "rng.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**info, **state.info, "step": state.step, "optimizer": opt_meta},
-                                                   indent=2))
+        _write_rng_and_state(tmp, state, info, opt_meta)
     _remove_old(run_dir, keep)
     return target
 
 
+def _bytes(*groups: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for group in groups for t in group.values())
+
+
+def _write_modules(folder: Path, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    for name, module_state in tensors.items():
+        save_file(module_state, folder / f"{name}.safetensors")
+
+
+def _write_rng_and_state(folder: Path, state: Checkpoint, info: dict[str, Any], optimizer_meta: dict[str, Any]) -> None:
+    save_file(_cpu(state.rng), folder / "rng.safetensors")
+    (folder / "state.json").write_text(json.dumps({**info, **state.info, "step": state.step,
+                                                   "optimizer": optimizer_meta}, indent=2))
+
+
 def _remove_old(run_dir: Path, keep: int | None) -> None:
-    main = not dist.is_initialized() or dist.get_rank() == 0
-    if keep is not None and main:
+    if keep is not None and is_main_process():
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_sharded(target: Path, state: Checkpoint, info: dict[str, Any]) -> None:
-    """DCP on every process into the main process's temporary folder, then the main process
-    adds the RNG states and state.json and renames it; everyone returns once it is in place."""
-    main = dist.get_rank() == 0
+    """DCP on every process (its shards), then the main process adds the RNG states and state.json."""
     opt_tensors, opt_meta = flatten_optimizer(state.optimizer, move=False)
     tensors = {**state.modules, "optimizer": opt_tensors}
-    needed = sum(t.numel() * t.element_size() for group in tensors.values() for t in group.values())
-    with atomic_folder(target, needed_bytes=needed) if main else contextlib.nullcontext() as tmp:
-        where = [str(tmp) if main else None]
-        dist.broadcast_object_list(where, src=0)
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(Path(where[0]) / SHARDS),
-                                                                  save_distributed=True))  # every process its shards
-        if main:
-            save_file(_cpu(state.rng), tmp / "rng.safetensors")
-            (tmp / "state.json").write_text(json.dumps({**info, **state.info, "step": state.step,
-                                                        "optimizer": opt_meta}, indent=2))
-    dist.barrier()
+
+    def write(tmp: Path) -> None:
+        with _dcp_disk_errors(tmp):
+            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+        if dist.get_rank() == 0:
+            _write_rng_and_state(tmp, state, info, opt_meta)
+
+    _write_on_every_process(target, _bytes(*tensors.values()), write)
 
 
 def _save_optimizer_per_process(target: Path, state: Checkpoint, info: dict[str, Any]) -> None:
-    """Every process its optimizer part into the main process's temporary folder; the main
-    process adds the student, EMA, adapters, RNG states and state.json, and renames it once
-    every part is written."""
+    """Every process its optimizer part; the main process adds the student, EMA, adapters,
+    RNG states and state.json."""
     main, rank = dist.get_rank() == 0, dist.get_rank()
     tensors = {name: _cpu(modules) for name, modules in state.modules.items()} if main else {}
     part = _cpu(state.optimizer["tensors"])
-    needed = sum(t.numel() * t.element_size() for group in (*tensors.values(), part) for t in group.values())
-    with atomic_folder(target, needed_bytes=needed) if main else contextlib.nullcontext() as tmp:
-        where = [str(tmp) if main else None]
-        dist.broadcast_object_list(where, src=0)
-        _write_part_everywhere(part, Path(where[0]) / f"optimizer-{rank}.safetensors", state.optimizer["meta"])
+
+    def write(tmp: Path) -> None:
+        save_file(part, tmp / f"optimizer-{rank}.safetensors", metadata={"meta": json.dumps(state.optimizer["meta"])})
         if main:
-            for name, module_state in tensors.items():
-                save_file(module_state, tmp / f"{name}.safetensors")
-            save_file(_cpu(state.rng), tmp / "rng.safetensors")
-            (tmp / "state.json").write_text(json.dumps({**info, **state.info, "step": state.step,
-                                                        "optimizer": {"per_process": dist.get_world_size()}},
-                                                       indent=2))
-    dist.barrier()
+            _write_modules(tmp, tensors)
+            _write_rng_and_state(tmp, state, info, {"per_process": dist.get_world_size()})
+
+    _write_on_every_process(target, _bytes(*tensors.values(), part), write)
 
 
-def _write_part_everywhere(part: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]) -> None:
-    """Write this process's part; return once every process has written its own, or raise
-    on every process the one error line of any that could not (a full disk on one rank must
-    not leave the others waiting at a barrier)."""
-    failed = None
+def _write_on_every_process(target: Path, needed_bytes: int, write: Callable[[Path], None]) -> None:
+    """`write(folder)` on every process into the main process's temporary folder for
+    `target`, renamed once every process has written its files. If any process cannot (a
+    full disk on one of them), every process raises its one error line and the main process
+    removes the folder: none is left waiting at a collective for files that never come."""
+    main = dist.get_rank() == 0
+    with contextlib.ExitStack() as stack:
+        shared = [None, None]  # the temporary folder, or why the main process could not make one
+        if main:
+            try:
+                shared[0] = str(stack.enter_context(atomic_folder(target, needed_bytes=needed_bytes)))
+            except UserError as err:
+                shared[1] = str(err)
+        dist.broadcast_object_list(shared, src=0)
+        if shared[1]:
+            raise UserError(shared[1])
+        failed = None
+        try:
+            with disk_errors(Path(shared[0]), needed_bytes):
+                write(Path(shared[0]))
+        except UserError as err:
+            failed = str(err)
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failed)
+        reason = next((f for f in failures if f), None)
+        if reason:
+            raise UserError(reason)
+    dist.barrier()  # every process returns once the main one has renamed the folder
+
+
+def _first_failure(err: CheckpointException) -> BaseException:
+    return next(iter(err.failures.values()))[0]
+
+
+@contextlib.contextmanager
+def _dcp_disk_errors(folder: Path) -> Iterator[None]:
+    """DCP raises a failure of any process on every process, wrapped in a CheckpointException
+    (a BaseException): a full disk among them becomes the one line it is elsewhere."""
     try:
-        with disk_errors(path.parent):
-            save_file(part, path, metadata={"meta": json.dumps(meta)})
-    except UserError as err:
-        failed = str(err)
-    failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failed)
-    reason = next((f for f in failures if f), None)
-    if reason:
-        raise UserError(reason)
+        yield
+    except CheckpointException as err:
+        converted = write_error(folder, _first_failure(err))
+        if converted is None:
+            raise
+        raise converted from None
 
 
 def _load_optimizer_part(path: Path) -> dict[str, Any]:
@@ -180,8 +211,7 @@ def _load_optimizer_part(path: Path) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     part = path / f"optimizer-{rank}.safetensors"
     with safe_open(part, framework="pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    return {"tensors": load_file(part), "meta": meta}
+        return {"tensors": {k: f.get_tensor(k) for k in f.keys()}, "meta": json.loads(f.metadata()["meta"])}
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -209,7 +239,7 @@ def read_checkpoint_info(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as err:  # ValueError: damaged JSON or not UTF-8
-        raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
+        raise UserError(f"checkpoint {path} cannot be resumed: {_first_line(err)}") from None
 
 
 def load_checkpoint(path: Path, like: Checkpoint | None = None) -> Checkpoint:
@@ -226,7 +256,7 @@ def load_checkpoint(path: Path, like: Checkpoint | None = None) -> Checkpoint:
             unflatten_optimizer(load_file(path / "optimizer.safetensors"), info["optimizer"])
         rng = load_file(path / "rng.safetensors")
     except (OSError, KeyError, RuntimeError, ValueError) as err:
-        raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
+        raise UserError(f"checkpoint {path} cannot be resumed: {_first_line(err)}") from None
     return Checkpoint(info["step"], modules, optimizer, rng, info, optimizer_per_process=per_process)
 
 
@@ -242,6 +272,12 @@ def _load_sharded(path: Path, info: dict[str, Any], like: Checkpoint | None) -> 
                      no_dist=not dist.is_initialized())
         rng = load_file(path / "rng.safetensors")
         optimizer = unflatten_optimizer(tensors.pop("optimizer"), info["optimizer"])
+    except CheckpointException as err:  # a damaged or mismatched shard, on every process
+        raise UserError(f"checkpoint {path} cannot be resumed: {_first_line(_first_failure(err))}") from None
     except (OSError, KeyError, RuntimeError, ValueError) as err:
-        raise UserError(f"checkpoint {path} cannot be resumed: {str(err).splitlines()[0]}") from None
+        raise UserError(f"checkpoint {path} cannot be resumed: {_first_line(err)}") from None
     return Checkpoint(info["step"], tensors, optimizer, rng, info, sharded=like.sharded)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
