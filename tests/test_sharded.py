@@ -168,6 +168,19 @@ def test_a_sharded_checkpoint_resumes_on_one_unsharded_process(student, sharded,
     assert_close(weights(run), weights(unsharded), atol=1e-5)
 
 
+def test_a_damaged_sharded_checkpoint_is_one_line_not_a_traceback(student, sharded, tmp_path):
+    """DCP raises a shard's read failure as a CheckpointException, which no OSError handler sees."""
+    from difcompress.core.errors import UserError
+
+    run = tmp_path / "run"
+    shutil.copytree(sharded, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000004")
+    shard = sorted((run / "checkpoints" / "step-0000002" / "shards").iterdir())[0]
+    shard.write_bytes(shard.read_bytes()[:-64])  # cut short, as by a copy that ran out of space
+    with pytest.raises(UserError, match="step-0000002 cannot be resumed"):
+        run_distill(student, run, device="cpu", resume=True, **SETTINGS)
+
+
 def kill_9_mid_checkpoint_then_resume(student: Path, straight: Path, tmp_path: Path, slow_writes: str, **how) -> None:
     """Kill both ranks while the second checkpoint is being written, resume: the straight run's weights."""
     slow = tmp_path / "slow"
