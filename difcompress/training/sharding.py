@@ -232,14 +232,18 @@ def load_zero2_optimizer_state(optimizer, part: dict[str, Any]) -> None:
     zero.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
-def zero2_master_weights(model: nn.Module) -> dict[str, torch.Tensor] | None:
+def zero2_master_weights(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
     """The fp32 master weights DeepSpeed keeps in per-process partitions when it trains a
-    bf16/fp16 copy of the student (None when it trains in fp32). A collective."""
-    if all(p.dtype == torch.float32 for p in model.parameters()):
-        return None
+    bf16/fp16 copy of the student, whole on the CPU where `keep` (the main process; empty on
+    the others, which never hold them whole). A collective: one all-reduce per weight."""
     from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415 - optional extra, only under zero2
 
-    return {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in model.named_parameters()}
+    out = {}
+    for name, p in model.named_parameters():
+        whole = safe_get_full_fp32_param(p)
+        if keep:
+            out[name] = whole.detach().cpu()
+    return out
 
 
 def shard_frozen(model: nn.Module, family: ModelFamily) -> None:

@@ -193,7 +193,8 @@ class Trainer:
         return load_checkpoint(path, like=self.state_dict())
 
     def load_state_dict(self, state: Checkpoint) -> None:
-        """Continue from `state` (before or after `prepare`; after it under FSDP)."""
+        """Continue from `state`; after `prepare` (FSDP reads into the shards, ZeRO-2 into
+        DeepSpeed's optimizer)."""
         self.accelerator.unwrap_model(self.model).load_state_dict(state.modules["student"])
         if self.adapters is not None:
             self.adapters.load_state_dict(state.modules["adapters"])
@@ -229,14 +230,15 @@ class Trainer:
 
     def final_student(self) -> nn.Module | None:
         """The trained student (its EMA when there is one) as one whole model on the main
-        process, None on the others. Under FSDP it is gathered once from the shards: every
-        process must call this."""
+        process, None on the others. Under FSDP it is gathered once from the shards, under
+        mixed-precision ZeRO-2 from the fp32 master partitions: every process must call this."""
         main = self.accelerator.is_main_process
         model = self.accelerator.unwrap_model(self.model)
-        if self.engine == "zero2":  # under mixed precision DeepSpeed trains a bf16/fp16 copy
-            masters = sharding.zero2_master_weights(model) if self.ema is None else None  # every process
-            if main and next(model.parameters()).dtype != torch.float32:
-                model.float().load_state_dict(masters or {}, strict=False)  # the student in fp32, as unsharded
+        if self.engine == "zero2" and next(model.parameters()).dtype != torch.float32:
+            # DeepSpeed trains a bf16/fp16 copy: the student is its fp32 masters (or the fp32 EMA), as unsharded
+            masters = sharding.zero2_master_weights(model, keep=main) if self.ema is None else {}
+            if main:
+                model.float().load_state_dict(masters, strict=False)
         if self.engine != "fsdp":
             if main and self.ema is not None:
                 self.ema.copy_to(model)
@@ -265,7 +267,8 @@ class Trainer:
 
     def prepare(self) -> None:
         """Hand the student and optimizer to accelerate (DDP, mixed precision) and apply the
-        speed settings. Call once, after any `load_state`."""
+        speed settings. Call once, before any `load_state_dict` (a checkpoint is read into the
+        prepared model and optimizer)."""
         config = self.config
         if config.gradient_checkpointing and self.engine != "fsdp":  # FSDP checkpoints per block itself
             if not getattr(self.model, "_supports_gradient_checkpointing", False):
