@@ -158,6 +158,18 @@ def test_the_gathered_student_is_a_stock_diffusers_folder_that_exports(sharded, 
     assert not list(checkpoint.rglob("*.distcp")) and not list(checkpoint.rglob(".metadata"))
 
 
+def test_a_sharded_checkpoint_is_a_model_reference_for_eval_and_export(sharded, tmp_path):
+    """RUN/checkpoints/step-N of an FSDP run: its EMA read whole from DCP's shards, by one process."""
+    from difcompress.loading.models import load_model
+
+    checkpoint = sharded / "checkpoints" / "step-0000004"
+    loaded = load_model(str(checkpoint), torch.device("cpu"))
+    assert loaded.manifest["checkpoint"] == {"step": 4, "weights": "ema", "run": str(sharded)}
+    assert_close(loaded.model.state_dict(), weights(sharded), atol=0)  # the final EMA
+    run_export(checkpoint, tmp_path / "export")
+    assert_close(weights(tmp_path / "export"), weights(sharded), atol=0)
+
+
 def test_a_sharded_checkpoint_resumes_on_one_unsharded_process(student, sharded, unsharded, tmp_path):
     """2 -> 1: DCP reads the shards of step 2 back as whole tensors."""
     run = tmp_path / "run"

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.distributed.checkpoint import (
     CheckpointException,
     HuggingFaceStorageReader,
@@ -277,6 +278,30 @@ def _load_sharded(path: Path, info: dict[str, Any], like: Checkpoint | None) -> 
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         raise UserError(f"checkpoint {path} cannot be resumed: {_first_line(err)}") from None
     return Checkpoint(info["step"], tensors, optimizer, rng, info, sharded=like.sharded)
+
+
+def load_final_weights(path: Path, model: nn.Module) -> str:
+    """Load into `model` the weights a checkpoint's run would publish as its student (its
+    EMA where the run keeps one), from whole files or from DCP's shards (read whole, by one
+    process); returns which were loaded, "ema" or "student"."""
+    try:
+        if not is_sharded_checkpoint(path):
+            kept = "ema" if (path / "ema.safetensors").is_file() else "student"
+            model.load_state_dict(load_file(path / f"{kept}.safetensors"))
+            return kept
+        stored = HuggingFaceStorageReader(str(path / SHARDS)).read_metadata().state_dict_metadata
+        kept = "ema" if any(key.startswith("ema.") for key in stored) else "student"
+        state = {kept: model.state_dict()}
+        with warnings.catch_warnings():  # DCP warns that one process reads alone, which is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)), no_dist=True)
+        model.load_state_dict(state[kept])
+        return kept
+    except CheckpointException as err:
+        reason = _first_line(_first_failure(err))
+    except (OSError, RuntimeError, ValueError) as err:  # a damaged file, or weights of another student
+        reason = _first_line(err)
+    raise UserError(f"cannot read the weights of checkpoint {path}: {reason}")
 
 
 def _first_line(err: BaseException) -> str:

@@ -17,7 +17,12 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundEr
 from safetensors.torch import load_file
 from torch import nn
 
-from difcompress.artifacts.checkpoint import latest_checkpoint, read_checkpoint_info
+from difcompress.artifacts.checkpoint import (
+    is_sharded_checkpoint,
+    latest_checkpoint,
+    load_final_weights,
+    read_checkpoint_info,
+)
 from difcompress.artifacts.folders import STRUCTURE, read_manifest
 from difcompress.artifacts.quantize import quiet_backend
 from difcompress.builtin import builtin_model_path
@@ -168,7 +173,7 @@ def _family(path: Path, denoiser_class: str, pipeline_class: str | None = None) 
 
 
 def is_checkpoint_folder(path: Path) -> bool:
-    return (path / "state.json").is_file() and (path / "student.safetensors").is_file()
+    return (path / "state.json").is_file() and ((path / "student.safetensors").is_file() or is_sharded_checkpoint(path))
 
 
 def _load_checkpoint(path: Path, source: str) -> LoadedModel:
@@ -180,11 +185,7 @@ def _load_checkpoint(path: Path, source: str) -> LoadedModel:
     if not settings.get("student"):
         raise UserError(f"{path}: the checkpoint does not record its student; it cannot be rebuilt")
     base = _load_folder(load_model_folder(settings["student"]), settings["student"])
-    kept = "ema" if (path / "ema.safetensors").is_file() else "student"
-    try:
-        base.model.load_state_dict(load_file(path / f"{kept}.safetensors"))
-    except (OSError, RuntimeError, ValueError) as err:  # a damaged file, or weights of another student
-        raise UserError(f"cannot read the weights of checkpoint {path}: {str(err).splitlines()[0]}") from None
+    kept = load_final_weights(path, base.model)
     manifest = {**(base.manifest or {}), "teacher": settings.get("teacher") or (base.manifest or {}).get("teacher"),
                 "checkpoint": {"step": info.get("step"), "weights": kept, "run": str(path.parent.parent)}}
     return dataclasses.replace(base, source=source, path=path, manifest=manifest)
