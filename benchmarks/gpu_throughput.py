@@ -37,8 +37,7 @@ from difcompress.pruning.graph import prune_channels
 from difcompress.pruning.importance import accumulate_gradients, make_importance
 from difcompress.training.sharding import (
     accelerator_plugins,
-    engage_fsdp_on_cpu,
-    engage_zero2_on_cpu,
+    engage_on_cpu,
 )
 from difcompress.training.trainer import Trainer
 
@@ -78,10 +77,7 @@ def measure(teacher, student, batch, shape, learns_variance, mode, steps, device
     plugins = accelerator_plugins(config, options.get("shard", "none"))
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=options.get("mixed_precision", "no"),
                               **plugins)
-    if "fsdp_plugin" in plugins:
-        engage_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
-    if "deepspeed_plugin" in plugins:
-        engage_zero2_on_cpu(accelerator, plugins["deepspeed_plugin"])
+    engage_on_cpu(accelerator, plugins)
     device = accelerator.device
     images = torch.randn(batch * 2, *shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     family = family_for_model(student)

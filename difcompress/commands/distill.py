@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +58,7 @@ from difcompress.training.run_folder import (
 from difcompress.training.sharding import (
     accelerator_plugins,
     check_shard_options,
-    engage_fsdp_on_cpu,
-    engage_zero2_on_cpu,
+    engage_on_cpu,
     engine_of,
     resolve_shard,
 )
@@ -121,7 +119,7 @@ def plan_distill(config: DistillConfig) -> dict[str, Any]:
     check_resume_from(config)
     check_unquantized(config.student, "student")
     check_output_folder(config.output, inputs=[m for m in (config.student, config.teacher) if m])
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = launched_processes()
     micro_batch = micro_batch_size(config.batch_size, processes, config.gradient_accumulation_steps)
     cpu = torch.device("cpu")
     student = load_model(config.student, cpu)
@@ -237,10 +235,7 @@ def make_accelerator(config: DistillConfig) -> Accelerator:
             else "accelerate could not start"
         raise UserError(f"{about}: {message}", exit_code=2) from None
     check_process_count(accelerator)
-    if shard == "fsdp":
-        engage_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
-    if shard == "zero2":
-        engage_zero2_on_cpu(accelerator, plugins["deepspeed_plugin"])
+    engage_on_cpu(accelerator, plugins)
     if engine_of(accelerator) != shard:
         raise UserError(f"--shard {shard}: accelerate did not start {shard} here ({accelerator.distributed_type}); "
                         "docs/many-gpus.md says how to launch it", exit_code=2)

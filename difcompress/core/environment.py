@@ -38,15 +38,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def launched() -> bool:
-    """True under `accelerate launch` / torchrun with more than one process (a lone RANK, as
-    some job pods set, is not a launch)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def launched_processes() -> int:
     """How many processes the launcher (torchrun, accelerate launch) started: its WORLD_SIZE."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched() -> bool:
+    """True under `accelerate launch` / torchrun with more than one process (a lone RANK, as
+    some job pods set, is not a launch)."""
+    return launched_processes() > 1
 
 
 def launch_shard_request() -> str | None:

@@ -6,7 +6,7 @@ difcompress shards nothing itself. It builds accelerate's ``FullyShardedDataPara
 ``torchrun --nproc_per_node N -m difcompress distill ... --shard fsdp`` shards the same way
 on GPUs and on CPUs. accelerate itself only turns FSDP on for GPU-like devices (its launcher
 refuses ``--cpu --use_fsdp``), so on a CPU process group the state it built is switched to
-FSDP here (``engage_fsdp_on_cpu``); torch's FSDP2 runs on gloo.
+FSDP here (``engage_on_cpu``); torch's FSDP2 runs on gloo.
 
 What each engine shards of the student (weights, gradients, optimizer state, EMA):
 fsdp all four, 1/N per process; zero2 the gradients and the optimizer state (weights and
@@ -104,7 +104,16 @@ def _deepspeed_plugin(config: DistillConfig):
                            offload_param_device="none")
 
 
-def engage_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+def engage_on_cpu(accelerator: Accelerator, plugins: dict[str, Any]) -> None:
+    """Start the engine `plugins` (from accelerator_plugins) asks for where accelerate itself
+    would not: on CPU processes (gloo)."""
+    if "fsdp_plugin" in plugins:
+        _engage_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    if "deepspeed_plugin" in plugins:
+        _engage_zero2_on_cpu(accelerator, plugins["deepspeed_plugin"])
+
+
+def _engage_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
     """accelerate enables FSDP only on accelerator devices; on a CPU (gloo) process group it
     leaves MULTI_CPU. FSDP2 itself runs there: switch the shared state to it."""
     state = accelerator.state
@@ -116,7 +125,7 @@ def engage_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParalle
         plugin.set_mixed_precision(accelerator.mixed_precision)
 
 
-def engage_zero2_on_cpu(accelerator: Accelerator, plugin) -> None:
+def _engage_zero2_on_cpu(accelerator: Accelerator, plugin) -> None:
     """The same for DeepSpeed: accelerate starts it only on accelerator devices; on a CPU
     process group (gloo; DeepSpeed's CPU mode, DS_ACCELERATOR=cpu) switch the state to it."""
     state = accelerator.state
