@@ -150,13 +150,16 @@ def denoiser_inputs(family, model: nn.Module, batch_size: int, text_tokens: int 
     return family.with_text_tokens(inputs, text_tokens) if text_tokens else inputs
 
 
-def meta_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of `module` on the meta device in `dtype` (shapes only: its tensors are never
-    copied, so a full-size model costs nothing)."""
+def meta_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of `module` on the meta device, in `dtype` when given (shapes only: its tensors
+    are never copied, so a full-size model costs nothing)."""
     memo = {id(t): torch.empty_like(t, device="meta") for t in [*module.parameters(), *module.buffers()]}
     memo.update({id(p): nn.Parameter(memo[id(p)], requires_grad=p.requires_grad) for p in module.parameters()})
+    copied = copy.deepcopy(module, memo)
+    if dtype is None:
+        return copied
     with quiet_diffusers():  # diffusers warns about any .to(dtype)
-        return copy.deepcopy(module, memo).to(dtype=dtype).eval()
+        return copied.to(dtype=dtype)
 
 
 def forward_peak_bytes(call: Callable[[], Any], existing: Iterable[torch.Tensor] = ()) -> int:
@@ -214,7 +217,7 @@ def inference_memory(parts: list[InferencePart], dtype: torch.dtype, scheme: str
     for part in parts:
         if part.run is None:
             continue
-        meta = meta_copy(part.module, dtype)
+        meta = meta_copy(part.module, dtype).eval()
         stages[part.name] = forward_peak_bytes(lambda: part.run(meta), [*meta.parameters(), *meta.buffers()])
         if scheme and part.quantized:
             stages[part.name] += largest_linear_bytes(part.module, element)

@@ -19,7 +19,6 @@ weight, counted as a new allocation of the whole weight: 27.9 and 65.3 GiB then.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -27,10 +26,9 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from difcompress.config import DistillConfig
-from difcompress.core.console import quiet_diffusers
 from difcompress.core.environment import DTYPES
 from difcompress.diffusion.inputs import cast_floating
-from difcompress.metrics.cost import LiveStorageBytes, denoiser_inputs
+from difcompress.metrics.cost import LiveStorageBytes, denoiser_inputs, meta_copy
 from difcompress.training.feature_taps import tap_point, tapped
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adam": 8, "adamw-8bit": 2}
@@ -95,10 +93,8 @@ def estimate_distill_memory(config: DistillConfig, family, student: nn.Module, t
     ema, ema_offload = config.ema_decay > 0, config.ema_offload
     params = sum(p.numel() for p in student.parameters())
     teacher_params = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
-    with quiet_diffusers():  # diffusers warns about casting on .to(dtype)
-        student_meta = copy.deepcopy(student).to("meta").train()
-        teacher_meta = None if teacher is None else copy.deepcopy(teacher).to(
-            device="meta", dtype=DTYPES[teacher_dtype or "fp32"]).eval()
+    student_meta = meta_copy(student).train()
+    teacher_meta = None if teacher is None else meta_copy(teacher, DTYPES[teacher_dtype or "fp32"]).eval()
     if gradient_checkpointing:
         student_meta.enable_gradient_checkpointing()
     one, two = (_step_bytes(family, student_meta, teacher_meta, b, text_tokens, feature_pairs) for b in (1, 2))

@@ -17,7 +17,6 @@ checkpoint (artifacts/checkpoint.py); the final student is gathered once into fu
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -285,17 +284,6 @@ def gather_full(state: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.T
         if keep:
             out[name] = whole.detach().to("cpu", copy=True)
     return out
-
-
-def skeleton_of(model: nn.Module) -> nn.Module:
-    """A copy of `model`'s modules with every weight on the meta device (no memory), to
-    receive the gathered final weights: pruned layouts need not rebuild from a config."""
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
 
 
 def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor], live: nn.Module) -> nn.Module:

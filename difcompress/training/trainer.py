@@ -45,6 +45,7 @@ from difcompress.data.datasets import TrainingSet
 from difcompress.data.stream import BatchStream
 from difcompress.diffusion.inputs import ModelInputs
 from difcompress.families.base import ModelFamily
+from difcompress.metrics.cost import meta_copy
 from difcompress.objectives import OutputOptions, feature_loss, get_objective, task_loss
 from difcompress.objectives.variance import learned_variance_terms
 from difcompress.training import sharding
@@ -152,7 +153,7 @@ class Trainer:
         fsdp = self.engine == "fsdp"
         self.ema = EMA(self.model, config.ema_decay, "cpu" if config.ema_offload else None) \
             if config.ema_decay > 0 and not fsdp else None
-        self._skeleton = sharding.skeleton_of(self.model) if fsdp else None
+        self._skeleton = meta_copy(self.model) if fsdp else None
         self._window: dict[str, torch.Tensor] = {}
         self._window_steps = 0
         self._first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
