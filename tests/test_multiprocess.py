@@ -106,3 +106,36 @@ def test_two_process_text_to_image_distill_with_bk_sdm_feature_hooks(tiny_sd_dir
     assert manifest["status"] == "complete" and ran_on_two(out)
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2] and all(r["feature"] > 0 for r in logs)
+
+
+# sitecustomize: the loss of rank 1 alone becomes NaN at step 3 (rank 0's is still finite there).
+RANK_1_NAN = """
+import os
+if os.environ.get("RANK") == "1":
+    from difcompress.training.trainer import Trainer
+    _real = Trainer.compute_losses
+    def compute_losses(self, batch, step):
+        total, terms = _real(self, batch, step)
+        return (total * float("nan") if step == 3 else total), terms
+    Trainer.compute_losses = compute_losses
+"""
+
+
+def test_a_nan_loss_on_one_process_stops_every_process_at_that_step(tmp_path):
+    """The processes agree on the first non-finite step, so the main one reports it (not one
+    process stopping while the others wait in the next all-reduce)."""
+
+    pruned = tmp_path / "pruned"
+    run_prune("digits", 0.9, pruned, device="cpu")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RANK_1_NAN)
+    out = tmp_path / "run"
+    cmd = two_processes("--student", str(pruned), "--loss", "place", "--data", "digits", "--steps", "6",
+                        "--batch-size", "8", "--checkpoint-every", "2", "--log-every", "1", "-o", str(out))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]  # printed by the main process
+    assert "at step 3" in errors[0] and "step-0000002" in errors[0], errors[0]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]

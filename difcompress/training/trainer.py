@@ -452,10 +452,15 @@ class Trainer:
         return line
 
     def check_finite(self) -> None:
-        """Raise NonFiniteLoss if any step so far had a NaN or infinite loss (reads the GPU)."""
-        step = int(self._first_bad_step)
-        if step:
-            raise NonFiniteLoss(step)
+        """Raise NonFiniteLoss if any step so far had a NaN or infinite loss on any process
+        (reads the GPU; a collective, so that every process stops at the same step, none left
+        in the next step's all-reduce)."""
+        steps = self._first_bad_step[None]
+        if self.accelerator.num_processes > 1:
+            steps = self.accelerator.gather(steps)
+        bad = steps[steps > 0]
+        if bad.numel():
+            raise NonFiniteLoss(int(bad.min()))
 
     def _watch(self, loss: torch.Tensor) -> None:
         """Remember the first step whose loss was not finite, without waiting for the GPU."""
