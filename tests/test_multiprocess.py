@@ -124,7 +124,6 @@ if os.environ.get("RANK") == "1":
 def test_a_nan_loss_on_one_process_stops_every_process_at_that_step(tmp_path):
     """The processes agree on the first non-finite step, so the main one reports it (not one
     process stopping while the others wait in the next all-reduce)."""
-
     pruned = tmp_path / "pruned"
     run_prune("digits", 0.9, pruned, device="cpu")
     site = tmp_path / "site"
