@@ -24,6 +24,8 @@ from conftest import (
 )
 from tiny_flow import build_tiny_flux
 
+from difcompress.core.errors import UserError
+
 
 @pytest.fixture(scope="module")
 def tiny_flux_dir(tmp_path_factory) -> Path:
@@ -232,6 +234,23 @@ def test_schnell_takes_no_guidance_value(tmp_path, captioned):
         row = run_eval([tmp_path / "s"], prompts=str(tmp_path / "prompts.txt"), grid_size=1, sampler_steps=1,
                        latency_batch_size=1, device="cpu", output=tmp_path / "eval")["models"][0]
     assert "guidance_scale" not in row and row["family"] == "flux"
+
+
+def test_a_dev_teacher_reads_the_guidance_value_beside_a_schnell_layout_student(tiny_flux_dir, captioned, tmp_path):
+    """A student without a guidance embedder (schnell's layout) from a dev teacher: the
+    teacher still reads --guidance-scale (its first-step loss moves with the value; it was
+    refused as 'pass --guidance-scale' after training had started), and without one the run
+    is refused in one line before any work."""
+    with one_thread():
+        schnell = build_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
+        settings = dict(teacher=str(tiny_flux_dir), loss="place", data=str(captioned), steps=1, batch_size=2,
+                        checkpoint_every=0, device="cpu", latent_cache=tmp_path / "cache")
+        losses = [run_distill(schnell, tmp_path / f"s{scale}", guidance_scale=scale, **settings)["final"]["loss"]
+                  for scale in (1.0, 6.0)]
+        with pytest.raises(UserError, match="guidance-distilled"):
+            run_distill(schnell, tmp_path / "none", **settings)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[0] != losses[1]
+    assert not (tmp_path / "none").exists()
 
 
 def test_head_pruning_keeps_the_important_heads_and_slices_every_weight_by_them(tiny_flux_dir):

@@ -130,14 +130,15 @@ class FluxFamily(BlockListFamily):
                                  min(512, int(t5.model_max_length)), clip_sequence=False)
 
     def conditions(self, model, *, labels=None, text=None, geometry=None, guidance=None):
-        """T5's sequence and CLIP's pooled vector, and for a guidance-distilled model (dev) the
-        guidance value every row reads."""
+        """T5's sequence and CLIP's pooled vector, and the guidance value every row reads: a
+        guidance-distilled model (dev) needs one; it rides along whenever one is given, so
+        that a dev teacher reads it beside a schnell-layout student, which ignores it."""
         if text is None:
             return None
         cond = {"encoder_hidden_states": text["encoder_hidden_states"],
                 "pooled_projections": text["pooled_projections"]}
-        if self.takes_guidance(model):
-            self.check_guidance(model, guidance)
+        self.check_guidance(model, guidance)
+        if guidance is not None:
             cond["guidance"] = torch.full((len(cond["pooled_projections"]),), float(guidance))
         return cond
 

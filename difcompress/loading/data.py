@@ -148,7 +148,7 @@ def training_data(config: DistillConfig, student, teacher, *, cache_dir: Path, p
     or its caption's encoding, encoded once and cached), and a report (data, latent and text
     caches, skipped files)."""
     framing = Framing(config.resolution, config.center_crop, config.random_flip)
-    student.family.check_guidance(student.model, config.guidance_scale)
+    _check_guidance(config.guidance_scale, [m for m in (student, teacher) if m is not None], processes.is_main)
     if config.data == TEACHER:
         if not framing.is_default:
             raise UserError("--resolution, --no-center-crop and --random-flip frame image data; --data teacher is "
@@ -187,6 +187,15 @@ def _encoded_captions(captions: list[str], text, cache_root: Path | None, proces
     encodings, empty, report["text_cache"] = cached_text(captions, text, cache_root or default_cache_root(),
                                                          encode_here=processes.is_local_main)
     return encodings, empty
+
+
+def _check_guidance(value: float | None, models: list, warn_here: bool) -> None:
+    """Every guidance-distilled model of the run (teacher or student) needs --guidance-scale;
+    a value that none of them reads is said once, not silently dropped."""
+    for loaded in models:
+        loaded.family.check_guidance(loaded.model, value)
+    if value is not None and warn_here and not any(m.family.takes_guidance(m.model) for m in models):
+        warn(f"--guidance-scale {value:g}: neither teacher nor student is guidance-distilled, so no model reads it")
 
 
 def _teacher_data(config: DistillConfig, student, teacher, cache_dir: Path, processes: Processes
