@@ -133,6 +133,9 @@ def test_flow_formulation_is_rectified_flow_with_the_pipeline_schedule():
     (["--ratio", "0", "--depth", "0"], "--depth"),
     (["--ratio", "0.9"], "leaves no head"),
     (["--ratio", "0", "--single-blocks", "0,8"], "--single-blocks must name blocks between 0 and 7"),
+    (["--ratio", "0", "--blocks", "1,1"], "--blocks names block 1 more than once"),
+    (["--ratio", "0.5", "--single-blocks", "3,3,5"], "--single-blocks names block 3 more than once"),
+    (["--ratio", "0", "--blocks", "0,1,2,3"], "--blocks names all 4 blocks"),
     (["--ratio", "0", "--depth", "2", "--depth-criterion", "block-io-mse"], "--data"),
 ])
 def test_prune_mistakes_are_one_line(tiny_flux_dir, tmp_path, run_cli, args, expected):

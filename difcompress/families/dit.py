@@ -30,10 +30,10 @@ from diffusers.models.embeddings import LabelEmbedding
 from difcompress.core.errors import UserError
 from difcompress.families.base import ModelFamily, PruneOutcome, PruneRequest
 from difcompress.pruning.blocklists import (
-    CRITERIA,
-    DEPTH_CRITERIA,
     BlockLayout,
     BlockList,
+    DepthRequest,
+    choose_blocks,
     uniform_blocks,
 )
 from difcompress.pruning.transformer import (
@@ -144,21 +144,12 @@ class DiTFamily(ModelFamily):
         return PruneOutcome(model=pruned, details=details, warnings=warnings)
 
     def _choose_blocks(self, model, request) -> tuple[list[int], list[float] | None]:
-        layers = model.config.num_layers
-        if request.blocks is not None:
-            blocks = sorted(set(request.blocks))
-            if not blocks or blocks[0] < 0 or blocks[-1] >= layers:
-                raise UserError(f"--blocks must name blocks between 0 and {layers - 1}", exit_code=2)
-            return blocks, None
-        keep = layers if request.depth is None else request.depth
-        if not 1 <= keep <= layers:
-            raise UserError(f"--depth must lie between 1 and {layers} (the model has {layers} blocks)", exit_code=2)
-        if request.depth_criterion == "uniform" or keep == layers:
-            return uniform_blocks(layers, keep), None
-        scores = CRITERIA[request.depth_criterion](self, model, LAYOUT, request.calibration,
-                                                   request.seed)["transformer_blocks"]
-        ranked = sorted(range(layers), key=lambda i: -scores[i])
-        return sorted(ranked[:keep]), scores
+        """The block-list engine's choice for DiT's one list (the same checks as Flux's)."""
+        name = LAYOUT.lists[0].name
+        kept, scores = choose_blocks(self, model, LAYOUT, DepthRequest({name: request.depth}, {name: request.blocks},
+                                                                       request.depth_criterion),
+                                     request.calibration, request.seed)
+        return kept[name], None if scores is None else scores[name]
 
     def stage_widths(self, model):
         block = model.transformer_blocks[0]
@@ -198,8 +189,3 @@ def _check_prunable(model, request: PruneRequest) -> None:
     if request.single_depth is not None or request.single_blocks is not None:
         raise UserError("--single-depth / --single-blocks: a DiT has one block list; use --depth / --blocks",
                         exit_code=2)
-    if request.blocks is not None and request.depth is not None:
-        raise UserError("give either --depth or --blocks, not both", exit_code=2)
-    if request.depth_criterion not in DEPTH_CRITERIA:
-        raise UserError(f"unknown --depth-criterion '{request.depth_criterion}'; choose one of "
-                        f"{', '.join(DEPTH_CRITERIA)}", exit_code=2)

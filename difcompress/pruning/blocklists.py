@@ -81,6 +81,13 @@ def check_keep(blocks: BlockList, layers: int, depth: int | None, indices: list[
         if not chosen or chosen[0] < 0 or chosen[-1] >= layers:
             raise UserError(f"{blocks.blocks_option} must name blocks between 0 and {layers - 1} "
                             f"({blocks.name} has {layers})", exit_code=2)
+        twice = sorted({i for i in indices if indices.count(i) > 1})
+        if twice:
+            raise UserError(f"{blocks.blocks_option} names block {', '.join(map(str, twice))} more than once",
+                            exit_code=2)
+        if len(chosen) == layers:  # as --depth {layers}: a list that removes nothing is a slip
+            raise UserError(f"{blocks.blocks_option} names all {layers} blocks of {blocks.name}: name fewer, or "
+                            f"leave {blocks.blocks_option} out to keep them all", exit_code=2)
         if blocks.keep_last and chosen[-1] != layers - 1:
             raise UserError(f"{blocks.blocks_option} must keep the last block ({layers - 1}): it is the only one "
                             "that ends the text stream", exit_code=2)
@@ -194,7 +201,7 @@ def choose_blocks(family, model, layout: BlockLayout, request: DepthRequest, cal
     for blocks in layout.lists:
         layers, keep = counts[blocks.name], request.depth.get(blocks.name)
         if request.indices.get(blocks.name) is not None:
-            kept[blocks.name] = sorted(set(request.indices[blocks.name]))
+            kept[blocks.name] = sorted(request.indices[blocks.name])
         elif keep is None:
             kept[blocks.name] = list(range(layers))
         elif scores is None:
