@@ -120,11 +120,72 @@ def test_flow_formulation_is_rectified_flow_with_the_pipeline_schedule():
     reference = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
     reference.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=pipeline_shift(4096))
     assert torch.allclose(flow.sampler("euler", 4, sample_shape=(16, 128, 128)).timesteps, reference.timesteps)
-    drawn = flow.draw_timesteps(4096, torch.Generator().manual_seed(0), sample_shape=(16, 128, 128))
-    assert drawn.dtype == torch.float32 and 0 < drawn.min() and drawn.max() < 1000
-    assert drawn.median() > 700  # mu = 1.15 at 4096 tokens pushes the median u = 0.5 to sigma = 0.76
+    # u ~ logit-normal(0, 1) has median 0.5, which the dynamic shift moves to e^mu / (e^mu + 1),
+    # mu read off the image sequence length (1024 px: 4096 tokens, mu 1.15; 16 px: 16 tokens);
+    # a static shift 3 would put both at 0.75.
+    static = formulation_for(FlowMatchEulerDiscreteScheduler(shift=3.0), FlowTraining(patch=2))
+    for shape in ((16, 128, 128), (16, 8, 8)):
+        drawn = flow.draw_timesteps(4096, torch.Generator().manual_seed(0), sample_shape=shape)
+        assert drawn.dtype == torch.float32 and 0 < drawn.min() and drawn.max() < 1000
+        mu = pipeline_shift(shape[1] * shape[2] // 4)
+        assert abs(float(drawn.median()) - 1000 * np.exp(mu) / (np.exp(mu) + 1)) < 8
+        fixed = static.draw_timesteps(4096, torch.Generator().manual_seed(0), sample_shape=shape)
+        assert abs(float(fixed.median()) - 750) < 8
     exact = flow.denoise(noise.clone(), lambda x, _t: (noise - x0, None), sampler="ddim", steps=3)
     assert torch.allclose(exact, x0, atol=1e-5)  # Euler on a straight path is exact
+
+
+@pytest.mark.parametrize("criterion", ["output-change", "block-io-mse"])
+def test_scored_depth_keeps_the_top_blocks_of_each_list(tiny_flux_dir, captioned, tmp_path, criterion):
+    """Each criterion scores every block of both lists on a captioned batch (dev's guidance
+    3.5); the kept blocks are each list's top scorers, and the student's blocks are those
+    teacher blocks' weights."""
+    from difcompress.loading.models import load_model
+
+    with one_thread():
+        report = run_prune(str(tiny_flux_dir), 0.0, tmp_path / "scored", depth=2, single_depth=4,
+                           depth_criterion=criterion, data=str(captioned), batch_size=4, device="cpu")
+        teacher, student = load_model(str(tiny_flux_dir)).model, load_model(str(tmp_path / "scored")).model
+    assert report["depth_criterion"] == criterion
+    for name, keep in (("transformer_blocks", 2), ("single_transformer_blocks", 4)):
+        scores, kept = report["block_scores"][name], report["kept_blocks"][name]
+        assert len(scores) == len(getattr(teacher, name)) and all(s > 0 for s in scores)
+        assert kept == sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:keep])
+        for position, index in enumerate(kept):
+            mine, theirs = getattr(student, name)[position].state_dict(), getattr(teacher, name)[index].state_dict()
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_text_and_sampling_match_the_stock_flux_pipeline(tiny_flux_dir):
+    """The text side = FluxPipeline.encode_prompt (T5 sequence at its window, CLIP pooled), and
+    difcompress's sampler (eval, teacher data) at dev's embedded guidance 3.5 lands where
+    FluxPipeline's own loop does from the same noise: the packed 2x2 latents, the shifted
+    sigmas of its 16 px sequence length and the guidance vector all agree."""
+    from diffusers import FluxPipeline
+
+    from difcompress.diffusion.sampling import Guidance, sample_images
+    from difcompress.families.flux import pack, unpack
+    from difcompress.loading.models import load_model
+
+    prompts = ["a handwritten 3", "a handwritten 5"]
+    with one_thread():
+        loaded = load_model(str(tiny_flux_dir))
+        family, model = loaded.family, loaded.model
+        cond = family.conditions(model, text=loaded.text.encode(prompts), guidance=3.5)
+        pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            states, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=24)
+        torch.testing.assert_close(cond["encoder_hidden_states"], states, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cond["pooled_projections"], pooled, atol=1e-5, rtol=1e-5)
+        ours = sample_images(family, model, loaded.scheduler, 2, seed=7, steps=3,
+                             guidance=Guidance(cond, None, 1.0), pixels=False)
+        c, h, w = family.sample_shape(model)
+        noise = torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(7 + i)) for i in range(2)])
+        stock = pipe(prompts, latents=pack(noise), num_inference_steps=3, guidance_scale=3.5, output_type="latent",
+                     height=16, width=16, max_sequence_length=24).images
+    torch.testing.assert_close(ours, unpack(stock, h, w), atol=1e-4, rtol=1e-4)
+    assert float(ours.abs().mean()) > 0.1  # a real sample, not two zero tensors agreeing
 
 
 @pytest.mark.parametrize(("args", "expected"), [
