@@ -384,3 +384,20 @@ def write_captioned_digits(folder: Path, count: int = 24) -> Path:
             Image.fromarray(pixels).save(folder / f"{i:03d}.png")
             f.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"a handwritten {int(label)}"}) + "\n")
     return folder
+
+
+def write_tiny_clip(folder: Path) -> Path:
+    """A tiny transformers CLIPModel folder (character tokenizer, 16 px images) for CLIP score."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from difcompress.data.text import write_character_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(write_character_tokenizer(folder))
+    CLIPModel(CLIPConfig(text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 16,
+                                      "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
+                                      "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+                         vision_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+                         projection_dim=8)).save_pretrained(folder, safe_serialization=True)
+    return folder

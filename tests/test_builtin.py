@@ -200,7 +200,8 @@ def test_demo_flux_quick_halves_the_depth_distills_evaluates_and_exports_a_flux_
                   announce=lambda _: None)
     teacher_row, student_row = result["eval"]["models"]
     assert student_row["params"] < 0.6 * teacher_row["params"]
-    assert all(0 <= row["prompt_accuracy"] <= 1 for row in (teacher_row, student_row))
+    assert all(0 <= row["prompt_accuracy"] <= 1 and row["fid"] > 0 for row in (teacher_row, student_row))
+    assert result["eval"]["protocol"]["sampler"] == "flow-euler"
     code = f"""
 from diffusers import FluxPipeline
 pipe = FluxPipeline.from_pretrained({str(tmp_path / "demo" / "export")!r})

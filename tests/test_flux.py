@@ -21,6 +21,7 @@ from conftest import (
     run_export,
     run_prune,
     write_captioned_digits,
+    write_tiny_clip,
 )
 from tiny_flow import build_tiny_flux
 
@@ -67,8 +68,12 @@ def test_done_when_chain_prune_prune_distill_eval_export_stock_flux(tiny_flux_di
         assert all(torch.isfinite(torch.tensor(summary["final"][k])) for k in ("task", "kd", "feature"))
         (tmp_path / "prompts.txt").write_text("a handwritten 3\na handwritten 7\n")
         report = run_eval([tmp_path / "student", tiny_flux_dir], prompts=str(tmp_path / "prompts.txt"), grid_size=2,
-                          sampler_steps=2, batch_size=2, latency_batch_size=1, device="cpu", output=tmp_path / "eval")
+                          sampler_steps=2, batch_size=2, latency_batch_size=1, device="cpu", output=tmp_path / "eval",
+                          clip_model=str(write_tiny_clip(tmp_path / "clip")), fid=True, ref=str(captioned),
+                          feature_extractor="digits", num_samples=4)
         student_row, teacher_row = report["models"]
+        assert all(-1 <= row["clip_score"] <= 1 and row["fid"] > 0 and row["num_samples"] == 4 for row in report["models"])
+        assert report["protocol"]["feature_extractor"] == "digits"
         assert student_row["guidance_scale"] == 3.5 and student_row["params"] < teacher_row["params"] / 4
         assert student_row["latency_s_per_image"] > 0 and student_row["pipeline_s_per_image"] > 0
         assert report["sampler"] == "flow-euler"  # what --sampler ddim (the default) runs as for a flow model

@@ -18,6 +18,7 @@ from conftest import (
     run_export,
     run_prune,
     write_captioned_digits,
+    write_tiny_clip,
 )
 
 from difcompress.core.errors import UserError
@@ -184,22 +185,10 @@ def test_resume_with_captions_and_caption_dropout_is_bit_identical(small, captio
 
 
 def test_eval_from_prompts_with_guidance_and_clip_score(tiny_sd_dir, distilled, tmp_path):
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from difcompress.data.text import write_character_tokenizer
-
     root, _ = distilled
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten 3\nthe digit 7\n")
-    clip = tmp_path / "clip"
-    torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(write_character_tokenizer(clip))
-    CLIPModel(CLIPConfig(text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 16,
-                                      "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
-                                      "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
-                         vision_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
-                                        "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
-                         projection_dim=8)).save_pretrained(clip, safe_serialization=True)
+    clip = write_tiny_clip(tmp_path / "clip")
     result = run_eval([tiny_sd_dir, root / "run"], prompts=str(prompts), clip_model=str(clip), sampler_steps=2,
                       grid_size=4, latency_batch_size=2, device="cpu", output=tmp_path / "eval", negative_prompt="blur")
     for row in result["models"]:
